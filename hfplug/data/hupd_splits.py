@@ -1,0 +1,306 @@
+"""Which HUPD applications go to train and validation: the official loader's rules, in pandas.
+
+These are pure functions of the metadata DataFrame (one row per application; at least
+``application_number``, ``filing_date`` as datetime64, ``decision``, ``main_ipcr_label``,
+``main_cpc_label``). They reproduce the selection of the official ``HUPD/hupd`` loading
+script exactly, in its order:
+
+1. label prefix filter: ``ipcr_label`` on ``main_ipcr_label``, *else* ``cpc_label`` on
+   ``main_cpc_label`` (when both are given only the IPC filter applies, as upstream);
+2. ``query``: :meth:`pandas.DataFrame.query`;
+3. split: by filing dates (default, end dates exclusive) or ``uniform_split``;
+4. ``val_set_balancer`` on the validation part.
+
+Upstream compares dates loosely and fails late; here dates are checked up front and an empty
+selection is an error that says what the metadata holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import re
+
+import pandas as pd
+
+__all__ = [
+    "RANDOM_STATE",
+    "TRAIN_FRACTION",
+    "HupdSelection",
+    "balance_validation",
+    "date_split",
+    "filter_by_label",
+    "filter_by_query",
+    "parse_filing_date",
+    "select_splits",
+    "uniform_split",
+    "validate_split_dates",
+]
+
+logger = logging.getLogger(__name__)
+
+RANDOM_STATE = 1729  # the official loader's seed, for both the uniform split and the balancer
+TRAIN_FRACTION = 0.85  # uniform split: share of shuffled rows that go to train
+DATE_FORMAT = "YYYY-MM-DD"
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+@dataclasses.dataclass
+class HupdSelection:
+    """The metadata rows of each split (``train`` and ``validation``), in upstream order."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+
+    def items(self) -> list[tuple[str, pd.DataFrame]]:
+        return [("train", self.train), ("validation", self.validation)]
+
+
+# ---------------------------------------------------------------------------------------
+# Dates
+# ---------------------------------------------------------------------------------------
+
+
+def parse_filing_date(value: str | None, name: str) -> pd.Timestamp | None:
+    """Parse a ``YYYY-MM-DD`` date argument; ``None`` stays ``None``.
+
+    Raises ValueError naming the argument, the bad value and the expected format.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _DATE_RE.fullmatch(value):
+        raise ValueError(f"{name}={value!r} is not a date in {DATE_FORMAT} format (e.g. '2016-01-21')")
+    try:
+        return pd.Timestamp(dt.datetime.strptime(value, "%Y-%m-%d"))
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a valid calendar date ({DATE_FORMAT})") from None
+
+
+def validate_split_dates(
+    train_filing_start_date: str | None = None,
+    train_filing_end_date: str | None = None,
+    val_filing_start_date: str | None = None,
+    val_filing_end_date: str | None = None,
+    *,
+    uniform_split: bool = False,
+) -> dict[str, pd.Timestamp | None]:
+    """Check the four date arguments before any data is read; return them parsed.
+
+    Date split: all four are required and each end must be after its start (ends are
+    exclusive, so end == start would select nothing). Uniform split: only
+    ``train_filing_start_date`` and ``val_filing_end_date`` are used (both optional,
+    both inclusive); the other two are ignored, as upstream.
+    """
+    dates = {
+        "train_filing_start_date": parse_filing_date(train_filing_start_date, "train_filing_start_date"),
+        "train_filing_end_date": parse_filing_date(train_filing_end_date, "train_filing_end_date"),
+        "val_filing_start_date": parse_filing_date(val_filing_start_date, "val_filing_start_date"),
+        "val_filing_end_date": parse_filing_date(val_filing_end_date, "val_filing_end_date"),
+    }
+    if uniform_split:
+        start, end = dates["train_filing_start_date"], dates["val_filing_end_date"]
+        if start is not None and end is not None and end < start:
+            raise ValueError(
+                f"val_filing_end_date={val_filing_end_date!r} is before "
+                f"train_filing_start_date={train_filing_start_date!r}; with uniform_split=True "
+                "they bound one inclusive filing-date range"
+            )
+        return dates
+    missing = [name for name, value in dates.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"Missing {', '.join(missing)}: a date split needs all four of train_filing_start_date, "
+            "train_filing_end_date, val_filing_start_date and val_filing_end_date (end dates exclusive), "
+            "or pass uniform_split=True for a random 85/15 split"
+        )
+    for split in ("train", "val"):
+        start, end = dates[f"{split}_filing_start_date"], dates[f"{split}_filing_end_date"]
+        if end <= start:
+            raise ValueError(
+                f"{split}_filing_end_date ({end.date()}) must be after {split}_filing_start_date "
+                f"({start.date()}): the end date is exclusive"
+            )
+    return dates
+
+
+def _filing_dates(df: pd.DataFrame) -> pd.Series:
+    """The ``filing_date`` column as datetime64 (a CSV-born string column is parsed)."""
+    column = df["filing_date"]
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return column
+    return pd.to_datetime(column, errors="coerce")
+
+
+def _describe(df: pd.DataFrame) -> str:
+    """"N records filed A to B" for error messages."""
+    dates = _filing_dates(df).dropna()
+    if dates.empty:
+        return f"{len(df)} records"
+    return f"{len(df)} records filed {dates.min().date()} to {dates.max().date()}"
+
+
+# ---------------------------------------------------------------------------------------
+# Filters
+# ---------------------------------------------------------------------------------------
+
+
+def filter_by_label(df: pd.DataFrame, ipcr_label: str | None = None, cpc_label: str | None = None) -> pd.DataFrame:
+    """Keep rows whose main IPC label starts with ``ipcr_label``, else whose main CPC label
+    starts with ``cpc_label``. As upstream, ``cpc_label`` is ignored when ``ipcr_label`` is
+    given. Missing labels never match (``na=False``)."""
+    if ipcr_label:
+        return df[df["main_ipcr_label"].str.startswith(ipcr_label, na=False)]
+    if cpc_label:
+        return df[df["main_cpc_label"].str.startswith(cpc_label, na=False)]
+    return df
+
+
+def filter_by_query(df: pd.DataFrame, query: str | None = None) -> pd.DataFrame:
+    """Apply a :meth:`pandas.DataFrame.query` string (upstream's ``query_string``)."""
+    if not query:
+        return df
+    try:
+        return df.query(query)
+    except Exception as exc:  # pandas raises many types (SyntaxError, UndefinedVariableError, ...)
+        raise ValueError(
+            f"query={query!r} failed on the HUPD metadata ({type(exc).__name__}: {exc}); "
+            f"available columns: {', '.join(map(str, df.columns))}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------
+
+
+def date_split(df: pd.DataFrame, train_start: pd.Timestamp, train_end: pd.Timestamp,
+               val_start: pd.Timestamp, val_end: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train = ``train_start <= filing_date < train_end``; validation likewise.
+
+    End dates are exclusive. The windows may overlap; a row in both goes to both, as upstream.
+    """
+    dates = _filing_dates(df)
+    train = df[(dates >= train_start) & (dates < train_end)]
+    val = df[(dates >= val_start) & (dates < val_end)]
+    return train, val
+
+
+def uniform_split(df: pd.DataFrame, start: pd.Timestamp | None = None,
+                  end: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The official random split, row for row.
+
+    Keeps ``start <= filing_date <= end`` (both inclusive, each only if given), shuffles with
+    ``df.sample(frac=1.0, random_state=1729)``, puts the first ``int(0.85 * n)`` rows in train
+    and ``iloc[n_train:-1]`` in validation. Note the ``-1``: the official code leaves the
+    last shuffled row out of both splits, and so does this function, so that splits match
+    upstream exactly. The result depends on the metadata's row order, as upstream.
+    """
+    dates = _filing_dates(df)
+    if start is not None:
+        df, dates = df[dates >= start], dates[dates >= start]
+    if end is not None:
+        df = df[dates <= end]
+    shuffled = df.sample(frac=1.0, random_state=RANDOM_STATE)
+    n_train = int(len(shuffled) * TRAIN_FRACTION)
+    return shuffled.iloc[0:n_train], shuffled.iloc[n_train:-1]
+
+
+def balance_validation(val: pd.DataFrame) -> pd.DataFrame:
+    """Upstream's ``val_set_balancer``: equal numbers of REJECTED and ACCEPTED.
+
+    Keeps only rows whose metadata ``decision`` is ACCEPTED or REJECTED; the larger class is
+    shuffled (``random_state=1729``) and cut to the smaller's size (on a tie the rejected rows
+    are shuffled, as upstream). Returns ``concat([rejected, accepted])``.
+    """
+    rejected = val[val["decision"] == "REJECTED"]
+    accepted = val[val["decision"] == "ACCEPTED"]
+    if len(rejected) < len(accepted):
+        accepted = accepted.sample(frac=1.0, random_state=RANDOM_STATE).iloc[: len(rejected)]
+    else:
+        rejected = rejected.sample(frac=1.0, random_state=RANDOM_STATE).iloc[: len(accepted)]
+    return pd.concat([rejected, accepted])
+
+
+def select_splits(
+    df: pd.DataFrame,
+    *,
+    train_filing_start_date: str | None = None,
+    train_filing_end_date: str | None = None,
+    val_filing_start_date: str | None = None,
+    val_filing_end_date: str | None = None,
+    uniform_split: bool = False,
+    val_set_balancer: bool = False,
+    ipcr_label: str | None = None,
+    cpc_label: str | None = None,
+    query: str | None = None,
+) -> HupdSelection:
+    """Apply the official selection to the metadata: label filter, query, split, balancer.
+
+    Raises ValueError for malformed or inconsistent dates, for filters that match nothing,
+    and for date windows that select no records (the message says how many records the
+    metadata has and their filing-date range).
+    """
+    dates = validate_split_dates(train_filing_start_date, train_filing_end_date, val_filing_start_date,
+                                 val_filing_end_date, uniform_split=uniform_split)
+    filtered = filter_by_query(filter_by_label(df, ipcr_label, cpc_label), query)
+    if filtered.empty:
+        filters = ", ".join(f"{k}={v!r}" for k, v in
+                            [("ipcr_label", ipcr_label), ("cpc_label", None if ipcr_label else cpc_label),
+                             ("query", query)] if v)
+        raise ValueError(f"{filters} matched none of the {_describe(df)} in the HUPD metadata")
+    if uniform_split:
+        train, val = _uniform(df, filtered, dates)
+    else:
+        train, val = date_split(filtered, dates["train_filing_start_date"], dates["train_filing_end_date"],
+                                dates["val_filing_start_date"], dates["val_filing_end_date"])
+        for split, part in (("train", train), ("val", val)):
+            if part.empty:
+                raise ValueError(
+                    f"{split}_filing_start_date={_iso(dates[f'{split}_filing_start_date'])} to "
+                    f"{split}_filing_end_date={_iso(dates[f'{split}_filing_end_date'])} (exclusive) selects "
+                    f"no records; {_context(df, filtered)}"
+                )
+    if val_set_balancer:
+        unbalanced = len(val)
+        val = balance_validation(val)
+        logger.info("val_set_balancer: validation cut from %d to %d rows (equal ACCEPTED and REJECTED)",
+                    unbalanced, len(val))
+        if val.empty:
+            logger.warning("val_set_balancer left the validation split empty: it lacks ACCEPTED or REJECTED rows")
+    return HupdSelection(train=train, validation=val)
+
+
+def _uniform(df_all: pd.DataFrame, filtered: pd.DataFrame,
+             dates: dict[str, pd.Timestamp | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Uniform split with an informative error when the date range keeps nothing."""
+    start, end = dates["train_filing_start_date"], dates["val_filing_end_date"]
+    ignored = [n for n in ("train_filing_end_date", "val_filing_start_date") if dates[n] is not None]
+    if ignored:
+        logger.warning("uniform_split=True ignores %s (only train_filing_start_date and "
+                       "val_filing_end_date bound its range)", " and ".join(ignored))
+    train, val = uniform_split(filtered, start, end)
+    if train.empty and val.empty:
+        # 0 or 1 rows in the window: int(0.85 * 1) == 0 and iloc[0:-1] drops the only row
+        dates = _filing_dates(filtered)
+        in_window = pd.Series(True, index=filtered.index)
+        if start is not None:
+            in_window &= dates >= start
+        if end is not None:
+            in_window &= dates <= end
+        window = f"filing dates {_iso(start) or 'any'} to {_iso(end) or 'any'} (inclusive)"
+        raise ValueError(f"uniform_split over {window} selects {int(in_window.sum())} record(s), "
+                         f"too few to split; {_context(df_all, filtered)}")
+    return train, val
+
+
+def _iso(value: pd.Timestamp | None) -> str | None:
+    return None if value is None else str(value.date())
+
+
+def _context(df: pd.DataFrame, filtered: pd.DataFrame) -> str:
+    """What the metadata holds, for an empty-selection error."""
+    text = f"the HUPD metadata has {_describe(df)}"
+    if len(filtered) != len(df):
+        text += f" ({_describe(filtered)} after the label/query filters)"
+    return text

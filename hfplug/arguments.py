@@ -1,0 +1,97 @@
+"""Dataclass arguments shared by the recipes (beside ``transformers.TrainingArguments``
+and ``hfplug.model_options.ModelArguments``).
+
+Field names are the flag names and the YAML keys: ``--hupd_config sample`` on the
+command line is ``hupd_config: sample`` in a config file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hfplug.data.tasks import SECTIONS, TASKS, check_task, parse_text_fields
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass
+class HupdArguments:
+    """Which HUPD records to load, the task, and how the text is fed to the model."""
+
+    hupd_config: str = field(default="sample", metadata={"help": "HUPD config: 'sample' (January 2016) or 'all' (2004-2018)."})
+    metadata_path: str | None = field(default=None, metadata={"help": "Local metadata .feather; default: fetched from the HUPD/hupd Hub repo."})
+    archive_path: str | None = field(default=None, metadata={"help": "Local archive (.tar.gz for sample, .tar for all); default: fetched from the Hub."})
+    train_filing_start_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, inclusive."})
+    train_filing_end_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, exclusive (as in the official loader)."})
+    val_filing_start_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, inclusive."})
+    val_filing_end_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, exclusive (inclusive with uniform_split)."})
+    uniform_split: bool = field(default=False, metadata={"help": "Shuffle (seed 1729) and split 85/15 instead of splitting by date."})
+    val_set_balancer: bool = field(default=False, metadata={"help": "Balance ACCEPTED/REJECTED in validation (official loader's rule)."})
+    ipcr_label: str | None = field(default=None, metadata={"help": "Keep applications whose main IPC label starts with this, e.g. G06F."})
+    cpc_label: str | None = field(default=None, metadata={"help": "Keep applications whose main CPC label starts with this (ignored if ipcr_label is set, as officially)."})
+    query: str | None = field(default=None, metadata={"help": "pandas DataFrame.query on the metadata, e.g. \"examiner_art_unit == '2161'\"."})
+    hupd_cache_dir: str | None = field(default=None, metadata={"help": "Where the built splits are cached (Arrow)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream records from the archive instead of caching them; needs max_steps."})
+
+    task: str = field(default="decision", metadata={"help": f"One of {', '.join(TASKS)}."})
+    text_fields: str = field(default="title,abstract", metadata={"help": f"Comma-separated sections, in order; any of {', '.join(SECTIONS)}."})
+    max_length: int = field(default=512, metadata={"help": "Truncate inputs to this many tokens (padding is per batch)."})
+    group_by_length: bool = field(default=False, metadata={"help": "Batch similar lengths together (sets train_sampling_strategy=group_by_length)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records (quick runs)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+    def __post_init__(self):
+        if self.hupd_config not in ("sample", "all"):
+            raise ValueError(f"hupd_config must be 'sample' or 'all', got {self.hupd_config!r}.")
+        check_task(self.task)
+        self.text_fields = ",".join(parse_text_fields(self.text_fields))
+        for name in ("train_filing_start_date", "train_filing_end_date", "val_filing_start_date", "val_filing_end_date"):
+            value = getattr(self, name)
+            if value is not None:
+                value = str(value)  # YAML may hand us a datetime.date
+                if not _DATE.match(value):
+                    raise ValueError(f"{name} must be a date like 2016-01-21 (YYYY-MM-DD), got {value!r}.")
+                setattr(self, name, value)
+        if self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive when set, got {value}.")
+
+    @property
+    def sections(self) -> list[str]:
+        return self.text_fields.split(",")
+
+    def load_hupd_kwargs(self) -> dict:
+        """The keyword arguments for ``hfplug.data.load_hupd``."""
+        return dict(
+            name=self.hupd_config,
+            metadata_path=self.metadata_path,
+            archive_path=self.archive_path,
+            train_filing_start_date=self.train_filing_start_date,
+            train_filing_end_date=self.train_filing_end_date,
+            val_filing_start_date=self.val_filing_start_date,
+            val_filing_end_date=self.val_filing_end_date,
+            uniform_split=self.uniform_split,
+            val_set_balancer=self.val_set_balancer,
+            ipcr_label=self.ipcr_label,
+            cpc_label=self.cpc_label,
+            query=self.query,
+            cache_dir=self.hupd_cache_dir,
+            streaming=self.streaming,
+        )
+
+
+@dataclass
+class RunArguments:
+    """Recipe behaviour beyond ``TrainingArguments``."""
+
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of metric_for_best_model."})
+    early_stopping_threshold: float = field(default=0.0, metadata={"help": "Minimum improvement that counts for early stopping."})
+
+    def __post_init__(self):
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}.")

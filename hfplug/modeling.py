@@ -1,0 +1,268 @@
+"""Loading tokenizers and models for the recipes, with errors that say what to do.
+
+Wraps ``from_pretrained`` so that a missing model is reported as what it is
+(a local path that does not exist, offline and not cached, no such repo, gated),
+and so that decoder tokenizers without a pad token (Llama) just work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from huggingface_hub import errors as hub_errors
+
+logger = logging.getLogger(__name__)
+
+# Pad-token candidates for tokenizers that have none, best first. Llama 3.1 reserves
+# <|finetune_right_pad_id|> for exactly this; reusing an existing token avoids
+# resizing the embeddings (impossible to train on a 4-bit base anyway).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|endoftext|>")
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer that could not be loaded, with the reason and the fix."""
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``namespace/name``; anything else (or a path under an existing folder) is local."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name.split("/")[0])
+
+
+def _cause_chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def explain_load_error(name: str, err: BaseException) -> ModelLoadError:
+    """Turn a ``from_pretrained`` failure into a ``ModelLoadError`` that names the cause and the fix."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    for cause in _cause_chain(err):
+        if isinstance(cause, hub_errors.GatedRepoError):
+            return ModelLoadError(
+                f"{name!r} is a gated model and this token has no access. Request access on its Hub page "
+                f"(https://huggingface.co/{name}), then make a read token available (HF_TOKEN, or `hf auth login`)."
+            )
+        if isinstance(cause, hub_errors.RepositoryNotFoundError):
+            return ModelLoadError(
+                f"No model repo {name!r} on the Hub (or it is private and no token with access was given). "
+                "Check the spelling, or pass a local directory that holds config.json."
+            )
+        if isinstance(cause, hub_errors.HFValidationError) or (
+            _looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name))
+        ):
+            return ModelLoadError(
+                f"Model path {name!r} does not exist. Pass an existing local directory with config.json "
+                "(e.g. assets/tiny-bert) or a Hub id like anferico/bert-for-patents."
+            )
+        if isinstance(cause, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
+            how = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+            return ModelLoadError(
+                f"{name!r} is not in the local Hugging Face cache and {how}. Run once with network access "
+                "to download it (it is cached afterwards), or pass a local directory."
+            )
+        if isinstance(cause, hub_errors.EntryNotFoundError):
+            return ModelLoadError(f"{name!r} exists but lacks a file the loader needs ({cause}).")
+    return ModelLoadError(f"Could not load {name!r}: {err}")
+
+
+def from_pretrained(cls, name: str, **kwargs):
+    """``cls.from_pretrained(name, **kwargs)`` with a clear ``ModelLoadError`` on failure."""
+    if _looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise explain_load_error(name, FileNotFoundError(name))
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, hub_errors.HfHubHTTPError) as err:  # transformers reports Hub failures as OSError
+        raise explain_load_error(name, err) from err
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give ``tokenizer`` a pad token if it has none (decoders such as Llama), reusing an existing token.
+
+    Returns the pad token and logs the choice. Falls back to unk, then eos; eos as
+    pad is fine for classification (the attention mask hides padding) but a model
+    trained to *generate* with pad == eos never learns to stop, so the generative
+    recipes check for that separately.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer.pad_token
+    vocab = tokenizer.get_vocab()
+    choice = next((tok for tok in PAD_CANDIDATES if tok in vocab), None)
+    choice = choice or tokenizer.unk_token or tokenizer.eos_token
+    if choice is None:
+        raise ValueError("The tokenizer has no pad, unk or eos token to pad with; add a pad token to the tokenizer.")
+    tokenizer.pad_token = choice
+    logger.info("The tokenizer has no pad token; padding with %r (id %d).", choice, tokenizer.pad_token_id)
+    return choice
+
+
+def model_max_positions(config) -> int | None:
+    """The longest input the model's position embeddings allow, when the config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(max_length: int, tokenizer, config) -> None:
+    """Refuse a ``max_length`` longer than the model can read, before any compute is spent."""
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}.")
+    limits = []
+    positions = model_max_positions(config)
+    if positions is not None:
+        limits.append((positions, "max_position_embeddings in its config"))
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 10**8:  # transformers uses ~1e30 for "no limit"
+        limits.append((tok_limit, "the tokenizer's model_max_length"))
+    for limit, source in limits:
+        if max_length > limit:
+            raise ValueError(
+                f"max_length {max_length} is above this model's limit of {limit} tokens ({source}). "
+                f"Use --max_length {limit} or less."
+            )
+
+
+def load_tokenizer(model_args):
+    """The model's tokenizer (or ``tokenizer_name``'s), with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    tokenizer = from_pretrained(AutoTokenizer, name, trust_remote_code=model_args.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def device_type_for(training_args) -> str:
+    """The device the Trainer will use: ``cpu`` when ``use_cpu`` is set or no GPU is present."""
+    return training_args.device.type
+
+
+def prepare_training_args(training_args, model_args) -> None:
+    """Settings the model options imply, applied before the Trainer is built (each change logged).
+
+    - checkpointing runs non-reentrant (needed for LoRA on a frozen or 4-bit base);
+    - 4-bit runs default to the paged 8-bit AdamW of QLoRA when ``optim`` was left at its default;
+    - a 16-bit model on a GPU trains under the matching mixed precision (fp16 on a T4).
+    """
+    from transformers import TrainingArguments
+
+    from hfplug.model_options import default_optim, resolve_dtype
+
+    if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
+    optim = default_optim(model_args)
+    if optim and str(training_args.optim) == TrainingArguments.optim:
+        logger.info("--quant %s: using optim=%s (QLoRA's paged 8-bit AdamW); set --optim to choose another.", model_args.quant, optim)
+        training_args.optim = optim
+    device_type = device_type_for(training_args)
+    dtype = resolve_dtype(model_args.dtype, device_type=device_type)
+    if device_type == "cuda" and training_args.mixed_precision == "no":
+        import torch
+
+        if dtype in (torch.float16, torch.bfloat16):
+            precision = "fp16" if dtype == torch.float16 else "bf16"
+            logger.warning("dtype %s on a GPU: enabling %s mixed precision (set --%s or mixed_precision in the accelerate config to be explicit).",
+                           dtype, precision, precision)
+            training_args.mixed_precision = precision
+            setattr(training_args, precision, True)
+
+
+def load_classifier(model_args, label_names, tokenizer, training_args):
+    """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
+
+    Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
+    ``hfplug.model_options``; for training, the model is prepared there (k-bit
+    preparation, gradient checkpointing, LoRA with the classification head trainable).
+    ``model_name_or_path`` may also be a directory with a trained LoRA adapter: its base
+    model is loaded (quantized as asked) and the adapter, with its head, put on top.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hfplug.model_options import get_quantization_config, prepare_for_training, resolve_dtype
+
+    device_type = device_type_for(training_args)
+    quantization_config = get_quantization_config(model_args, device_type=device_type)
+    dtype = resolve_dtype(model_args.dtype, device_type=device_type)
+    full_finetune = training_args.do_train and not model_args.lora and quantization_config is None
+    if full_finetune and dtype != torch.float32:
+        # Trainable weights stay fp32; fp16/bf16 speed comes from mixed precision,
+        # since fp16 master weights cannot be unscaled by the gradient scaler.
+        dtype = torch.float32
+    adapter = adapter_base_model(model_args.model_name_or_path)
+    labels = dict(
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    model = from_pretrained(
+        AutoModelForSequenceClassification,
+        adapter or model_args.model_name_or_path,
+        dtype=dtype,
+        quantization_config=quantization_config,
+        trust_remote_code=model_args.trust_remote_code,
+        **labels,
+    )
+    # Decoders find the last real token through pad_token_id; keep config and tokenizer in agreement.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter:
+        from peft import PeftModel
+
+        logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
+        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False)
+    if training_args.do_train:
+        model = prepare_for_training(model, model_args, gradient_checkpointing=bool(training_args.activation_checkpointing))
+    return model
+
+
+def adapter_base_model(path: str) -> str | None:
+    """The base model of a PEFT adapter directory, or ``None`` when ``path`` is not one."""
+    import json
+
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int) -> None:
+    """On a GPU, run the memory planner (``hfplug.fit``) before loading and warn with settings that fit.
+
+    Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning
+    before the first weight is loaded.
+    """
+    if device_type_for(training_args) != "cuda":
+        return
+    import torch
+
+    from hfplug.fit import estimate_memory, load_config, suggest_settings
+
+    base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
+    config = load_config(base, trust_remote_code=model_args.trust_remote_code)
+    settings = dict(
+        quant=model_args.quant,
+        lora_r=model_args.lora_r if model_args.lora else 0,
+        task=task,
+        max_length=max_length,
+        batch_size=training_args.per_device_train_batch_size,
+        gradient_checkpointing=bool(training_args.activation_checkpointing),
+        optim=str(training_args.optim),
+        num_labels=num_labels,
+    )
+    gpu_mem = torch.cuda.get_device_properties(training_args.device).total_memory
+    estimate = estimate_memory(config, **settings)
+    gib = 2**30
+    if estimate.total <= gpu_mem:
+        logger.info("Memory plan: ~%.1f GiB of %.1f GiB on this GPU.", estimate.total / gib, gpu_mem / gib)
+        return
+    logger.warning(
+        "This run is planned at ~%.1f GiB but the GPU has %.1f GiB: it will likely run out of memory. "
+        "Settings that fit: %s. (Details: python -m hfplug.fit --model %s ...)",
+        estimate.total / gib, gpu_mem / gib, "; ".join(suggest_settings(config, gpu_mem=gpu_mem, **settings)), base,
+    )

@@ -1,0 +1,91 @@
+"""Loading errors that say what to do; pad tokens for decoders; max_length limits."""
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from transformers import AutoConfig
+
+from hfplug.modeling import ModelLoadError, check_max_length, ensure_pad_token, from_pretrained
+from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
+
+TEXT = ["a semiconductor device with a gate electrode", "a method of encoding data in a memory"] * 10
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        from_pretrained(AutoConfig, str(tmp_path / "no-model"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        from_pretrained(AutoConfig, "./models/nothing/here")
+
+
+def test_offline_and_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = (
+        "from transformers import AutoConfig\n"
+        "from hfplug.modeling import from_pretrained\n"
+        "from_pretrained(AutoConfig, 'someone/not-cached-model')\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in out.stderr
+
+
+class _NotFoundHub(http.server.BaseHTTPRequestHandler):
+    """Answers like the Hub does for a repo that does not exist."""
+
+    def _not_found(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _not_found
+
+    def log_message(self, *args):
+        pass
+
+
+def test_no_such_repo_distinguished_from_offline(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = (
+            "from transformers import AutoConfig\n"
+            "from hfplug.modeling import from_pretrained\n"
+            "from_pretrained(AutoConfig, 'someone/no-such-model')\n"
+        )
+        env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_CACHE=str(tmp_path),
+                   HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert out.returncode != 0
+    assert "No model repo 'someone/no-such-model' on the Hub" in out.stderr, out.stderr[-2000:]
+
+
+def test_pad_token_chosen_for_llama_style_tokenizer(caplog):
+    tok = build_llama3_tokenizer(TEXT, vocab_size=400)
+    assert tok.pad_token is None
+    with caplog.at_level("INFO", logger="hfplug.modeling"):
+        assert ensure_pad_token(tok) == "<|finetune_right_pad_id|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    assert "padding with '<|finetune_right_pad_id|>'" in caplog.text
+
+
+def test_pad_token_kept_when_present():
+    tok = build_bert_tokenizer(TEXT, vocab_size=200)
+    assert ensure_pad_token(tok) == "[PAD]"
+
+
+def test_max_length_above_model_limit():
+    tok = build_bert_tokenizer(TEXT, vocab_size=200, model_max_length=512)
+    config = tiny_bert_config(len(tok), max_position_embeddings=128)
+    check_max_length(128, tok, config)
+    with pytest.raises(ValueError, match=r"max_length 256 is above this model's limit of 128 tokens.*--max_length 128"):
+        check_max_length(256, tok, config)

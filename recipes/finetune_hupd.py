@@ -1,0 +1,143 @@
+"""Fine-tune a classifier on HUPD (Harvard USPTO Patent Dataset) with ``transformers.Trainer``.
+
+Offline quickstart (embedded sample, tiny model, CPU):
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py --config recipes/configs/quickstart.yaml
+
+The real setup (network, GPU):
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_hupd.py --config recipes/configs/hupd_bert_for_patents.yaml
+
+Tasks: ``--task decision`` (ACCEPTED vs REJECTED) or ``--task ipc`` (main IPC subclass).
+Every field of ModelArguments, HupdArguments, RunArguments and TrainingArguments is a
+flag and a YAML key; flags override the YAML. Rerunning the same command resumes
+from the last checkpoint in ``output_dir``.
+"""
+
+import logging
+import sys
+
+import datasets
+import transformers
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hfplug.arguments import HupdArguments, RunArguments
+from hfplug.callbacks import default_callbacks
+from hfplug.config import parse_args
+from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
+from hfplug.metrics import compute_metrics_for
+from hfplug.model_options import ModelArguments
+from hfplug.modeling import check_max_length, load_classifier, load_tokenizer, prepare_training_args, warn_if_wont_fit
+
+logger = logging.getLogger("hfplug.recipes.finetune_hupd")
+
+
+def main(argv=None):
+    # --- Arguments ------------------------------------------------------------
+    model_args, data_args, run_args, training_args = parse_args(
+        (ModelArguments, HupdArguments, RunArguments, TrainingArguments), argv
+    )
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("streaming=True has no dataset length to derive epochs from; set --max_steps (e.g. 1000).")
+    if data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
+
+    # --- Logging --------------------------------------------------------------
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    for name in ("hfplug", logger.name):
+        logging.getLogger(name).setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info("Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device)
+
+    # --- Resume ---------------------------------------------------------------
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and training_args.do_train:
+        checkpoint = get_last_checkpoint(training_args.output_dir) if _is_dir(training_args.output_dir) else None
+        if checkpoint is not None:
+            logger.warning("Resuming from %s (found in output_dir). Use a new output_dir to start over.", checkpoint)
+
+    set_seed(training_args.seed)
+
+    # --- Data -----------------------------------------------------------------
+    # The main process builds the Arrow cache; the others then read it.
+    with training_args.main_process_first(desc="load HUPD"):
+        splits = load_hupd(**data_args.load_hupd_kwargs())
+    task = prepare_task(splits, data_args.task)
+    splits = _limit(task.splits, data_args)
+    logger.info("Task %s: %d labels (%s)", data_args.task, task.num_labels, ", ".join(task.label_names[:10]))
+
+    # --- Tokenizer and model --------------------------------------------------
+    prepare_training_args(training_args, model_args)
+    if training_args.do_train:
+        warn_if_wont_fit(model_args, training_args, task=data_args.task, max_length=data_args.max_length,
+                         num_labels=task.num_labels)
+    tokenizer = load_tokenizer(model_args)
+    model = load_classifier(model_args, task.label_names, tokenizer, training_args)
+    check_max_length(data_args.max_length, tokenizer, model.config)
+
+    with training_args.main_process_first(desc="tokenize"):
+        encoded = tokenize_splits(
+            splits,
+            tokenizer,
+            text_fields=data_args.sections,
+            max_length=data_args.max_length,
+            add_length=training_args.train_sampling_strategy == "group_by_length",
+            num_proc=data_args.preprocessing_num_workers,
+        )
+
+    # --- Trainer --------------------------------------------------------------
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"] if training_args.do_train else None,
+        eval_dataset=encoded["validation"] if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=padding_collator(tokenizer),
+        compute_metrics=compute_metrics_for(data_args.task),
+        callbacks=default_callbacks(training_args, run_args),
+    )
+
+    # --- Train ----------------------------------------------------------------
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # model (or adapter) + tokenizer
+        metrics = dict(result.metrics)
+        if not data_args.streaming:
+            metrics["train_samples"] = len(encoded["train"])
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    # --- Evaluate -------------------------------------------------------------
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        if not data_args.streaming:
+            metrics["eval_samples"] = len(encoded["validation"])
+            metrics["eval_dropped_records"] = task.dropped.get("validation", 0)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+def _is_dir(path):
+    import os
+
+    return path is not None and os.path.isdir(path)
+
+
+def _limit(splits, data_args):
+    """Apply max_train_samples / max_eval_samples (first N records)."""
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit is not None and name in splits:
+            split = splits[name]
+            splits[name] = split.take(limit) if data_args.streaming else split.select(range(min(limit, len(split))))
+    return splits
+
+
+if __name__ == "__main__":
+    main()

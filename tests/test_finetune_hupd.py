@@ -1,0 +1,103 @@
+"""recipes/finetune_hupd.py end to end on the embedded sample and tiny BERT: 1 and 2 processes, resume, bad input."""
+
+import json
+
+import pytest
+
+from conftest import finetune_command, run_command
+
+
+def _results(out, name):
+    return json.loads((out / name).read_text())
+
+
+def _short(out, *flags):
+    """A short training run's flags (the tests need the recipe's behaviour, not its accuracy)."""
+    return ("--output_dir", str(out), "--hupd_cache_dir", str(out.parent / "cache"), "--num_train_epochs", "1",
+            "--logging_steps", "2", *flags)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short single-process training run, shared by the checks below."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_command(finetune_command(*_short(out)))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return out, proc.stdout
+
+
+def test_writes_results_model_tokenizer_and_curves(trained):
+    out, log = trained
+    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json",
+                 "model.safetensors", "config.json", "tokenizer.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    results = _results(out, "all_results.json")
+    assert results["eval_samples"] == 142  # every ACCEPTED/REJECTED validation record of the sample
+    assert results["eval_dropped_records"] == 60  # CONT-*, PENDING
+    assert {"eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "train_samples"} <= set(results)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "REJECTED", "1": "ACCEPTED"}
+    history = _results(out, "trainer_state.json")["log_history"]
+    assert any("tokens_per_second" in entry for entry in history), "throughput callback logged nothing"
+
+
+def test_rerun_resumes_from_last_checkpoint(trained, tmp_path):
+    out, _ = trained
+    proc = run_command(finetune_command(*_short(out, "--num_train_epochs", "2")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Resuming from" in proc.stdout and "checkpoint-" in proc.stdout
+    state = _results(out, "trainer_state.json")
+    assert state["epoch"] == pytest.approx(2.0)
+
+
+def test_two_processes_train_and_count_every_validation_record_once(trained, tmp_path):
+    out, _ = trained
+    # Evaluate the same trained model with 1 and with 2 processes: identical metrics.
+    one = tmp_path / "eval1"
+    two = tmp_path / "eval2"
+    eval_flags = ("--model_name_or_path", str(out), "--do_train", "false", "--do_eval", "true")
+    p1 = run_command(finetune_command(*_short(one, *eval_flags)))
+    assert p1.returncode == 0, p1.stdout[-4000:]
+    p2 = run_command(finetune_command(*_short(two, *eval_flags), processes=2))
+    assert p2.returncode == 0, p2.stdout[-4000:]
+    r1, r2 = _results(one, "eval_results.json"), _results(two, "eval_results.json")
+    assert r1["eval_samples"] == r2["eval_samples"] == 142
+    for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall"):
+        assert r2[key] == pytest.approx(r1[key]), key
+    assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-4)
+
+    # And training itself runs with 2 processes (DDP over gloo).
+    ddp = tmp_path / "ddp"
+    p3 = run_command(finetune_command(*_short(ddp, "--max_steps", "3"), processes=2))
+    assert p3.returncode == 0, p3.stdout[-4000:]
+    assert _results(ddp, "trainer_state.json")["global_step"] == 3
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--task", "novelty"), "Unknown task 'novelty'"),
+        (("--text_fields", "title,drawings"), "Unknown section(s) in text_fields: drawings"),
+        (("--train_filing_start_date", "2016/01/01"), "YYYY-MM-DD"),
+        (("--train_filing_end_date", "2015-12-01"), "must be after train_filing_start_date"),
+        (("--train_filing_start_date", "2019-01-01", "--train_filing_end_date", "2019-02-01"), "selects no records; the HUPD metadata has 600 records filed 2016-01-01 to 2016-01-31"),
+        (("--task", "ipc", "--ipcr_label", "G06F"), "at least 2 IPC subclasses"),
+        (("--max_length", "1024"), "above this model's limit of 512"),
+        (("--model_name_or_path", "assets/no-such-model"), "does not exist"),
+        (("--streaming", "true"), "--max_steps"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, flags, message):
+    proc = run_command(finetune_command(*_short(tmp_path / "out", *flags)))
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-3000:]
+
+
+def test_unknown_config_key_is_named(tmp_path, repo):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text((repo / "recipes/configs/quickstart.yaml").read_text() + "\nlearning_rte: 0.1\n")
+    cmd = finetune_command(*_short(tmp_path / "out"))
+    cmd[cmd.index("--config") + 1] = str(cfg)
+    proc = run_command(cmd)
+    assert proc.returncode != 0
+    assert "'learning_rte' (did you mean 'learning_rate'?)" in proc.stdout

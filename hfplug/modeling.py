@@ -266,3 +266,46 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
         "Settings that fit: %s. (Details: python -m hfplug.fit --model %s ...)",
         estimate.total / gib, gpu_mem / gib, "; ".join(suggest_settings(config, gpu_mem=gpu_mem, **settings)), base,
     )
+
+
+def check_adapter_base(adapter: str, model_name_or_path: str) -> str:
+    """The adapter's base model; a ``ValueError`` naming it when it differs from ``model_name_or_path``."""
+    base = adapter_base_model(adapter)
+    if base is None:
+        raise ModelLoadError(f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json in it).")
+    if model_name_or_path and os.path.normpath(base) != os.path.normpath(model_name_or_path):
+        raise ValueError(
+            f"The adapter {adapter!r} was trained on base model {base!r}, not {model_name_or_path!r}. "
+            f"Pass --model {base} (or leave --model out to use the adapter's base)."
+        )
+    return base
+
+
+def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str | None = None):
+    """``AutoModelForCausalLM`` with hfplug's model options (``--quant``, ``--dtype``), for generation.
+
+    With ``adapter`` (a LoRA directory), the adapter's base model is checked against
+    ``model_args.model_name_or_path`` and the adapter is loaded on top. The model is put
+    on the GPU when there is one and set to eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hfplug.model_options import get_quantization_config, resolve_dtype
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter:
+        check_adapter_base(adapter, model_args.model_name_or_path)
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        model_args.model_name_or_path,
+        dtype=resolve_dtype(model_args.dtype, device_type=device_type),
+        quantization_config=get_quantization_config(model_args, device_type=device_type),
+        device_map={"": 0} if device_type == "cuda" else None,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    return model.eval()

@@ -7,8 +7,9 @@ seed:   a torch Dataset that tokenizes each record inside __getitem__ and pads
 hfplug: tokenized once with datasets.map, padded per batch to a multiple of 8,
         batches grouped by length (train_sampling_strategy=group_by_length).
 
-Same tiny model (assets/tiny-bert), same records (the embedded HUPD sample,
-decision task, title+abstract), same batch size and seed, one epoch each through
+Same tiny model (assets/tiny-bert), same records (a generated HUPD-format sample,
+2,000 applications by default, the same generator as the embedded one; decision
+task, title+abstract), same batch size and seed, one epoch each through
 ``Trainer.train``. Prints the time of each, the speed ratio and the fraction of
 real (non-pad) tokens in the batches. Target: >= 2x faster, real-token fraction >= 0.9.
 """
@@ -26,10 +27,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from transformers.utils import logging as hf_logging
 
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
+from hfplug.data.hupd_synthetic import write_hupd_sample
 from hfplug.data.tasks import join_sections
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "assets" / "hupd_sample"
 MODEL = ROOT / "assets" / "tiny-bert"
 TEXT_FIELDS = ["title", "abstract"]
 MAX_LENGTH = 512
@@ -73,13 +74,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--records", type=int, default=2000, help="applications in the generated sample")
     opts = parser.parse_args()
     hf_logging.set_verbosity_error()
     tmp = tempfile.mkdtemp(prefix="hfplug-bench-")
 
+    sample = write_hupd_sample(os.path.join(tmp, "sample"), n_records=opts.records, seed=1, description_words=(50, 100))
     splits = load_hupd(
-        metadata_path=str(SAMPLE / "hupd_metadata_jan16_2022-02-22.feather"),
-        archive_path=str(SAMPLE / "sample-jan-2016.tar.gz"),
+        metadata_path=str(sample.metadata_path),
+        archive_path=str(sample.archive_path),
         train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-22",
         val_filing_start_date="2016-01-22", val_filing_end_date="2016-02-01",
         cache_dir=os.path.join(tmp, "cache"),

@@ -142,6 +142,11 @@ def device_type_for(training_args) -> str:
     return training_args.device.type
 
 
+def optim_name(training_args) -> str:
+    """``training_args.optim`` as its plain name (``TrainingArguments`` holds an ``OptimizerNames`` enum)."""
+    return getattr(training_args.optim, "value", training_args.optim)
+
+
 def prepare_training_args(training_args, model_args) -> None:
     """Settings the model options imply, applied before the Trainer is built (each change logged).
 
@@ -150,15 +155,16 @@ def prepare_training_args(training_args, model_args) -> None:
     - a 16-bit model on a GPU trains under the matching mixed precision (fp16 on a T4).
     """
     from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
 
     from hfplug.model_options import default_optim, resolve_dtype
 
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     optim = default_optim(model_args)
-    if optim and str(training_args.optim) == TrainingArguments.optim:
+    if optim and optim_name(training_args) == TrainingArguments.optim:
         logger.info("--quant %s: using optim=%s (QLoRA's paged 8-bit AdamW); set --optim to choose another.", model_args.quant, optim)
-        training_args.optim = optim
+        training_args.optim = OptimizerNames(optim)
     device_type = device_type_for(training_args)
     dtype = resolve_dtype(model_args.dtype, device_type=device_type)
     if device_type == "cuda" and training_args.mixed_precision == "no":
@@ -221,12 +227,28 @@ def load_classifier(model_args, label_names, tokenizer, training_args):
 
 
 def adapter_base_model(path: str) -> str | None:
-    """The base model of a PEFT adapter directory, or ``None`` when ``path`` is not one."""
+    """The base model of a PEFT adapter (a local directory or a Hub repo), or ``None`` when ``path`` is not one.
+
+    A Hub id is looked up with ``hf_hub_download`` (cached, so it works offline once
+    downloaded). A repo without ``adapter_config.json``, or one not in the cache while
+    offline, gives ``None``, and loading the model itself then reports what is wrong;
+    a gated or missing repo is a ``ModelLoadError`` saying what to do.
+    """
     import json
 
-    config = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(config):
-        return None
+    if os.path.isdir(os.path.expanduser(path)) or _looks_like_local_path(path):
+        config = os.path.join(os.path.expanduser(path), "adapter_config.json")
+        if not os.path.isfile(config):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config = hf_hub_download(path, "adapter_config.json")
+        except hub_errors.EntryNotFoundError:  # also LocalEntryNotFoundError: offline and not cached
+            return None
+        except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, hub_errors.OfflineModeIsEnabled) as err:
+            raise explain_load_error(path, err) from err
     with open(config) as f:
         return json.load(f)["base_model_name_or_path"]
 
@@ -252,7 +274,7 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
         max_length=max_length,
         batch_size=training_args.per_device_train_batch_size,
         gradient_checkpointing=bool(training_args.activation_checkpointing),
-        optim=str(training_args.optim),
+        optim=optim_name(training_args),
         num_labels=num_labels,
     )
     gpu_mem = torch.cuda.get_device_properties(training_args.device).total_memory
@@ -268,12 +290,27 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
     )
 
 
-def check_adapter_base(adapter: str, model_name_or_path: str) -> str:
-    """The adapter's base model; a ``ValueError`` naming it when it differs from ``model_name_or_path``."""
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model names point at the same model: equal Hub ids, or the same local directory."""
+    def canonical(name: str) -> str:
+        name = os.path.expanduser(name)
+        return os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)
+
+    return canonical(a) == canonical(b)
+
+
+def check_adapter_base(adapter: str, model_name_or_path: str | None) -> str:
+    """The adapter's base model; a ``ValueError`` naming it when it differs from ``model_name_or_path``.
+
+    ``adapter`` is a LoRA directory or Hub id. An empty ``model_name_or_path`` accepts any base.
+    """
     base = adapter_base_model(adapter)
     if base is None:
-        raise ModelLoadError(f"{adapter!r} is not a LoRA adapter directory (no adapter_config.json in it).")
-    if model_name_or_path and os.path.normpath(base) != os.path.normpath(model_name_or_path):
+        raise ModelLoadError(
+            f"{adapter!r} is not a LoRA adapter: no adapter_config.json in it (or, for a Hub id, it is not in the "
+            "local cache while HF_HUB_OFFLINE is set). Pass the directory or Hub repo that a LoRA run saved."
+        )
+    if model_name_or_path and not _same_model(base, model_name_or_path):
         raise ValueError(
             f"The adapter {adapter!r} was trained on base model {base!r}, not {model_name_or_path!r}. "
             f"Pass --model {base} (or leave --model out to use the adapter's base)."
@@ -284,9 +321,9 @@ def check_adapter_base(adapter: str, model_name_or_path: str) -> str:
 def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str | None = None):
     """``AutoModelForCausalLM`` with hfplug's model options (``--quant``, ``--dtype``), for generation.
 
-    With ``adapter`` (a LoRA directory), the adapter's base model is checked against
-    ``model_args.model_name_or_path`` and the adapter is loaded on top. The model is put
-    on the GPU when there is one and set to eval mode.
+    With ``adapter`` (a LoRA directory or Hub id), the adapter's base model is checked
+    against ``model_args.model_name_or_path`` (empty: the adapter's base is loaded) and the
+    adapter is loaded on top. The model is put on the GPU when there is one and set to eval mode.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -294,11 +331,13 @@ def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str |
     from hfplug.model_options import get_quantization_config, resolve_dtype
 
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = model_args.model_name_or_path
     if adapter:
-        check_adapter_base(adapter, model_args.model_name_or_path)
+        base = check_adapter_base(adapter, name)
+        name = name or base
     model = from_pretrained(
         AutoModelForCausalLM,
-        model_args.model_name_or_path,
+        name,
         dtype=resolve_dtype(model_args.dtype, device_type=device_type),
         quantization_config=get_quantization_config(model_args, device_type=device_type),
         device_map={"": 0} if device_type == "cuda" else None,
@@ -307,5 +346,9 @@ def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str |
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        logger.info("Loading the LoRA adapter %s onto %s.", adapter, name)
+        try:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        except (OSError, hub_errors.HfHubHTTPError) as err:
+            raise explain_load_error(adapter, err) from err
     return model.eval()

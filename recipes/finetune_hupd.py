@@ -46,9 +46,11 @@ def main(argv=None):
     # --- Logging --------------------------------------------------------------
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
+    log_level = training_args.get_process_log_level()  # "passive": the libraries keep their own (warning)
+    # hfplug says what it decided (labels, pad token, resume, dropped records) at INFO on the main process.
+    ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for name in ("hfplug", logger.name):
-        logging.getLogger(name).setLevel(log_level)
+        logging.getLogger(name).setLevel(ours)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device)

@@ -48,3 +48,29 @@ def finetune_command(*flags, processes=1):
     if processes > 1:
         launch += ["--num_processes", str(processes)]
     return launch + [str(REPO / "recipes" / "finetune_hupd.py"), "--config", str(QUICKSTART), *flags]
+
+
+def sample_texts(n=200):
+    """Titles and abstracts of the embedded sample: the text tiny tokenizers are trained on."""
+    import json
+    import tarfile
+
+    texts = []
+    with tarfile.open(SAMPLE_DIR / "sample-jan-2016.tar.gz", "r:gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json") and len(texts) < 2 * n:
+                record = json.load(tar.extractfile(member))
+                texts += [record["title"], record["abstract"]]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama-3-style causal LM + tokenizer (no pad token, like Llama 3.1), saved like a Hub checkpoint."""
+    from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_llama3_tokenizer(sample_texts(), vocab_size=600, model_max_length=512)
+    build_tiny_llama(tokenizer, max_position_embeddings=512).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -101,3 +101,82 @@ def test_unknown_config_key_is_named(tmp_path, repo):
     proc = run_command(cmd)
     assert proc.returncode != 0
     assert "'learning_rte' (did you mean 'learning_rate'?)" in proc.stdout
+
+
+def test_ipc_task_reports_top_k(tmp_path):
+    out = tmp_path / "ipc"
+    proc = run_command(finetune_command(*_short(out, "--task", "ipc", "--max_steps", "4", "--group_by_length", "true")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = _results(out, "eval_results.json")
+    assert {"eval_top1_accuracy", "eval_top5_accuracy", "eval_accuracy", "eval_f1"} <= set(results)
+    assert results["eval_top1_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert results["eval_top5_accuracy"] >= results["eval_top1_accuracy"]
+    assert "Task ipc: 8 labels" in proc.stdout
+
+
+def test_streaming_trains_with_max_steps(tmp_path):
+    out = tmp_path / "stream"
+    proc = run_command(finetune_command(*_short(out, "--streaming", "true", "--max_steps", "3", "--do_eval", "false")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert _results(out, "trainer_state.json")["global_step"] == 3
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), "streaming must not build the Arrow cache"
+
+
+# --- 4-bit + LoRA (issue: Llama-3.1-8B on a T4, here in miniature) ---------------------------
+
+def _tensor_names(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("task", ["decision", "ipc"])
+def test_4bit_lora_llama_trains_head_saves_adapter_and_reloads_identically(tmp_path, tiny_llama_dir, task):
+    out = tmp_path / "qlora"
+    flags = ("--model_name_or_path", str(tiny_llama_dir), "--quant", "4bit", "--lora", "true", "--lora_r", "8",
+             "--task", task, "--max_length", "128", "--max_steps", "6", "--learning_rate", "0.001",
+             "--activation_checkpointing", "true")
+    proc = run_command(finetune_command(*_short(out, *flags)))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "padding with '<|finetune_right_pad_id|>'" in proc.stdout  # Llama has no pad token
+    assert "optim=paged_adamw_8bit" in proc.stdout
+    # Only the adapter (+ the trained classification head) is saved, not the 4-bit base.
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    names = _tensor_names(out / "adapter_model.safetensors")
+    assert any("lora_A" in n for n in names)
+    assert any(".score." in n for n in names), names  # the head trained and travels with the adapter
+    trained_eval = _results(out, "eval_results.json")
+
+    # --do_eval from the saved adapter: the same logits, so the same loss and metrics.
+    again = tmp_path / "reload"
+    reload_flags = ("--model_name_or_path", str(out), "--quant", "4bit", "--task", task, "--max_length", "128",
+                    "--do_train", "false", "--do_eval", "true")
+    proc = run_command(finetune_command(*_short(again, *reload_flags)))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Loading the LoRA adapter" in proc.stdout
+    reloaded = _results(again, "eval_results.json")
+    assert reloaded["eval_loss"] == pytest.approx(trained_eval["eval_loss"], rel=1e-6)
+    assert reloaded["eval_accuracy"] == trained_eval["eval_accuracy"]
+
+
+def test_lora_on_an_encoder_with_8bit(tmp_path):
+    out = tmp_path / "bert8"
+    proc = run_command(finetune_command(*_short(out, "--quant", "8bit", "--lora", "true", "--max_steps", "3")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    names = _tensor_names(out / "adapter_model.safetensors")
+    assert any(".classifier." in n for n in names), names
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--quant", "4bit"), "cannot be fully fine-tuned"),
+        (("--lora", "true", "--lora_target_modules", "q_proj,v_proj"), "Its linear layers are: dense, key, query, value"),
+        (("--quant", "3bit"), "quant"),
+    ],
+)
+def test_model_option_errors(tmp_path, flags, message):
+    proc = run_command(finetune_command(*_short(tmp_path / "out", *flags)))
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-3000:]

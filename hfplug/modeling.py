@@ -263,7 +263,7 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
         return
     import torch
 
-    from hfplug.fit import estimate_memory, load_config, suggest_settings
+    from hfplug.fit import load_config
 
     base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
     config = load_config(base, trust_remote_code=model_args.trust_remote_code)
@@ -278,25 +278,23 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
         num_labels=num_labels,
     )
     gpu_mem = torch.cuda.get_device_properties(training_args.device).total_memory
-    estimate = estimate_memory(config, **settings)
+    fits, message = memory_plan_message(config, gpu_mem=gpu_mem, model_name=base, **settings)
+    logger.log(logging.INFO if fits else logging.WARNING, message)
+
+
+def memory_plan_message(config, *, gpu_mem: int, model_name: str, **settings) -> tuple[bool, str]:
+    """Whether a run fits ``gpu_mem`` bytes, and one line saying so (with settings that fit when it does not)."""
+    from hfplug.fit import estimate_memory, suggest_settings
+
     gib = 2**30
-    if estimate.total <= gpu_mem:
-        logger.info("Memory plan: ~%.1f GiB of %.1f GiB on this GPU.", estimate.total / gib, gpu_mem / gib)
-        return
-    logger.warning(
-        "This run is planned at ~%.1f GiB but the GPU has %.1f GiB: it will likely run out of memory. "
-        "Settings that fit: %s. (Details: python -m hfplug.fit --model %s ...)",
-        estimate.total / gib, gpu_mem / gib, "; ".join(suggest_settings(config, gpu_mem=gpu_mem, **settings)), base,
+    total = estimate_memory(config, **settings).total
+    if total <= gpu_mem:
+        return True, f"Memory plan: ~{total / gib:.1f} GiB of {gpu_mem / gib:.1f} GiB on this GPU."
+    return False, (
+        f"This run is planned at ~{total / gib:.1f} GiB but the GPU has {gpu_mem / gib:.1f} GiB: it will likely run "
+        f"out of memory. Settings that fit: {'; '.join(suggest_settings(config, gpu_mem=gpu_mem, **settings))}. "
+        f"(Details: python -m hfplug.fit --model {model_name} ...)"
     )
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Whether two model names point at the same model: equal Hub ids, or the same local directory."""
-    def canonical(name: str) -> str:
-        name = os.path.expanduser(name)
-        return os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)
-
-    return canonical(a) == canonical(b)
 
 
 def check_adapter_base(adapter: str, model_name_or_path: str | None) -> str:

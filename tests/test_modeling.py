@@ -89,3 +89,18 @@ def test_max_length_above_model_limit():
     check_max_length(128, tok, config)
     with pytest.raises(ValueError, match=r"max_length 256 is above this model's limit of 128 tokens.*--max_length 128"):
         check_max_length(256, tok, config)
+
+
+def test_memory_plan_message_warns_with_settings_that_fit():
+    from hfplug.modeling import memory_plan_message
+    from hfplug.tiny import tiny_llama_config
+
+    config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                               num_attention_heads=16, num_key_value_heads=4)
+    settings = dict(quant="4bit", lora_r=16, task="decision", max_length=2048, batch_size=64,
+                    gradient_checkpointing=True, optim="paged_adamw_8bit", num_labels=2)
+    fits, roomy = memory_plan_message(config, gpu_mem=80 * 2**30, model_name="m", **settings)
+    assert fits and roomy.startswith("Memory plan: ~") and "of 80.0 GiB" in roomy
+    fits, tight = memory_plan_message(config, gpu_mem=4 * 2**30, model_name="m", **settings)
+    assert not fits and tight.startswith("This run is planned at ~") and "GPU has 4.0 GiB" in tight
+    assert "--per_device_train_batch_size" in tight and "--gradient_accumulation_steps" in tight

@@ -1,0 +1,80 @@
+"""Push a finished hfplug run to the Hugging Face Hub: the LoRA adapter (or a full fine-tune's
+weights), tokenizer, results JSON, training curves and a model card. Access is checked first.
+
+    python recipes/push_adapter.py outputs/quickstart --hub_model_id alice/hupd-bert --private
+
+    python recipes/push_adapter.py outputs/llama-lora --hub_model_id alice/hupd-llama --merge_adapter
+
+The token comes from HF_TOKEN, the Colab secret HF_TOKEN, or `hf auth login` (a hidden prompt
+appears on a terminal when none is found); it is never a flag. Rerunning is safe: files already
+on the Hub unchanged are skipped, so an interrupted push is finished by running it again.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from hfplug.config import parse_args
+from hfplug.hub import HubError, preflight_push, push_run, run_kind
+from hfplug.modeling import adapter_base_model
+from hfplug.tokens import install_token_redaction
+
+logger = logging.getLogger("hfplug.recipes.push_adapter")
+
+
+@dataclass
+class PushArguments:
+    """What to push where. The first positional argument is ``output_dir``."""
+
+    output_dir: str = field(metadata={"help": "The run's output_dir (holds adapter_config.json or model.safetensors)."})
+    hub_model_id: str = field(metadata={"help": "Target repo, namespace/name (or name, for your own namespace)."})
+    private: bool = field(default=False, metadata={
+        "help": "Create the repo private (applies to a new repo only; without it the Hub's default applies)."})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "Push the base model with the adapter merged in (loaded in 16-bit, never 4-bit) instead of the adapter."})
+    base_model: str | None = field(default=None, metadata={
+        "help": "The 16-bit base to merge into and name in the card (default: the adapter's base_model_name_or_path)."})
+    license: str | None = field(default=None, metadata={"help": "Model card license (default: the base model's)."})
+    task: str | None = field(default=None, metadata={"help": "decision or ipc (default: inferred from the metrics)."})
+    hupd_config: str | None = field(default=None, metadata={"help": "HUPD config trained on (sample or all), for the card."})
+
+
+def _with_output_dir_flag(argv):
+    """``OUTPUT_DIR --hub_model_id ...`` -> ``--output_dir OUTPUT_DIR --hub_model_id ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--output_dir", argv[0], *argv[1:]]
+    return argv
+
+
+def main(argv=None):
+    # --- Arguments ------------------------------------------------------------
+    (args,) = parse_args((PushArguments,), _with_output_dir_flag(argv))
+
+    # --- Logging --------------------------------------------------------------
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
+    install_token_redaction()
+
+    # --- Check the run, the token, the repo (before any model is loaded) ------
+    kind = run_kind(args.output_dir)
+    base = args.base_model or (adapter_base_model(args.output_dir) if kind == "adapter" else None)
+    private = True if args.private else None  # no flag: the account's default visibility
+    target = preflight_push(args.hub_model_id, private=private, merge_adapter=args.merge_adapter,
+                            base_model=base, output_dir=args.output_dir)
+
+    # --- Push -----------------------------------------------------------------
+    result = push_run(args.output_dir, target.repo_id, token=target.token, private=private,
+                      merge_adapter=args.merge_adapter, base_model=args.base_model, license=args.license,
+                      task=args.task, hupd_config=args.hupd_config, endpoint=target.endpoint)
+    if result.commit_url:
+        logger.info("Done: %s (%s)", target.url, result.commit_url)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except HubError as err:
+        print(f"push_adapter: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -127,12 +127,12 @@ def check_max_length(max_length: int, tokenizer, config) -> None:
             )
 
 
-def load_tokenizer(model_args):
+def load_tokenizer(model_args, *, token: str | None = None):
     """The model's tokenizer (or ``tokenizer_name``'s), with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
     name = model_args.tokenizer_name or model_args.model_name_or_path
-    tokenizer = from_pretrained(AutoTokenizer, name, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, name, trust_remote_code=model_args.trust_remote_code, token=token)
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -178,7 +178,7 @@ def prepare_training_args(training_args, model_args) -> None:
             setattr(training_args, precision, True)
 
 
-def load_classifier(model_args, label_names, tokenizer, training_args):
+def load_classifier(model_args, label_names, tokenizer, training_args, *, token: str | None = None):
     """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
 
     Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
@@ -212,6 +212,7 @@ def load_classifier(model_args, label_names, tokenizer, training_args):
         dtype=dtype,
         quantization_config=quantization_config,
         trust_remote_code=model_args.trust_remote_code,
+        token=token,
         **labels,
     )
     # Decoders find the last real token through pad_token_id; keep config and tokenizer in agreement.
@@ -220,23 +221,24 @@ def load_classifier(model_args, label_names, tokenizer, training_args):
         from peft import PeftModel
 
         logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
-        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False)
+        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
     if training_args.do_train:
         model = prepare_for_training(model, model_args, gradient_checkpointing=bool(training_args.activation_checkpointing))
     return model
 
 
-def adapter_base_model(path: str) -> str | None:
-    """The base model of a PEFT adapter (a local directory or a Hub repo), or ``None`` when ``path`` is not one.
+def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
+    """The base model of a PEFT adapter, or ``None`` when ``path`` is not one.
 
-    A Hub id is looked up with ``hf_hub_download`` (cached, so it works offline once
-    downloaded). A repo without ``adapter_config.json``, or one not in the cache while
-    offline, gives ``None``, and loading the model itself then reports what is wrong;
-    a gated or missing repo is a ``ModelLoadError`` saying what to do.
+    ``path`` is a local directory; with ``hub=True`` a Hub id is looked up too, with
+    ``hf_hub_download`` (cached, so it works offline once downloaded). That lookup is
+    opt-in because it costs a request (and retries without a network) for every plain
+    model name. A repo without ``adapter_config.json``, or one not in the cache while
+    offline, gives ``None``; a gated or missing repo is a ``ModelLoadError`` saying what to do.
     """
     import json
 
-    if os.path.isdir(os.path.expanduser(path)) or _looks_like_local_path(path):
+    if os.path.isdir(os.path.expanduser(path)) or _looks_like_local_path(path) or not hub:
         config = os.path.join(os.path.expanduser(path), "adapter_config.json")
         if not os.path.isfile(config):
             return None
@@ -253,7 +255,8 @@ def adapter_base_model(path: str) -> str | None:
         return json.load(f)["base_model_name_or_path"]
 
 
-def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int) -> None:
+def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int,
+                     token: str | None = None) -> None:
     """On a GPU, run the memory planner (``hfplug.fit``) before loading and warn with settings that fit.
 
     Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning
@@ -266,7 +269,7 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
     from hfplug.fit import load_config
 
     base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
-    config = load_config(base, trust_remote_code=model_args.trust_remote_code)
+    config = load_config(base, token=token, trust_remote_code=model_args.trust_remote_code)
     settings = dict(
         quant=model_args.quant,
         lora_r=model_args.lora_r if model_args.lora else 0,
@@ -301,14 +304,20 @@ def check_adapter_base(adapter: str, model_name_or_path: str | None) -> str:
     """The adapter's base model; a ``ValueError`` naming it when it differs from ``model_name_or_path``.
 
     ``adapter`` is a LoRA directory or Hub id. An empty ``model_name_or_path`` accepts any base.
+    Local paths are compared as real paths: PEFT records the path as given at training
+    time, which may be relative or reached through a symlink.
     """
-    base = adapter_base_model(adapter)
+    def canonical(name: str) -> str:
+        name = os.path.expanduser(name)
+        return os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)
+
+    base = adapter_base_model(adapter, hub=True)
     if base is None:
         raise ModelLoadError(
             f"{adapter!r} is not a LoRA adapter: no adapter_config.json in it (or, for a Hub id, it is not in the "
             "local cache while HF_HUB_OFFLINE is set). Pass the directory or Hub repo that a LoRA run saved."
         )
-    if model_name_or_path and not _same_model(base, model_name_or_path):
+    if model_name_or_path and canonical(base) != canonical(model_name_or_path):
         raise ValueError(
             f"The adapter {adapter!r} was trained on base model {base!r}, not {model_name_or_path!r}. "
             f"Pass --model {base} (or leave --model out to use the adapter's base)."

@@ -9,9 +9,11 @@ The real setup (network, GPU):
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_hupd.py --config recipes/configs/hupd_bert_for_patents.yaml
 
 Tasks: ``--task decision`` (ACCEPTED vs REJECTED) or ``--task ipc`` (main IPC subclass).
-Every field of ModelArguments, HupdArguments, RunArguments and TrainingArguments is a
-flag and a YAML key; flags override the YAML. Rerunning the same command resumes
-from the last checkpoint in ``output_dir``.
+Every field of ModelArguments, HupdArguments, RunArguments, HubArguments and
+TrainingArguments is a flag and a YAML key; flags override the YAML. Rerunning the
+same command resumes from the last checkpoint in ``output_dir``. With
+``--push_to_hub --hub_model_id user/name`` the token and write access are checked
+before anything is loaded, and the adapter (or model) is pushed with a model card.
 """
 
 import logging
@@ -26,17 +28,20 @@ from hfplug.arguments import HupdArguments, RunArguments
 from hfplug.callbacks import default_callbacks
 from hfplug.config import parse_args
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
+from hfplug.hub import (HubArguments, check_model_access, hub_push_callback, hub_settings, preflight_push, push_run,
+                        take_hub_token)
 from hfplug.metrics import compute_metrics_for
 from hfplug.model_options import ModelArguments
 from hfplug.modeling import check_max_length, load_classifier, load_tokenizer, prepare_training_args, warn_if_wont_fit
+from hfplug.tokens import install_token_redaction, resolve_token
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")
 
 
 def main(argv=None):
     # --- Arguments ------------------------------------------------------------
-    model_args, data_args, run_args, training_args = parse_args(
-        (ModelArguments, HupdArguments, RunArguments, TrainingArguments), argv
+    model_args, data_args, run_args, hub_args, training_args = parse_args(
+        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments), argv
     )
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("streaming=True has no dataset length to derive epochs from; set --max_steps (e.g. 1000).")
@@ -55,6 +60,20 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device)
 
+    # --- Hub: token, push and gated-model checks, before any data or model -----
+    hub_token = take_hub_token(training_args)  # out of TrainingArguments, so no training_args.bin holds it
+    install_token_redaction(hub_token)  # masks tokens in hfplug's, transformers' and huggingface_hub's logs
+    hub = hub_settings(training_args)  # None without --push_to_hub; the Trainer's own push is switched off
+    target = None
+    if hub is not None:  # token, whoami, write access, repo creation: fails in seconds, not after training
+        target = preflight_push(
+            hub.repo_id, token=hub_token, private=hub.private, merge_adapter=hub_args.merge_adapter,
+            base_model=hub_args.merge_base_model or model_args.model_name_or_path,
+            output_dir=training_args.output_dir, prompt=training_args.world_size == 1,
+        )
+    token = target.token if target is not None else resolve_token(hub_token)  # None is fine for public models
+    check_model_access(model_args.model_name_or_path, token)
+
     # --- Resume ---------------------------------------------------------------
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and training_args.do_train:
@@ -67,7 +86,7 @@ def main(argv=None):
     # --- Data -----------------------------------------------------------------
     # The main process builds the Arrow cache; the others then read it.
     with training_args.main_process_first(desc="load HUPD"):
-        splits = load_hupd(**data_args.load_hupd_kwargs())
+        splits = load_hupd(**data_args.load_hupd_kwargs(), token=token)
     task = prepare_task(splits, data_args.task)
     splits = _limit(task.splits, data_args)
     logger.info("Task %s: %d labels (%s)", data_args.task, task.num_labels, ", ".join(task.label_names[:10]))
@@ -76,9 +95,9 @@ def main(argv=None):
     prepare_training_args(training_args, model_args)
     if training_args.do_train:
         warn_if_wont_fit(model_args, training_args, task=data_args.task, max_length=data_args.max_length,
-                         num_labels=task.num_labels)
-    tokenizer = load_tokenizer(model_args)
-    model = load_classifier(model_args, task.label_names, tokenizer, training_args)
+                         num_labels=task.num_labels, token=token)
+    tokenizer = load_tokenizer(model_args, token=token)
+    model = load_classifier(model_args, task.label_names, tokenizer, training_args, token=token)
     check_max_length(data_args.max_length, tokenizer, model.config)
 
     with training_args.main_process_first(desc="tokenize"):
@@ -92,6 +111,11 @@ def main(argv=None):
         )
 
     # --- Trainer --------------------------------------------------------------
+    callbacks = default_callbacks(training_args, run_args)
+    push_callback = hub_push_callback(target, hub, license=hub_args.hub_license, task=data_args.task,
+                                      hupd_config=data_args.hupd_config)  # --hub_strategy every_save only
+    if push_callback is not None:
+        callbacks.append(push_callback)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -100,7 +124,7 @@ def main(argv=None):
         processing_class=tokenizer,
         data_collator=padding_collator(tokenizer),
         compute_metrics=compute_metrics_for(data_args.task),
-        callbacks=default_callbacks(training_args, run_args),
+        callbacks=callbacks,
     )
 
     # --- Train ----------------------------------------------------------------
@@ -122,6 +146,12 @@ def main(argv=None):
             metrics["eval_dropped_records"] = task.dropped.get("validation", 0)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+
+    # --- Push -----------------------------------------------------------------
+    if target is not None and training_args.should_save:
+        push_run(training_args.output_dir, target.repo_id, token=target.token, private=hub.private,
+                 merge_adapter=hub_args.merge_adapter, base_model=hub_args.merge_base_model or model_args.model_name_or_path,
+                 license=hub_args.hub_license, task=data_args.task, hupd_config=data_args.hupd_config)
     return trainer
 
 

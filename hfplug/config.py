@@ -89,4 +89,4 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:
         # HfArgumentParser reports unknown flags as "Some specified arguments are not used ...".
-        raise ConfigError(f"{err}. Run with --help to list the accepted flags.") from err
+        raise ConfigError(f"{str(err).rstrip('.')}. Run with --help to list the accepted flags.") from err

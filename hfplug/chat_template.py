@@ -1,0 +1,229 @@
+"""One chat format for chatting and for training: the template, the stop tokens, the assistant mask.
+
+    fmt = ChatFormat.from_tokenizer(tokenizer)                  # the tokenizer's own template, or a fallback
+    ids = fmt.encode(messages, add_generation_prompt=True)      # exactly one BOS
+    model.generate(torch.tensor([ids]), **fmt.stopping_kwargs(model.generation_config.eos_token_id))
+    ids, mask = fmt.encode_with_assistant_mask(messages)         # training: loss where mask == 1
+
+A tokenizer without a chat template (base Llama-3.1-8B) gets a built-in template chosen
+from its special tokens: Llama 3 header tokens -> ``llama3``; ``<|im_start|>`` -> ``chatml``;
+otherwise ``plain`` (``System:``/``User:``/``Assistant:``), with a warning that says which.
+``override`` (the recipes' ``--chat_template``) is a built-in name or a ``.jinja`` file.
+
+Encoding renders and tokenizes in one step with ``add_special_tokens=False`` (rendering to
+text and tokenizing again would add a second BOS), and encodes control tokens typed
+inside messages as plain text, so a user cannot end a turn by typing ``<|eot_id|>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+logger = logging.getLogger(__name__)
+
+# Built-in formats and the special tokens each needs to mean anything.
+BUILTIN_TEMPLATES = {
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "plain": (),
+}
+# Tokens that end a turn (or the text) in the formats people use; whichever the
+# vocabulary has become stop tokens, next to the tokenizer's eos.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+# A base model chatting in the plain format goes on to write the user's next turn.
+PLAIN_STOP_STRINGS = ("\nUser:",)
+
+
+def builtin_template(name: str) -> str:
+    """The Jinja source of the built-in template ``name`` (a ``hfplug/templates/*.jinja`` file)."""
+    return resources.files("hfplug").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class ChatFormat:
+    """A chat template bound to a tokenizer, with the tokens and strings that end a reply.
+
+    Build it with :meth:`from_tokenizer`. ``name`` is ``"tokenizer"`` (the tokenizer's own
+    template), a built-in name, or the path of a ``.jinja`` file. ``template_kwargs`` are
+    passed to the template (e.g. ``{"date_string": "26 Jul 2024"}`` for the Llama 3 date line).
+    """
+
+    tokenizer: object = field(repr=False)
+    template: str = field(repr=False)
+    name: str
+    stop_token_ids: list[int]
+    stop_strings: list[str] = field(default_factory=list)
+    template_kwargs: dict = field(default_factory=dict)
+    # Whether the tokenizer puts BOS in front on its own: then a template that omits BOS gets one.
+    adds_bos: bool = False
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, override: str | None = None, *, template_kwargs: dict | None = None) -> ChatFormat:
+        """The tokenizer's own template, else a built-in one picked from its special tokens (with a warning).
+
+        ``override``: a built-in name (``llama3``, ``chatml``, ``plain``) or a path to a
+        ``.jinja`` file; it wins over the tokenizer's template. An unknown name, a missing
+        file, or a built-in format whose special tokens the tokenizer lacks is a ``ValueError``.
+        """
+        vocab = tokenizer.get_vocab()
+        if override:
+            template, name = _load_override(override, vocab)
+        elif tokenizer.chat_template is not None:
+            template, name = tokenizer.get_chat_template(), "tokenizer"
+        else:
+            name = detect_builtin(vocab)
+            template = builtin_template(name)
+            logger.warning(
+                "The tokenizer has no chat template; using hfplug's built-in '%s' format (%s). "
+                "Pass --chat_template NAME or FILE.jinja to choose another (built-in: %s).",
+                name, _why(name), ", ".join(BUILTIN_TEMPLATES),
+            )
+        bos = tokenizer.bos_token_id
+        fmt = cls(
+            tokenizer=tokenizer,
+            template=template,
+            name=name,
+            stop_token_ids=_stop_token_ids(tokenizer, vocab),
+            stop_strings=list(PLAIN_STOP_STRINGS) if name == "plain" else [],
+            template_kwargs=dict(template_kwargs or {}),
+            adds_bos=bos is not None and tokenizer("a").input_ids[:1] == [bos],
+        )
+        fmt._check_renders()
+        return fmt
+
+    def _check_renders(self) -> None:
+        """Render a one-message chat now, so a broken template fails here and not mid-conversation."""
+        try:
+            self.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except Exception as err:  # jinja2 TemplateError, or raise_exception() inside the template
+            raise ValueError(f"Chat template {self.name!r} does not render a simple chat: {type(err).__name__}: {err}") from err
+
+    # ------------------------------------------------------------------ rendering and encoding
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The chat as text (for reading and debugging; use :meth:`encode` to get token ids)."""
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
+            tokenize=False, **self.template_kwargs,
+        )
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of the chat with exactly one BOS (when the tokenizer has one)."""
+        ids = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
+            tokenize=True, return_dict=False, sanitize_control_tokens=True, **self.template_kwargs,
+        )
+        return self._one_bos(list(ids))
+
+    def _one_bos(self, ids: list[int]) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return ids
+        start = 0
+        while start + 1 < len(ids) and ids[start] == ids[start + 1] == bos:  # a template that doubled it
+            start += 1
+        ids = ids[start:]
+        if self.adds_bos and ids[:1] != [bos]:  # a template that leaves BOS to the tokenizer
+            ids = [bos] + ids
+        return ids
+
+    def encode_with_assistant_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """``(input_ids, mask)``: mask is 1 on each assistant reply's tokens, end-of-turn token included.
+
+        Loss on exactly these tokens trains the replies and the stop, not the prompts. Works
+        with any template that renders a chat as a prefix of its continuation: the tokens of
+        reply ``i`` are those of ``messages[:i+1]`` past the generation prompt of ``messages[:i]``.
+        """
+        ids = self.encode(messages)
+        mask = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if i == 0:
+                raise ValueError("The chat starts with an assistant message; put a user (or system) message first.")
+            prompt = self.encode(messages[:i], add_generation_prompt=True)
+            upto = ids if i == len(messages) - 1 else self.encode(messages[: i + 1])
+            if upto != ids[: len(upto)]:
+                raise ValueError(
+                    f"Chat template {self.name!r} renders earlier turns differently once later turns follow, so "
+                    "assistant tokens cannot be located; use a built-in template (--chat_template llama3|chatml|plain)."
+                )
+            # Where the prompt and the reply part ways (normally at the end of the generation
+            # prompt; earlier if the tokenizer merges the prompt's last characters with the reply's).
+            start = _common_prefix_len(prompt, upto)
+            mask[start : len(upto)] = [1] * (len(upto) - start)
+        return ids, mask
+
+    # ------------------------------------------------------------------ generation
+
+    def stopping_kwargs(self, extra_eos=None) -> dict:
+        """``generate()`` keyword arguments that end a reply where this format ends a turn.
+
+        ``extra_eos``: more stop ids, e.g. the model's ``generation_config.eos_token_id``
+        (an int, a list or None). Stop strings need ``tokenizer=`` in ``generate``; it is included.
+        """
+        extra = [] if extra_eos is None else [extra_eos] if isinstance(extra_eos, int) else list(extra_eos)
+        kwargs = {"eos_token_id": list(dict.fromkeys(self.stop_token_ids + extra))}
+        if self.stop_strings:
+            kwargs.update(stop_strings=list(self.stop_strings), tokenizer=self.tokenizer)
+        return kwargs
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def detect_builtin(vocab) -> str:
+    """The built-in format whose special tokens are all in ``vocab``; ``plain`` when none is."""
+    for name, needed in BUILTIN_TEMPLATES.items():
+        if all(token in vocab for token in needed):
+            return name
+    return "plain"
+
+
+def _why(name: str) -> str:
+    if name == "plain":
+        return "no Llama 3 or ChatML special tokens in its vocabulary; generation also stops at '\\nUser:'"
+    return "chosen from its special tokens " + ", ".join(BUILTIN_TEMPLATES[name])
+
+
+def _load_override(override: str, vocab) -> tuple[str, str]:
+    """(template source, name) for ``--chat_template``: a built-in name or a ``.jinja`` file."""
+    if override in BUILTIN_TEMPLATES:
+        missing = [token for token in BUILTIN_TEMPLATES[override] if token not in vocab]
+        if missing:
+            raise ValueError(
+                f"--chat_template {override} needs the special tokens {', '.join(missing)}, which this tokenizer "
+                f"does not have. Use a format it supports (detected: {detect_builtin(vocab)}) or 'plain'."
+            )
+        return builtin_template(override), override
+    if override.endswith(".jinja") or os.sep in override:
+        path = os.path.expanduser(override)
+        if not os.path.isfile(path):
+            raise ValueError(f"--chat_template {override!r}: no such file. Give an existing .jinja file or a built-in name.")
+        with open(path, encoding="utf-8") as f:
+            return f.read(), override
+    raise ValueError(
+        f"Unknown chat template {override!r}. Built-in templates: {', '.join(BUILTIN_TEMPLATES)}; "
+        "or give the path of a .jinja file."
+    )
+
+
+def _stop_token_ids(tokenizer, vocab) -> list[int]:
+    """eos plus every end-of-turn token the vocabulary has, without duplicates."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    return list(dict.fromkeys(ids))

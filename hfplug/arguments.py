@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hfplug.data.tasks import SECTIONS, TASKS, check_task, parse_text_fields
+from hfplug.data.tasks import (DEFAULT_TEXT_FIELDS, SECTIONS, TASKS, check_abstract_sources, check_task, is_generative,
+                               parse_text_fields)
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -34,9 +35,10 @@ class HupdArguments:
     hupd_cache_dir: str | None = field(default=None, metadata={"help": "Where the built splits are cached (Arrow)."})
     streaming: bool = field(default=False, metadata={"help": "Stream records from the archive instead of caching them; needs max_steps."})
 
-    task: str = field(default="decision", metadata={"help": f"One of {', '.join(TASKS)}."})
-    text_fields: str = field(default="title,abstract", metadata={"help": f"Comma-separated sections, in order; any of {', '.join(SECTIONS)}."})
-    max_length: int = field(default=512, metadata={"help": "Truncate inputs to this many tokens (padding is per batch)."})
+    task: str = field(default="decision", metadata={"help": f"One of {', '.join(TASKS)}: acceptance, IPC subclass, or writing the abstract from the claims."})
+    text_fields: str | None = field(default=None, metadata={"help": f"Comma-separated sections the model reads, in order; any of {', '.join(SECTIONS)}. Default: title,abstract (decision, ipc); claims (abstract, which cannot read the abstract it writes)."})
+    chat_template: str | None = field(default=None, metadata={"help": "--task abstract: chat format of the examples: llama3, chatml, plain or a .jinja file. Default: the tokenizer's own template, else one chosen from its special tokens. Saved with the tokenizer, so recipes/chat.py --adapter uses it."})
+    max_length: int = field(default=512, metadata={"help": "Truncate inputs to this many tokens (padding is per batch). --task abstract cuts the claims and keeps the abstract whole."})
     group_by_length: bool = field(default=False, metadata={"help": "Batch similar lengths together (sets train_sampling_strategy=group_by_length)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records (quick runs)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
@@ -46,7 +48,12 @@ class HupdArguments:
         if self.hupd_config not in ("sample", "all"):
             raise ValueError(f"hupd_config must be 'sample' or 'all', got {self.hupd_config!r}.")
         check_task(self.task)
-        self.text_fields = ",".join(parse_text_fields(self.text_fields))
+        self.text_fields = ",".join(parse_text_fields(self.text_fields or DEFAULT_TEXT_FIELDS[self.task]))
+        if is_generative(self.task):
+            check_abstract_sources(self.text_fields)
+        elif self.chat_template is not None:
+            raise ValueError(f"chat_template applies to --task abstract only; --task {self.task} trains a classifier. "
+                             "Remove chat_template, or use --task abstract.")
         for name in ("train_filing_start_date", "train_filing_end_date", "val_filing_start_date", "val_filing_end_date"):
             value = getattr(self, name)
             if value is not None:
@@ -91,7 +98,17 @@ class RunArguments:
 
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of metric_for_best_model."})
     early_stopping_threshold: float = field(default=0.0, metadata={"help": "Minimum improvement that counts for early stopping."})
+    # --task abstract: generation at each evaluation.
+    max_generate_samples: int = field(default=64, metadata={"help": "--task abstract: validation records (the first N) whose abstracts are generated at each evaluation for ROUGE; 0 = no generation (loss and perplexity only)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "--task abstract: longest generated abstract, in tokens (USPTO abstracts have at most 150 words)."})
+    log_samples: int = field(default=3, metadata={"help": "--task abstract: validation records whose generated abstracts are logged and appended to output_dir/samples.jsonl at each evaluation; 0 = off."})
 
     def __post_init__(self):
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
             raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}.")
+        for name in ("max_generate_samples", "log_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}.")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer (e.g. 256), got {self.max_new_tokens!r}.")

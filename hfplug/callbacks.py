@@ -1,4 +1,5 @@
-"""``TrainerCallback``s the recipes add to every run: throughput, training curves, early stopping.
+"""``TrainerCallback``s the recipes add to every run: throughput, training curves, early stopping;
+and, for the generative ``abstract`` task, sample generations at each evaluation.
 
     trainer = Trainer(..., callbacks=default_callbacks(training_args, run_args))
 
@@ -8,6 +9,7 @@ settings when it is built, not hours into a run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,6 +21,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainerControl,
 
 if TYPE_CHECKING:
     from hfplug.arguments import RunArguments
+    from hfplug.generation import GenerationRecord
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +139,8 @@ def _add_to_logs(logs: dict, state: TrainerState, extra: dict) -> None:
 
 # --- Training curves ----------------------------------------------------------------
 
-# Eval keys that measure the evaluation itself, not the model.
-_EVAL_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_tokens_per_second")
+# Eval keys that measure the evaluation itself, not the model (speed, and counts such as eval_generated_samples).
+_EVAL_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_tokens_per_second", "_samples")
 
 
 def _is_number(value) -> bool:
@@ -283,6 +286,66 @@ def _early_stopping_problems(args: TrainingArguments) -> list[str]:
 def _strategy(value) -> str:
     """An IntervalStrategy / SaveStrategy (str enums) or a plain string, as its value."""
     return getattr(value, "value", value)
+
+
+# --- Sample generations ------------------------------------------------------------------
+
+
+class SampleGenerationCallback(TrainerCallback):
+    """At each evaluation, generates replies for a few fixed validation records and shows them.
+
+    Each reply is logged (shortened) next to its reference and appended, in full, to
+    ``output_dir/filename`` as one JSON line: ``{"step", "index", "generated", "reference"}``.
+    Reading the file across steps shows what the model learns to write, and whether it
+    learns to stop. Runs on the main process only; costs ``len(records)`` greedy
+    generations of at most ``max_new_tokens`` tokens per evaluation.
+    """
+
+    def __init__(self, chat_format, records: list[GenerationRecord], *, max_new_tokens: int = 256,
+                 filename: str = "samples.jsonl"):
+        if not records:
+            raise ValueError("SampleGenerationCallback needs at least one record to generate for.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if not isinstance(filename, str) or not filename.endswith(".jsonl") or os.path.isabs(filename):
+            raise ValueError(f"SampleGenerationCallback filename must be a relative path ending in .jsonl "
+                             f"(it is written inside output_dir), got {filename!r}.")
+        self.chat_format, self.records = chat_format, list(records)
+        self.max_new_tokens, self.filename = max_new_tokens, filename
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        from hfplug.generation import generate_batch
+
+        pad_token_id = self.chat_format.tokenizer.pad_token_id
+        replies = []
+        for start in range(0, len(self.records), args.per_device_eval_batch_size):
+            batch = self.records[start : start + args.per_device_eval_batch_size]
+            replies += generate_batch(model, self.chat_format, [r.prompt_ids for r in batch],
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad_token_id)
+        lines = [{"step": state.global_step, "index": r.index, "generated": reply, "reference": r.reference}
+                 for r, reply in zip(self.records, replies)]
+        path = os.path.join(args.output_dir, self.filename)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        for line in lines:
+            logger.info("Sample generation, step %d, validation record %d:\n  generated: %s\n  reference: %s",
+                        line["step"], line["index"], _shorten(line["generated"]), _shorten(line["reference"]))
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sample_generation_callback(chat_format, records: list[GenerationRecord], run_args: RunArguments,
+                               ) -> SampleGenerationCallback | None:
+    """The sample callback for the first ``run_args.log_samples`` records; None when that is 0 or there are none."""
+    shown = records[: run_args.log_samples]
+    if not shown:
+        return None
+    return SampleGenerationCallback(chat_format, shown, max_new_tokens=run_args.max_new_tokens)
 
 
 # --- What the recipes use ---------------------------------------------------------------

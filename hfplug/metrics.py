@@ -1,4 +1,4 @@
-"""Offline classification metrics for ``Trainer(compute_metrics=...)``.
+"""Offline metrics: classification for ``Trainer(compute_metrics=...)``, ROUGE and perplexity for generation.
 
 ``evaluate.load("accuracy")`` fetches the metric script from the Hub and fails
 offline, so the metrics are ``evaluate.Metric`` subclasses defined here, over
@@ -13,10 +13,24 @@ Macro averages follow scikit-learn's ``average="macro", zero_division=0``: the
 classes averaged over are those that occur in the predictions or the references
 (or the ``labels`` you pass), and a ratio whose denominator is zero (a class never
 predicted has no precision, a class never present has no recall) counts as 0.
+
+ROUGE-1/2/L (F1) follows Google's ``rouge_score`` package with its defaults (no
+stemming): lower-case, every run of characters other than ``a-z0-9`` splits tokens,
+ROUGE-N counts clipped n-gram matches, ROUGE-L uses the longest common subsequence
+of the whole text. Scores are averaged over the pairs (``rouge_score``'s bootstrap
+aggregator, which ``evaluate.load("rouge")`` uses, reports a resampled median of
+means instead: close to the plain mean, but random).
+
+    Rouge().compute(predictions=["the cat sat"], references=["the cat sat down"])
+    # rouge1 6/7, rouge2 4/5, rougeL 6/7
 """
 
 from __future__ import annotations
 
+import math
+import re
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 import datasets
@@ -24,8 +38,9 @@ import evaluate
 import numpy as np
 from transformers import EvalPrediction
 
-# The tasks of hfplug.data.tasks; those with many classes also get top-k accuracy.
-TASKS = ("decision", "ipc")
+from hfplug.data.tasks import GENERATIVE_TASKS, TASKS  # generative ones are scored by hfplug.generation
+
+# Tasks with many classes also get top-k accuracy.
 TOP_K_TASKS = ("ipc",)
 DEFAULT_TOP_K = (1, 5)
 
@@ -177,14 +192,102 @@ class TopKAccuracy(evaluate.Metric):
         return top_k_accuracies(np.asarray(predictions, dtype=np.float32), references, k=k)
 
 
+# --- ROUGE and perplexity (generation) -----------------------------------------------
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)  # ~709.8: exp() of more overflows
+_NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokenize(text: str) -> list[str]:
+    """``rouge_score``'s default tokenizer: lower-case, split on anything but ``a-z0-9``."""
+    return _NON_ALPHANUMERIC.sub(" ", text.lower()).split()
+
+
+def _f1(overlap: int, predicted: int, reference: int) -> float:
+    precision = overlap / predicted if predicted else 0.0
+    recall = overlap / reference if reference else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def rouge_n(prediction: list[str], reference: list[str], n: int) -> float:
+    """ROUGE-N F1 of two token lists: n-gram matches, each clipped to its count in the other text."""
+    pred, ref = _ngrams(prediction, n), _ngrams(reference, n)
+    overlap = sum(min(count, pred[gram]) for gram, count in ref.items())
+    return _f1(overlap, sum(pred.values()), sum(ref.values()))
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, by dynamic programming over one row at a time."""
+    if len(a) < len(b):
+        a, b = b, a  # the row follows the shorter list
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: list[str], reference: list[str]) -> float:
+    """ROUGE-L F1: the longest common subsequence over the prediction's and the reference's lengths."""
+    return _f1(lcs_length(prediction, reference), len(prediction), len(reference))
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over prediction/reference pairs (see the module docstring)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions and references differ in length: {len(predictions)} vs {len(references)}.")
+    if not predictions:
+        raise ValueError("No examples: predictions and references are empty.")
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for prediction, reference in zip(predictions, references):
+        pred, ref = rouge_tokenize(prediction), rouge_tokenize(reference)
+        totals["rouge1"] += rouge_n(pred, ref, 1)
+        totals["rouge2"] += rouge_n(pred, ref, 2)
+        totals["rougeL"] += rouge_l(pred, ref)
+    return {key: value / len(predictions) for key, value in totals.items()}
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token cross-entropy (nats); ``inf`` where that overflows a float."""
+    return math.exp(loss) if loss < _LOG_FLOAT_MAX else float("inf")
+
+
+class Rouge(evaluate.Metric):
+    """ROUGE-1/2/L F1 of generated texts against references, offline (no ``rouge_score`` needed).
+
+    ``compute(predictions=[...], references=[...])`` returns ``{"rouge1", "rouge2", "rougeL"}``;
+    see :func:`rouge_scores`.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (rouge_score's tokenization, no stemming).",
+            citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
+            inputs_description="predictions, references: one text each per example.",
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references) -> dict[str, float]:
+        return rouge_scores(predictions, references)
+
+
 # --- Trainer hook ----------------------------------------------------------------
 
 
-def compute_metrics_for(task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A ``compute_metrics`` function for ``Trainer`` on an hfplug task.
+def compute_metrics_for(task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K) -> Callable[[EvalPrediction], dict[str, float]] | None:
+    """A ``compute_metrics`` function for ``Trainer`` on an hfplug task; ``None`` for ``abstract``.
 
     "decision": accuracy, f1, precision, recall (macro). "ipc": the same plus
-    ``top{k}_accuracy`` for each k in ``top_k``.
+    ``top{k}_accuracy`` for each k in ``top_k``. "abstract" has nothing to compute from
+    logits (and gathering batch x sequence x vocabulary logits would take gigabytes):
+    its perplexity and ROUGE come from ``hfplug.generation.GenerativeTrainer``.
 
     It calls the numpy functions directly rather than ``Metric.compute``: the
     latter round-trips inputs through Arrow, which takes seconds per evaluation for
@@ -192,6 +295,8 @@ def compute_metrics_for(task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K) -> C
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Allowed: {', '.join(TASKS)}.")
+    if task in GENERATIVE_TASKS:
+        return None
     ks = check_top_k(top_k)
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:

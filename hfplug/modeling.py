@@ -2,13 +2,18 @@
 
 Wraps ``from_pretrained`` so that a missing model is reported as what it is
 (a local path that does not exist, offline and not cached, no such repo, gated),
-and so that decoder tokenizers without a pad token (Llama) just work.
+and so that decoder tokenizers without a pad token (Llama) just work. Classifiers
+(``load_classifier``) and causal LMs for training (``load_causal_lm_for_training``)
+share one loading path; ``training_chat_format`` readies a tokenizer for the
+generative ``abstract`` task (fixed date, a pad token that is not a stop token,
+the chat template saved with it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Iterable
 
 from huggingface_hub import errors as hub_errors
 
@@ -79,24 +84,47 @@ def from_pretrained(cls, name: str, **kwargs):
         raise explain_load_error(name, err) from err
 
 
-def ensure_pad_token(tokenizer) -> str:
+def ensure_pad_token(tokenizer, *, avoid: Iterable[int] = ()) -> str:
     """Give ``tokenizer`` a pad token if it has none (decoders such as Llama), reusing an existing token.
 
-    Returns the pad token and logs the choice. Falls back to unk, then eos; eos as
-    pad is fine for classification (the attention mask hides padding) but a model
-    trained to *generate* with pad == eos never learns to stop, so the generative
-    recipes check for that separately.
+    Returns the pad token and logs the choice: the first of ``PAD_CANDIDATES`` in the
+    vocabulary, else unk, else eos. eos as pad is fine for classification (the attention
+    mask hides padding), but not for a model trained to *generate*: ``avoid`` lists token
+    ids the pad must not be (the tokens a reply ends with, :func:`reply_end_ids`). A pad
+    token among them is replaced, and eos is never the fallback; when no other token is
+    left, ``ValueError`` saying how to add one.
     """
-    if tokenizer.pad_token is not None:
+    avoid = set(avoid)
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id not in avoid:
         return tokenizer.pad_token
     vocab = tokenizer.get_vocab()
-    choice = next((tok for tok in PAD_CANDIDATES if tok in vocab), None)
-    choice = choice or tokenizer.unk_token or tokenizer.eos_token
+    fallbacks = [tokenizer.unk_token] if avoid else [tokenizer.unk_token, tokenizer.eos_token]
+    choice = next((tok for tok in (*PAD_CANDIDATES, *fallbacks) if tok in vocab and vocab[tok] not in avoid), None)
     if choice is None:
-        raise ValueError("The tokenizer has no pad, unk or eos token to pad with; add a pad token to the tokenizer.")
+        raise ValueError(_no_pad_message(tokenizer, avoid))
+    previous = tokenizer.pad_token
     tokenizer.pad_token = choice
-    logger.info("The tokenizer has no pad token; padding with %r (id %d).", choice, tokenizer.pad_token_id)
+    if previous is None:
+        logger.info("The tokenizer has no pad token; padding with %r (id %d).", choice, tokenizer.pad_token_id)
+    else:
+        logger.warning("The tokenizer pads with %r, which also ends a reply: a model trained to generate with it "
+                       "may never learn to stop. Padding with %r (id %d) instead.", previous, choice, tokenizer.pad_token_id)
     return choice
+
+
+def _no_pad_message(tokenizer, avoid: set[int]) -> str:
+    if not avoid:
+        return "The tokenizer has no pad, unk or eos token to pad with; add a pad token to the tokenizer."
+    # Adding a token would resize the embeddings and the LM head: a 4-bit base cannot train the new
+    # rows, the adapter would have to carry both full matrices, and chat.py would have to resize the
+    # base the same way before loading it. So hfplug refuses and says how to do it deliberately.
+    return (
+        "The tokenizer has no token to pad with other than the ones a reply ends with "
+        f"({', '.join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(avoid))}), and a model trained to "
+        f"generate with such a pad may never learn to stop. hfplug looks for {', '.join(PAD_CANDIDATES)} or an unk "
+        "token. Add a pad token yourself (tokenizer.add_special_tokens({'pad_token': '<pad>'}); "
+        "model.resize_token_embeddings(len(tokenizer)); save both) and pass that directory with --model_name_or_path."
+    )
 
 
 def model_max_positions(config) -> int | None:
@@ -178,6 +206,58 @@ def prepare_training_args(training_args, model_args) -> None:
             setattr(training_args, precision, True)
 
 
+def model_load_kwargs(model_args, *, device_type: str, full_finetune: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments for hfplug's model options: dtype, quantization, remote code.
+
+    ``full_finetune``: every weight trains, so an unquantized model is kept in float32:
+    fp16/bf16 speed comes from mixed precision, since fp16 master weights cannot be
+    unscaled by the gradient scaler.
+    """
+    import torch
+
+    from hfplug.model_options import get_quantization_config, resolve_dtype
+
+    quantization_config = get_quantization_config(model_args, device_type=device_type)
+    dtype = resolve_dtype(model_args.dtype, device_type=device_type)
+    if full_finetune and quantization_config is None:
+        dtype = torch.float32
+    return dict(dtype=dtype, quantization_config=quantization_config, trust_remote_code=model_args.trust_remote_code)
+
+
+def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token: str | None, **config_kwargs):
+    """``auto_class`` from ``model_name_or_path`` with the model options, ready for the Trainer.
+
+    Shared by :func:`load_classifier` and :func:`load_causal_lm_for_training`. A directory
+    with a trained LoRA adapter loads its base model (quantized as asked) and the adapter on
+    top, for evaluation; otherwise, for training, the model goes through
+    ``hfplug.model_options.prepare_for_training`` (k-bit preparation, checkpointing, LoRA).
+    """
+    from hfplug.model_options import prepare_for_training
+
+    adapter = adapter_base_model(model_args.model_name_or_path)
+    full_finetune = training_args.do_train and not model_args.lora
+    model = from_pretrained(
+        auto_class,
+        adapter or model_args.model_name_or_path,
+        token=token,
+        **model_load_kwargs(model_args, device_type=device_type_for(training_args), full_finetune=full_finetune),
+        **config_kwargs,
+    )
+    # Decoders find the last real token (classification) and pad batches (generation) through
+    # pad_token_id; keep config, generation config and tokenizer in agreement.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if adapter:
+        from peft import PeftModel
+
+        logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
+        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
+    if training_args.do_train:
+        model = prepare_for_training(model, model_args, gradient_checkpointing=bool(training_args.activation_checkpointing))
+    return model
+
+
 def load_classifier(model_args, label_names, tokenizer, training_args, *, token: str | None = None):
     """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
 
@@ -187,44 +267,103 @@ def load_classifier(model_args, label_names, tokenizer, training_args, *, token:
     ``model_name_or_path`` may also be a directory with a trained LoRA adapter: its base
     model is loaded (quantized as asked) and the adapter, with its head, put on top.
     """
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from hfplug.model_options import get_quantization_config, prepare_for_training, resolve_dtype
-
-    device_type = device_type_for(training_args)
-    quantization_config = get_quantization_config(model_args, device_type=device_type)
-    dtype = resolve_dtype(model_args.dtype, device_type=device_type)
-    full_finetune = training_args.do_train and not model_args.lora and quantization_config is None
-    if full_finetune and dtype != torch.float32:
-        # Trainable weights stay fp32; fp16/bf16 speed comes from mixed precision,
-        # since fp16 master weights cannot be unscaled by the gradient scaler.
-        dtype = torch.float32
-    adapter = adapter_base_model(model_args.model_name_or_path)
-    labels = dict(
+    return _load_for_trainer(
+        AutoModelForSequenceClassification, model_args, tokenizer, training_args, token=token,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
     )
-    model = from_pretrained(
-        AutoModelForSequenceClassification,
-        adapter or model_args.model_name_or_path,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        trust_remote_code=model_args.trust_remote_code,
-        token=token,
-        **labels,
-    )
-    # Decoders find the last real token through pad_token_id; keep config and tokenizer in agreement.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if adapter:
-        from peft import PeftModel
 
-        logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
-        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
-    if training_args.do_train:
-        model = prepare_for_training(model, model_args, gradient_checkpointing=bool(training_args.activation_checkpointing))
-    return model
+
+def load_causal_lm_for_training(model_args, tokenizer, training_args, *, token: str | None = None):
+    """``AutoModelForCausalLM`` for a generative task (``--task abstract``), with hfplug's model options.
+
+    As :func:`load_classifier`, without a task head: LoRA adapts every linear layer
+    but the LM head (``all-linear``), and nothing goes to ``modules_to_save``. Check the
+    model with :func:`check_causal_lm` first, before any data is loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load_for_trainer(AutoModelForCausalLM, model_args, tokenizer, training_args, token=token)
+
+
+# Class-name endings of models that generate text left to right (ForConditionalGeneration:
+# multimodal decoders such as Gemma 3; encoder-decoders are refused on their config flag).
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_causal_lm(model_args, *, token: str | None = None) -> None:
+    """Refuse a model that cannot be fine-tuned to write text (BERT, T5), reading only its config.
+
+    A config without ``architectures`` passes: nothing there says what the model is.
+    """
+    from transformers import AutoConfig
+
+    name = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
+    config = from_pretrained(AutoConfig, name, trust_remote_code=model_args.trust_remote_code, token=token)
+    architectures = list(getattr(config, "architectures", None) or [])
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder or (architectures and not any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in architectures)):
+        what = "an encoder-decoder" if encoder_decoder else f"a {', '.join(architectures)} ({config.model_type})"
+        raise ValueError(
+            f"--task abstract writes text, so it needs a causal (decoder-only) language model such as "
+            f"meta-llama/Llama-3.1-8B-Instruct; {name!r} is {what} model. Pass a causal LM with "
+            "--model_name_or_path, or use --task decision or --task ipc with this model."
+        )
+
+
+# Llama 3.1's release date, and the date Meta's own template falls back to. Fixed for training,
+# so that the Llama 3 system block ("Today Date: ...") does not change the tokens every day.
+TRAINING_DATE_STRING = "26 Jul 2024"
+
+
+def training_chat_format(tokenizer, chat_template: str | None = None):
+    """The chat format of a generative task's examples, with ``tokenizer`` made ready for it.
+
+    - the format is ``ChatFormat.from_tokenizer(tokenizer, chat_template)`` with a fixed
+      ``date_string``, so the same records encode to the same tokens on any day;
+    - the pad token is neither eos nor the token that ends a reply (:func:`reply_end_ids`).
+      The labels here are computed before padding, so padding cannot mask them; the distinct
+      pad keeps the saved tokenizer safe for tools that derive labels from ``input_ids != pad``
+      (``DataCollatorForLanguageModeling``), which would otherwise drop the stop token;
+    - ``tokenizer.chat_template`` becomes this format, with the training date as its default:
+      the tokenizer saved with the model (or adapter) then makes ``recipes/chat.py``
+      prompt exactly as training did.
+    """
+    from hfplug.chat_template import ChatFormat
+
+    chat_format = ChatFormat.from_tokenizer(tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING})
+    ensure_pad_token(tokenizer, avoid=reply_end_ids(chat_format))
+    tokenizer.chat_template = template_with_default_date(chat_format.template, TRAINING_DATE_STRING)
+    return chat_format
+
+
+def reply_end_ids(chat_format) -> list[int]:
+    """The tokens a model must learn to emit to end a reply: eos, and the stop tokens the format puts after a reply.
+
+    ``<|eot_id|>`` for Llama 3, ``<|im_end|>`` for ChatML, eos for the plain format. A pad
+    token must be none of these. Other stop tokens may pad (Qwen pads with ``<|endoftext|>``,
+    which its ChatML replies never contain).
+    """
+    ids, mask = chat_format.encode_with_assistant_mask(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    stops = set(chat_format.stop_token_ids)
+    ends = [token for token, m in zip(ids, mask) if m and token in stops]
+    eos = chat_format.tokenizer.eos_token_id
+    return list(dict.fromkeys(ends + ([eos] if eos is not None else [])))
+
+
+def template_with_default_date(template: str, date_string: str) -> str:
+    """``template`` with ``date_string`` as the value of its ``date_string`` variable unless one is passed.
+
+    Templates without the variable come back unchanged; so does one that already has this default.
+    """
+    if "date_string" not in template:
+        return template
+    default = '{%- if date_string is not defined %}{%- set date_string = "' + date_string + '" %}{%- endif -%}\n'
+    return template if template.startswith(default) else default + template
 
 
 def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
@@ -335,8 +474,6 @@ def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str |
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hfplug.model_options import get_quantization_config, resolve_dtype
-
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     name = model_args.model_name_or_path
     if adapter:
@@ -345,10 +482,8 @@ def load_causal_lm(model_args, *, adapter: str | None = None, device_type: str |
     model = from_pretrained(
         AutoModelForCausalLM,
         name,
-        dtype=resolve_dtype(model_args.dtype, device_type=device_type),
-        quantization_config=get_quantization_config(model_args, device_type=device_type),
         device_map={"": 0} if device_type == "cuda" else None,
-        trust_remote_code=model_args.trust_remote_code,
+        **model_load_kwargs(model_args, device_type=device_type),
     )
     if adapter:
         from peft import PeftModel

@@ -1,4 +1,4 @@
-"""Fine-tune a classifier on HUPD (Harvard USPTO Patent Dataset) with ``transformers.Trainer``.
+"""Fine-tune on HUPD (Harvard USPTO Patent Dataset) with ``transformers.Trainer``: a classifier, or an abstract writer.
 
 Offline quickstart (embedded sample, tiny model, CPU):
 
@@ -8,7 +8,24 @@ The real setup (network, GPU):
 
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_hupd.py --config recipes/configs/hupd_bert_for_patents.yaml
 
-Tasks: ``--task decision`` (ACCEPTED vs REJECTED) or ``--task ipc`` (main IPC subclass).
+Llama-3.1-8B-Instruct in 4-bit + LoRA on a T4, writing abstracts from claims:
+
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_hupd.py --config recipes/configs/hupd_llama31_8b_abstract_qlora_t4.yaml
+    python recipes/chat.py --adapter outputs/hupd_llama31_8b_abstract_qlora --quant 4bit --do_sample false --prompt "$(cat prompt.txt)"
+
+Tasks: ``--task decision`` (ACCEPTED vs REJECTED), ``--task ipc`` (main IPC subclass), or
+``--task abstract``: causal-LM fine-tuning to write the abstract from the claims (the HUPD
+paper's summarization task) through a chat format (``hfplug.chat_template``): the user
+turn is ``hfplug.data.tasks.abstract_prompt`` ("Write the abstract of a patent application
+from its claims.", a blank line, "Claims:" and the claims), the reply is the abstract and
+only the reply (with its end-of-turn token) is in the loss. Claims are cut to fit
+``max_length``; the abstract stays whole (records whose abstract alone does not fit, or
+with an empty abstract or claims, are dropped and counted). Evaluation reports loss,
+perplexity and ROUGE-1/2/L of abstracts generated for the first ``max_generate_samples``
+validation records; ``log_samples`` of them go to the log and ``output_dir/samples.jsonl``
+at each evaluation. The tokenizer is saved with the chat template used, so
+``recipes/chat.py --adapter OUTPUT_DIR`` prompts exactly as training did.
+
 Every field of ModelArguments, HupdArguments, RunArguments, HubArguments and
 TrainingArguments is a flag and a YAML key; flags override the YAML. Rerunning the
 same command resumes from the last checkpoint in ``output_dir``. With
@@ -25,14 +42,18 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hfplug.arguments import HupdArguments, RunArguments
-from hfplug.callbacks import default_callbacks
+from hfplug.callbacks import default_callbacks, sample_generation_callback
 from hfplug.config import parse_args
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
+from hfplug.data.collate import causal_lm_collator
+from hfplug.data.tasks import is_generative, tokenize_abstract_splits
+from hfplug.generation import GenerationEval, GenerativeTrainer, generation_records
 from hfplug.hub import (HubArguments, check_model_access, hub_push_callback, hub_settings, preflight_push, push_run,
                         take_hub_token)
 from hfplug.metrics import compute_metrics_for
 from hfplug.model_options import ModelArguments
-from hfplug.modeling import check_max_length, load_classifier, load_tokenizer, prepare_training_args, warn_if_wont_fit
+from hfplug.modeling import (check_causal_lm, check_max_length, load_causal_lm_for_training, load_classifier,
+                             load_tokenizer, prepare_training_args, training_chat_format, warn_if_wont_fit)
 from hfplug.tokens import install_token_redaction, resolve_token
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")
@@ -73,6 +94,9 @@ def main(argv=None):
         )
     token = target.token if target is not None else resolve_token(hub_token)  # None is fine for public models
     check_model_access(model_args.model_name_or_path, token)
+    generative = is_generative(data_args.task)
+    if generative:  # reads config.json only: a BERT is refused before any data is loaded
+        check_causal_lm(model_args, token=token)
 
     # --- Resume ---------------------------------------------------------------
     checkpoint = training_args.resume_from_checkpoint
@@ -87,9 +111,12 @@ def main(argv=None):
     # The main process builds the Arrow cache; the others then read it.
     with training_args.main_process_first(desc="load HUPD"):
         splits = load_hupd(**data_args.load_hupd_kwargs(), token=token)
-    task = prepare_task(splits, data_args.task)
+    task = prepare_task(splits, data_args.task, text_fields=data_args.sections)
     splits = _limit(task.splits, data_args)
-    logger.info("Task %s: %d labels (%s)", data_args.task, task.num_labels, ", ".join(task.label_names[:10]))
+    if generative:
+        logger.info("Task %s: writing the abstract from %s", data_args.task, data_args.text_fields)
+    else:
+        logger.info("Task %s: %d labels (%s)", data_args.task, task.num_labels, ", ".join(task.label_names[:10]))
 
     # --- Tokenizer and model --------------------------------------------------
     prepare_training_args(training_args, model_args)
@@ -97,18 +124,26 @@ def main(argv=None):
         warn_if_wont_fit(model_args, training_args, task=data_args.task, max_length=data_args.max_length,
                          num_labels=task.num_labels, token=token)
     tokenizer = load_tokenizer(model_args, token=token)
-    model = load_classifier(model_args, task.label_names, tokenizer, training_args, token=token)
+    if generative:
+        # Fixed date, pad token distinct from the stop tokens, tokenizer.chat_template = this format.
+        chat_format = training_chat_format(tokenizer, data_args.chat_template)
+        model = load_causal_lm_for_training(model_args, tokenizer, training_args, token=token)
+    else:
+        model = load_classifier(model_args, task.label_names, tokenizer, training_args, token=token)
     check_max_length(data_args.max_length, tokenizer, model.config)
 
+    tokenize_kwargs = dict(
+        text_fields=data_args.sections,
+        max_length=data_args.max_length,
+        add_length=training_args.train_sampling_strategy == "group_by_length",
+        num_proc=data_args.preprocessing_num_workers,
+    )
     with training_args.main_process_first(desc="tokenize"):
-        encoded = tokenize_splits(
-            splits,
-            tokenizer,
-            text_fields=data_args.sections,
-            max_length=data_args.max_length,
-            add_length=training_args.train_sampling_strategy == "group_by_length",
-            num_proc=data_args.preprocessing_num_workers,
-        )
+        if generative:
+            encoded, too_long = tokenize_abstract_splits(splits, chat_format, **tokenize_kwargs)
+            task.add_dropped(too_long)
+        else:
+            encoded = tokenize_splits(splits, tokenizer, **tokenize_kwargs)
 
     # --- Trainer --------------------------------------------------------------
     callbacks = default_callbacks(training_args, run_args)
@@ -116,15 +151,25 @@ def main(argv=None):
                                       hupd_config=data_args.hupd_config)  # --hub_strategy every_save only
     if push_callback is not None:
         callbacks.append(push_callback)
-    trainer = Trainer(
+    trainer_class, extra = Trainer, {}
+    if generative:  # perplexity and ROUGE at each evaluation; sample abstracts in the log and samples.jsonl
+        records = generation_records(encoded["validation"], max(run_args.max_generate_samples, run_args.log_samples),
+                                     tokenizer) if training_args.do_eval else []
+        trainer_class = GenerativeTrainer
+        extra["generation"] = GenerationEval(chat_format, records[: run_args.max_generate_samples], run_args.max_new_tokens)
+        sample_callback = sample_generation_callback(chat_format, records, run_args)
+        if sample_callback is not None:
+            callbacks.append(sample_callback)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,
         eval_dataset=encoded["validation"] if training_args.do_eval else None,
         processing_class=tokenizer,
-        data_collator=padding_collator(tokenizer),
-        compute_metrics=compute_metrics_for(data_args.task),
+        data_collator=causal_lm_collator(tokenizer) if generative else padding_collator(tokenizer),
+        compute_metrics=compute_metrics_for(data_args.task),  # None for abstract: GenerativeTrainer scores it
         callbacks=callbacks,
+        **extra,
     )
 
     # --- Train ----------------------------------------------------------------

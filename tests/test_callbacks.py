@@ -1,5 +1,6 @@
 """hfplug.callbacks: real Trainer runs on a tiny randomly initialised BERT (CPU, no network)."""
 
+import json
 import logging
 import sys
 
@@ -316,3 +317,62 @@ def test_default_callbacks(tmp_path):
     assert kinds == [ThroughputCallback, TrainingCurvesCallback, EarlyStoppingCallback]
     with pytest.raises(ValueError, match="early_stopping_patience=2 needs"):
         default_callbacks(make_args(tmp_path), run_args)
+
+
+# --- Sample generations (--task abstract) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_parts():
+    """A tiny Llama-3-style model, its training chat format and two generation records."""
+    from hfplug.data.tasks import encode_abstract_example
+    from hfplug.generation import generation_records
+    from hfplug.modeling import training_chat_format
+    from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+
+    tok = build_llama3_tokenizer(["A widget comprising a wheel. 1. A widget."] * 20, vocab_size=300)
+    chat_format = training_chat_format(tok)
+    examples = [encode_abstract_example(chat_format, {"claims": c}, "A widget.", 512) for c in ("1. A widget.", "1. A wheel.")]
+    records = generation_records(Dataset.from_dict({"input_ids": [e[0] for e in examples],
+                                                    "labels": [e[1] for e in examples]}), 2, tok)
+    return build_tiny_llama(tok, max_position_embeddings=512).eval(), chat_format, records
+
+
+def test_sample_callback_appends_generations_with_step(tmp_path, llama_parts, caplog):
+    from hfplug.callbacks import SampleGenerationCallback
+
+    model, chat_format, records = llama_parts
+    callback = SampleGenerationCallback(chat_format, records, max_new_tokens=4)
+    args = make_args(tmp_path, per_device_eval_batch_size=1)
+    with caplog.at_level(logging.INFO, logger="hfplug.callbacks"):
+        for step in (3, 6):
+            callback.on_evaluate(args, TrainerState(global_step=step), TrainerControl(), model=model)
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["index"], line["reference"]) for line in lines] == [
+        (3, 0, "A widget."), (3, 1, "A widget."), (6, 0, "A widget."), (6, 1, "A widget.")]
+    assert lines[0]["generated"] == lines[2]["generated"]  # greedy, fixed records: comparable across steps
+    assert "Sample generation, step 6, validation record 1" in caplog.text
+
+
+def test_sample_callback_writes_on_the_main_process_only(tmp_path, llama_parts):
+    from hfplug.callbacks import SampleGenerationCallback
+
+    model, chat_format, records = llama_parts
+    state = TrainerState(global_step=1)
+    state.is_world_process_zero = False
+    SampleGenerationCallback(chat_format, records).on_evaluate(make_args(tmp_path), state, TrainerControl(), model=model)
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_sample_callback_checks_settings_when_built(llama_parts):
+    from hfplug.callbacks import SampleGenerationCallback, sample_generation_callback
+
+    _, chat_format, records = llama_parts
+    with pytest.raises(ValueError, match="at least one record"):
+        SampleGenerationCallback(chat_format, [])
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        SampleGenerationCallback(chat_format, records, max_new_tokens=0)
+    with pytest.raises(ValueError, match="ending in .jsonl"):
+        SampleGenerationCallback(chat_format, records, filename="/tmp/samples.jsonl")
+    assert sample_generation_callback(chat_format, records, RunArguments(log_samples=0)) is None
+    assert len(sample_generation_callback(chat_format, records, RunArguments(log_samples=1)).records) == 1

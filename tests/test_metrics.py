@@ -203,3 +203,63 @@ def test_unknown_task_lists_allowed_ones():
 def test_bad_top_k_fails_when_building_the_hook():
     with pytest.raises(ValueError, match="top_k must be"):
         compute_metrics_for("ipc", top_k=(0,))
+
+
+# --- ROUGE and perplexity (--task abstract) ------------------------------------------
+
+
+def test_rouge_hand_computed():
+    from hfplug.metrics import Rouge, rouge_scores
+
+    # 1-grams: P 3/3, R 3/4 -> F1 6/7; 2-grams: P 2/2, R 2/3 -> F1 4/5; LCS 3 -> F1 6/7.
+    expected = {"rouge1": 6 / 7, "rouge2": 4 / 5, "rougeL": 6 / 7}
+    assert rouge_scores(["the cat sat"], ["The cat sat down."]) == pytest.approx(expected)
+    assert Rouge().compute(predictions=["the cat sat"], references=["The cat sat down."]) == pytest.approx(expected)
+    # Mean over pairs; nothing in common (or nothing at all) scores 0.
+    assert rouge_scores(["the cat sat", "dog", ""], ["the cat sat down", "cat", ""]) == pytest.approx(
+        {k: v / 3 for k, v in expected.items()})
+
+
+def test_rouge_tokenization_and_lcs():
+    from hfplug.metrics import lcs_length, rouge_l, rouge_tokenize
+
+    assert rouge_tokenize("Dog's café-42!  A") == ["dog", "s", "caf", "42", "a"]  # as rouge_score: non-ASCII splits
+    assert lcs_length(list("abcbdab"), list("bdcaba")) == 4
+    # ROUGE-L of a reordering: LCS "a c" of 3 tokens each -> 2/3.
+    assert rouge_l(["a", "b", "c"], ["a", "c", "b"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rouge_agrees_with_rouge_score(seed):
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")  # installed here, not a dependency
+    from hfplug.metrics import rouge_scores
+
+    rng = np.random.default_rng(seed)
+    words = "the a wheel widget battery turns Claim claim-1 comprising 42 café, it's . ; (b)".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 40)))) for _ in range(60)]
+    predictions, references = texts[:30], texts[30:]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    theirs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    expected = {key: float(np.mean([s[key].fmeasure for s in theirs])) for key in ("rouge1", "rouge2", "rougeL")}
+    assert rouge_scores(predictions, references) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rouge_bad_inputs():
+    from hfplug.metrics import rouge_scores
+
+    with pytest.raises(ValueError, match="differ in length: 1 vs 2"):
+        rouge_scores(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="empty"):
+        rouge_scores([], [])
+
+
+def test_perplexity():
+    from hfplug.metrics import perplexity
+
+    assert perplexity(0.0) == 1.0
+    assert perplexity(2.0) == pytest.approx(np.exp(2.0))
+    assert perplexity(1e4) == float("inf")  # not an OverflowError mid-training
+
+
+def test_abstract_has_no_logits_metrics():
+    assert compute_metrics_for("abstract") is None

@@ -116,3 +116,38 @@ def test_collator_needs_pad_token():
 
     with pytest.raises(ValueError, match="no pad token"):
         padding_collator(NoPad())
+
+
+# --- abstract --------------------------------------------------------------------------
+
+
+def test_abstract_keeps_records_with_claims_and_abstract(splits):
+    task = prepare_task(splits, "abstract")
+    assert task.label_names == [] and "label" not in task.splits["train"].column_names
+    assert task.splits["train"]["claims"] == ["claim 1", "claim 3", "claim 5"]  # even records have no claims
+    assert task.dropped == {"train": 4, "validation": 2}
+    with pytest.raises(ValueError, match="cannot include it"):
+        prepare_task(splits, "abstract", text_fields=["claims", "abstract"])
+
+
+def test_causal_lm_collator_pads_labels_with_ignore_index_exactly(tokenizer):
+    from hfplug.data.collate import causal_lm_collator
+
+    pad = tokenizer.pad_token_id
+    batch = causal_lm_collator(tokenizer)([
+        {"input_ids": [2, 10, 11], "attention_mask": [1, 1, 1], "labels": [-100, 11, 3]},
+        {"input_ids": [2, 12, 13, 14, 15, 16, 17, 18, 19], "attention_mask": [1] * 9, "labels": [-100] * 5 + [16, 17, 18, 19]},
+    ])
+    assert torch.equal(batch["input_ids"], torch.tensor([[2, 10, 11] + [pad] * 13, [2, 12, 13, 14, 15, 16, 17, 18, 19] + [pad] * 7]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1] * 3 + [0] * 13, [1] * 9 + [0] * 7]))
+    assert torch.equal(batch["labels"], torch.tensor([[-100, 11, 3] + [-100] * 13, [-100] * 5 + [16, 17, 18, 19] + [-100] * 7]))
+
+
+def test_causal_lm_collator_needs_pad_token():
+    from hfplug.data.collate import causal_lm_collator
+
+    class NoPad:
+        pad_token = None
+
+    with pytest.raises(ValueError, match="no pad token"):
+        causal_lm_collator(NoPad())

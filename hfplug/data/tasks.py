@@ -6,6 +6,12 @@
 - ``ipc``: the main IPC subclass (first 4 characters of ``ipc_label``, e.g. ``G06F``).
   The label set comes from the training split; validation records whose subclass
   never occurs in training cannot be predicted, so they are dropped and counted.
+- ``abstract``: write the abstract from the claims (the HUPD paper's summarization
+  task) as a chat: the user turn is an instruction and the claims (or the sections in
+  ``text_fields``), the assistant turn is the abstract. Records with an empty abstract
+  or an empty source section are dropped and counted. Examples are encoded through
+  ``hfplug.chat_template.ChatFormat`` with the loss on the reply only; claims are cut
+  to fit ``max_length`` so the abstract and its end-of-turn token stay whole.
 """
 
 from __future__ import annotations
@@ -18,8 +24,15 @@ from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("decision", "ipc")
+TASKS = ("decision", "ipc", "abstract")
+GENERATIVE_TASKS = ("abstract",)  # causal-LM fine-tuning through a chat format
 SECTIONS = ("title", "abstract", "claims", "background", "summary", "description")
+# What the model reads when --text_fields is not given.
+DEFAULT_TEXT_FIELDS = {"decision": "title,abstract", "ipc": "title,abstract", "abstract": "claims"}
+# How a section is introduced inside an abstract prompt.
+SECTION_TITLES = {"title": "Title", "claims": "Claims", "background": "Background", "summary": "Summary",
+                  "description": "Description"}
+IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross-entropy default)
 DECISION_LABELS = ("REJECTED", "ACCEPTED")  # index = label id
 IPC_SUBCLASS_CHARS = 4
 
@@ -44,9 +57,30 @@ def check_task(task: str) -> str:
     return task
 
 
+def is_generative(task: str) -> bool:
+    """Whether ``task`` fine-tunes a causal LM to write text (rather than a classifier)."""
+    return check_task(task) in GENERATIVE_TASKS
+
+
+def check_abstract_sources(text_fields: Sequence[str]) -> list[str]:
+    """The sections an abstract is written from; the abstract itself cannot be one of them."""
+    names = parse_text_fields(text_fields)
+    if "abstract" in names:
+        raise ValueError(
+            f"--task abstract writes the abstract, so text_fields cannot include it (got {','.join(names)}). "
+            "Use --text_fields claims (the HUPD paper's summarization input) or other sections: "
+            f"{', '.join(s for s in SECTIONS if s != 'abstract')}."
+        )
+    return names
+
+
 @dataclass
 class TaskData:
-    """A task's splits (each with an int ``label`` column) and what was dropped on the way."""
+    """A task's splits and what was dropped on the way.
+
+    Classification tasks' splits carry an int ``label`` column and ``label_names``;
+    the generative ``abstract`` task has no labels (``label_names == []``).
+    """
 
     splits: DatasetDict | IterableDatasetDict
     label_names: list[str]
@@ -56,18 +90,29 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def add_dropped(self, counts: dict[str, int]) -> None:
+        """Add records dropped at a later stage (e.g. too long to tokenize) to ``dropped``."""
+        for name, n in counts.items():
+            if n:
+                self.dropped[name] = self.dropped.get(name, 0) + n
+
 
 def ipc_subclass(ipc_label: str | None) -> str:
     return (ipc_label or "").strip()[:IPC_SUBCLASS_CHARS]
 
 
-def prepare_task(splits: DatasetDict | IterableDatasetDict, task: str) -> TaskData:
-    """Keep the records ``task`` uses and add its int ``label`` column.
+def prepare_task(splits: DatasetDict | IterableDatasetDict, task: str, *,
+                 text_fields: Sequence[str] | None = None) -> TaskData:
+    """Keep the records ``task`` uses and, for classification, add its int ``label`` column.
 
     Labels are computed from one column and attached with ``add_column`` + a
     ``filter`` on the label, so the (large) text columns are never rewritten.
+    ``text_fields`` matters for ``abstract`` only: the sections the abstract is written
+    from (default: claims); records where one of them or the abstract is empty are dropped.
     """
     check_task(task)
+    if task in GENERATIVE_TASKS:
+        return _prepare_abstract(splits, check_abstract_sources(text_fields or DEFAULT_TEXT_FIELDS[task]))
     streaming = isinstance(splits, IterableDatasetDict)
     if task == "decision":
         label_names = list(DECISION_LABELS)
@@ -100,6 +145,24 @@ def prepare_task(splits: DatasetDict | IterableDatasetDict, task: str) -> TaskDa
     if not streaming and "train" in kept and len(kept["train"]) == 0:
         raise ValueError(f"No training records left for --task {task} after filtering; widen the selection.")
     return TaskData(kept, label_names, dropped)
+
+
+def _prepare_abstract(splits: DatasetDict | IterableDatasetDict, sources: list[str]) -> TaskData:
+    """Keep the records that have the abstract and every source section (non-blank)."""
+    streaming = isinstance(splits, IterableDatasetDict)
+    needed = [*sources, "abstract"]
+    complete = lambda *columns: [all((v or "").strip() for v in row) for row in zip(*columns)]  # noqa: E731
+    kept, dropped = {}, {}
+    for name, split in splits.items():
+        kept[name] = split.filter(complete, input_columns=needed, batched=True)
+        if not streaming and len(kept[name]) < len(split):
+            dropped[name] = len(split) - len(kept[name])
+            logger.warning("--task abstract: dropped %d of %d %s record(s): empty %s.",
+                           dropped[name], len(split), name, " or ".join(needed))
+    kept = IterableDatasetDict(kept) if streaming else DatasetDict(kept)
+    if not streaming and "train" in kept and len(kept["train"]) == 0:
+        raise ValueError(f"No training records left for --task abstract: none has a non-empty {' and '.join(needed)}.")
+    return TaskData(kept, [], dropped)
 
 
 def _column(split, name: str):
@@ -155,3 +218,105 @@ def tokenize_splits(
     columns = list(some_split.features) if some_split.features is not None else None
     kwargs = {} if isinstance(splits, IterableDatasetDict) else {"num_proc": num_proc, "desc": "Tokenizing"}
     return splits.map(encode, batched=True, remove_columns=columns, **kwargs)
+
+
+# --- abstract: chat examples ---------------------------------------------------------
+
+
+def abstract_instruction(sources: Sequence[str]) -> str:
+    """The instruction that opens every abstract prompt, naming the sections that follow."""
+    listed = sources[0] if len(sources) == 1 else f"{', '.join(sources[:-1])} and {sources[-1]}"
+    return f"Write the abstract of a patent application from its {listed}."
+
+
+def _sections_text(sections: dict[str, str]) -> str:
+    return "\n\n".join(f"{SECTION_TITLES[name]}:\n{text.strip()}" for name, text in sections.items())
+
+
+def abstract_prompt(sections: dict[str, str]) -> str:
+    """The user turn of an abstract example: the instruction, then each section under its title.
+
+    ``sections`` maps section names (in order) to their text. To get the trained behaviour
+    from ``recipes/chat.py``, send exactly this, e.g. ``abstract_prompt({"claims": text})``.
+    """
+    return f"{abstract_instruction(list(sections))}\n\n{_sections_text(sections)}"
+
+
+def abstract_messages(prompt: str, abstract: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": abstract}]
+
+
+def encode_abstract_example(chat_format, sections: dict[str, str], abstract: str, max_length: int):
+    """``(input_ids, labels)`` of one abstract example in at most ``max_length`` tokens, or ``None``.
+
+    ``labels`` are the input ids on the assistant's reply, its end-of-turn token included
+    (so the model learns to stop), and ``IGNORE_INDEX`` elsewhere. When the example is too
+    long, the end of the source text is cut: the abstract is what the model learns to
+    write, so it stays whole. ``None`` when the instruction and the abstract alone leave
+    no room for any source text (the caller counts the drop).
+    """
+    tokenizer = chat_format.tokenizer
+    instruction, body = abstract_instruction(list(sections)), _sections_text(sections)
+    # verbose=False: a long body is expected here (it gets cut), not a mistake to warn about.
+    body_ids = tokenizer(body, add_special_tokens=False, verbose=False)["input_ids"]
+    # Everything but the body: template, instruction, abstract and end-of-turn token.
+    fixed = len(chat_format.encode(abstract_messages(instruction, abstract)))
+    keep = min(len(body_ids), max_length - fixed)
+    while keep > 0:
+        text = body if keep == len(body_ids) else tokenizer.decode(body_ids[:keep]).rstrip("\ufffd")  # no half character
+        ids, mask = chat_format.encode_with_assistant_mask(abstract_messages(f"{instruction}\n\n{text}", abstract))
+        over = len(ids) - max_length
+        if over <= 0:
+            return ids, [token if m else IGNORE_INDEX for token, m in zip(ids, mask)]
+        keep -= over  # tokens do not add up exactly across the cut and the joins: cut more and re-check
+    return None
+
+
+def tokenize_abstract_splits(
+    splits: DatasetDict | IterableDatasetDict,
+    chat_format,
+    *,
+    text_fields: Sequence[str],
+    max_length: int,
+    add_length: bool = False,
+    num_proc: int | None = None,
+) -> tuple[DatasetDict | IterableDatasetDict, dict[str, int]]:
+    """Encode ``abstract`` records as chat examples: ``input_ids``, ``attention_mask``, ``labels``.
+
+    Labels are computed here, in ``map``, so the collator only pads. Returns the encoded
+    splits and, per split, how many records were dropped because their abstract alone
+    fills ``max_length`` (not counted when streaming). ``chat_format`` is a
+    ``hfplug.chat_template.ChatFormat``; give it a fixed ``date_string`` (see
+    ``hfplug.modeling.training_chat_format``) so the same records encode the same every day.
+    """
+    sources = check_abstract_sources(text_fields)
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for i, abstract in enumerate(batch["abstract"]):
+            sections = {name: batch[name][i] for name in sources}
+            example = encode_abstract_example(chat_format, sections, abstract.strip(), max_length)
+            if example is None:
+                continue
+            ids, labels = example
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+        if add_length:
+            out["length"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    some_split = next(iter(splits.values()))
+    columns = list(some_split.features) if some_split.features is not None else None
+    streaming = isinstance(splits, IterableDatasetDict)
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "Tokenizing"}
+    encoded = splits.map(encode, batched=True, remove_columns=columns, **kwargs)
+    too_long = {}
+    if not streaming:
+        for name in splits:
+            too_long[name] = len(splits[name]) - len(encoded[name])
+            if too_long[name]:
+                logger.warning("--task abstract: dropped %d of %d %s record(s): the abstract alone does not fit "
+                               "max_length=%d (raise --max_length to keep them).",
+                               too_long[name], len(splits[name]), name, max_length)
+    return encoded, too_long

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import tarfile
 import tempfile
@@ -49,7 +50,7 @@ import pandas as pd
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
-from hfplug.data.hupd_splits import HupdSelection, select_splits, validate_split_dates
+from hfplug.data.hupd_splits import HupdSelection, select_splits, to_filing_dates, validate_split_dates
 
 __all__ = [
     "FEATURES",
@@ -173,8 +174,12 @@ def load_hupd(
         FileNotFoundError: a given metadata/archive path does not exist.
         HupdFileError: a metadata or archive file is corrupt or truncated.
 
-    A selected application whose JSON record is missing or malformed is skipped, and all
-    such skips are reported in one warning.
+    Nothing in the records stops the load. A selected application whose JSON record is
+    missing or not one JSON object, or whose metadata has no valid filing date, is skipped;
+    a repeated metadata row (same application, same split) or a repeated archive member
+    (the first one is used) is ignored. All of these are counted and reported in one
+    warning per pass over the archive, which a load from the cache repeats; any JSON
+    value is accepted for a field (nulls become ``""``, other values their ``str()``).
     """
     if name not in HUB_FILES:
         raise ValueError(f"name must be one of {sorted(HUB_FILES)}, got {name!r}")
@@ -191,10 +196,11 @@ def load_hupd(
     root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "hfplug_hupd"
     target = root / f"{name}-{_cache_key(name, selection, metadata_file, archive_file)}"
     if not _is_complete_cache(target):
-        splits = _select(metadata_file, selection)
-        _build_cache(target, archive_file, splits)
+        splits, undated = _select(metadata_file, selection)
+        _build_cache(target, archive_file, _plan(splits.items(), undated_rows=undated))
     else:
         logger.info("Using cached HUPD splits from %s", target)
+        _log_cached_skips(target)
     return _open_cache(target)
 
 
@@ -286,8 +292,9 @@ def read_metadata(path: str | os.PathLike, columns: Iterable[str] | None = None)
             f"it has {list(df.columns)}. Is it the metadata feather from {HUB_REPO_ID}?"
         )
     df["application_number"] = df["application_number"].astype(str)
-    if not pd.api.types.is_datetime64_any_dtype(df["filing_date"]):
-        df["filing_date"] = pd.to_datetime(df["filing_date"], errors="coerce")
+    # the Hub files' naive datetime64 passes through; a string, numeric or tz-aware column
+    # is normalised so that the date split and the archive paths cannot trip over it
+    df["filing_date"] = to_filing_dates(df["filing_date"])
     return df
 
 
@@ -300,34 +307,71 @@ def _feather_columns(path: Path) -> list[str] | None:
         return None  # v1 or not feather at all: pd.read_feather decides
 
 
-def _select(metadata_file: Path, selection: Mapping[str, Any]) -> HupdSelection:
-    """Read the metadata and apply the official selection rules."""
+def _select(metadata_file: Path, selection: Mapping[str, Any]) -> tuple[HupdSelection, int]:
+    """Read the metadata and apply the official selection rules.
+
+    Also returns how many metadata rows have no valid filing date when the selection is
+    bounded by dates (such rows can never be selected, and the user should hear of them).
+    """
     # A query may name any column; without one, the selection columns are enough.
     df = read_metadata(metadata_file, columns=None if selection["query"] else ())
     dates = df["filing_date"].dropna()
     logger.info("HUPD metadata %s: %d records filed %s to %s", metadata_file, len(df),
                 dates.min().date() if len(dates) else "?", dates.max().date() if len(dates) else "?")
-    return select_splits(df, **selection)
+    date_bounded = not selection["uniform_split"] or any(
+        selection[name] for name in ("train_filing_start_date", "val_filing_end_date"))
+    undated = int(df["filing_date"].isna().sum()) if date_bounded else 0
+    return select_splits(df, **selection), undated
 
 
-def _member_keys(df: pd.DataFrame) -> list[str]:
+def _member_keys(df: pd.DataFrame) -> list[str | None]:
     """Archive path suffix of each row's JSON: ``<filing year>/<application number>.json``.
 
-    That is the path the official loader opens; a row without a filing date gets a key no
-    member has, so it is reported as missing.
+    That is the path the official loader opens. A row without a valid filing date has no
+    such path: None (reported as undated, never matched against a member).
     """
     years = df["filing_date"].dt.year
-    return [f"{'NaT' if pd.isna(y) else int(y)}/{n}.json" for y, n in zip(years, df["application_number"])]
+    return [None if pd.isna(y) else f"{int(y)}/{n}.json" for y, n in zip(years, df["application_number"])]
 
 
-def _routes(splits: HupdSelection) -> dict[str, tuple[str, ...]]:
-    """Member key -> the splits it belongs to (date windows may overlap, so maybe both)."""
-    routes: dict[str, tuple[str, ...]] = {}
-    for split, df in splits.items():
-        for key in _member_keys(df):
-            if split not in routes.get(key, ()):
-                routes[key] = routes.get(key, ()) + (split,)
-    return routes
+@dataclasses.dataclass
+class _Plan:
+    """What one pass over the archive must find, and what the metadata already says to report.
+
+    ``routes``: member key -> the splits its example goes to (date windows may overlap, so
+    maybe both). ``numbers``: member key -> application number. ``undated``: selected
+    applications without a valid filing date (no path to look for; they are skipped).
+    ``duplicate_rows``: application numbers of selected metadata rows dropped because the
+    same application was already selected for that split (HUPD has one record per
+    application; keeping both would train on it twice). ``undated_rows``: see :func:`_select`.
+    """
+
+    routes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    numbers: dict[str, str] = dataclasses.field(default_factory=dict)
+    undated: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    duplicate_rows: list[str] = dataclasses.field(default_factory=list)
+    undated_rows: int = 0
+
+    @property
+    def n_selected(self) -> int:
+        """Distinct selected applications (a path, or an undated application number)."""
+        return len(self.routes) + len(self.undated)
+
+
+def _plan(parts: Iterable[tuple[str, pd.DataFrame]], *, undated_rows: int = 0) -> _Plan:
+    """The :class:`_Plan` for ``(split, metadata rows)`` pairs."""
+    plan = _Plan(undated_rows=undated_rows)
+    for split, df in parts:
+        for key, number in zip(_member_keys(df), df["application_number"]):
+            table = plan.routes if key is not None else plan.undated
+            ident = key if key is not None else number
+            if split in table.get(ident, ()):
+                plan.duplicate_rows.append(number)
+                continue
+            table[ident] = table.get(ident, ()) + (split,)
+            if key is not None:
+                plan.numbers[key] = number
+    return plan
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,37 +489,59 @@ def _member_key(name: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _iter_tar_gz(source: BinaryIO, pending: set[str]) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(key, bytes)`` for members of a ``.tar.gz`` stream whose key is in ``pending``.
+@dataclasses.dataclass
+class _Scan:
+    """The state of one pass over an archive: the keys still to find and the repeats seen.
 
-    Found keys are removed from ``pending``; the scan stops once it is empty. Other members
-    (directories, junk, unselected applications) are skipped unparsed.
+    The first member with a selected key is the one used; a later member with the same key
+    (a duplicate in the archive) is ignored and its key recorded in ``duplicates``. The scan
+    stops once nothing is pending, so repeats after the last needed member go unseen.
+    """
+
+    pending: set[str]
+    found: set[str] = dataclasses.field(default_factory=set)
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+
+    def take(self, key: str) -> bool:
+        """True when ``key`` is still wanted (and mark it found); note repeats of found keys."""
+        if key in self.pending:
+            self.pending.discard(key)
+            self.found.add(key)
+            return True
+        if key in self.found:
+            self.duplicates.append(key)
+        return False
+
+
+def _iter_tar_gz(source: BinaryIO, scan: _Scan) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(key, bytes)`` for members of a ``.tar.gz`` stream that ``scan`` still wants.
+
+    The scan stops once nothing is pending. Other members (directories, junk, unselected
+    applications) are skipped unparsed.
     """
     with _Gunzip(source) as gunzip, tarfile.open(fileobj=gunzip, mode="r|") as tar:
         for member in tar:
             if not member.isfile() or not member.name.endswith(".json"):
                 continue
             key = _member_key(member.name)
-            if key in pending:
+            if scan.take(key):
                 handle = tar.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                pending.discard(key)
-                yield key, data
-                if not pending:
+                yield key, handle.read() if handle is not None else b""
+                if not scan.pending:
                     return  # everything found: no need to read the rest
         gunzip.verify_rest()
 
 
-def _iter_outer_tar(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]]:
+def _iter_outer_tar(path: Path, scan: _Scan) -> Iterator[tuple[str, bytes]]:
     """The ``all`` layout: an uncompressed tar of ``<year>.tar.gz`` (and maybe loose JSON).
 
     Opened in random-access mode so unneeded year tarballs are skipped by seeking, not read.
     """
-    years = {key.split("/", 1)[0] for key in pending}
+    years = {key.split("/", 1)[0] for key in scan.pending}
     size = path.stat().st_size
     with tarfile.open(path, mode="r:") as outer:
         for member in outer:
-            if not pending:
+            if not scan.pending:
                 return
             if not member.isfile():
                 continue
@@ -484,8 +550,7 @@ def _iter_outer_tar(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]
             name = member.name
             if name.endswith(".json"):
                 key = _member_key(name)
-                if key in pending:
-                    pending.discard(key)
+                if scan.take(key):
                     yield key, outer.extractfile(member).read()
             elif name.endswith((".tar.gz", ".tgz")):
                 year = name.rsplit("/", 1)[-1].split(".", 1)[0]
@@ -495,7 +560,7 @@ def _iter_outer_tar(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]
                 logger.debug("Reading %s", name)
                 inner = outer.extractfile(member)
                 try:
-                    yield from _iter_tar_gz(inner, pending)
+                    yield from _iter_tar_gz(inner, scan)
                 except (tarfile.TarError, EOFError, zlib.error) as exc:
                     raise tarfile.ReadError(f"member {name}: {type(exc).__name__}: {exc}") from exc
         # tarfile ends quietly when the file stops at a header boundary; a complete tar
@@ -504,7 +569,7 @@ def _iter_outer_tar(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]
             raise EOFError("the tar ends without its end-of-archive marker (truncated)")
 
 
-def _iter_archive(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]]:
+def _iter_archive(path: Path, scan: _Scan) -> Iterator[tuple[str, bytes]]:
     """Yield the selected JSON members of a HUPD archive of either layout, in archive order.
 
     The layout is told by content, not by name: a gzip file is a ``.tar.gz`` of JSON (the
@@ -515,9 +580,9 @@ def _iter_archive(path: Path, pending: set[str]) -> Iterator[tuple[str, bytes]]:
         with open(path, "rb") as raw:
             if raw.read(2) == _GZIP_MAGIC:
                 raw.seek(0)
-                yield from _iter_tar_gz(raw, pending)
+                yield from _iter_tar_gz(raw, scan)
                 return
-        yield from _iter_outer_tar(path, pending)
+        yield from _iter_outer_tar(path, scan)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise _corrupt(path, "archive", f"{type(exc).__name__}: {exc}") from exc
 
@@ -531,11 +596,25 @@ def _parse_record(data: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def _text(value: Any) -> str:
-    """A field as a string: null -> "", other non-strings -> str()."""
+    """A field as a string: null -> "", other non-strings -> str(); always valid Unicode.
+
+    JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); Python decodes it, but it has no
+    UTF-8 form, so Arrow would fail on it. Such characters become U+FFFD.
+    """
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii():  # O(1) in CPython, and the common case
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE_RE.sub("\ufffd", text)
+    return text
 
 
 def _labels(value: Any) -> list[str]:
@@ -550,7 +629,8 @@ def _labels(value: Any) -> list[str]:
 def record_to_example(application_number: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """One output example from a HUPD JSON record, with the official field names.
 
-    ``patent_number`` gets the application number, as the official loader does.
+    ``patent_number`` gets the application number, as the official loader does. Any JSON
+    value is accepted: nulls become ``""``, other non-strings their ``str()``.
     """
     example = {"patent_number": application_number}
     for field, key in _JSON_KEYS.items():
@@ -563,45 +643,84 @@ def record_to_example(application_number: str, record: Mapping[str, Any]) -> dic
 
 @dataclasses.dataclass
 class _SkipReport:
-    """Selected applications that produced no example; reported in one warning at the end."""
+    """Everything a load left out, reported in one warning at the end (and kept in the cache).
+
+    Per selected application (a member key): ``missing`` (no JSON member), ``undated``
+    (no valid filing date in the metadata, so no path to look for), ``malformed`` (the
+    member is not a JSON object). Besides: ``duplicate_rows`` (repeated metadata rows,
+    dropped), ``duplicate_members`` (repeated archive members, ignored) and
+    ``undated_rows`` (metadata rows a date-bounded selection could not place).
+    """
 
     archive: Path
     n_selected: int
     missing: list[str] = dataclasses.field(default_factory=list)
+    undated: list[str] = dataclasses.field(default_factory=list)
     malformed: list[str] = dataclasses.field(default_factory=list)
+    duplicate_rows: list[str] = dataclasses.field(default_factory=list)
+    duplicate_members: list[str] = dataclasses.field(default_factory=list)
+    undated_rows: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"selected": self.n_selected, "missing": len(self.missing), "undated": len(self.undated),
+                "malformed": len(self.malformed), "duplicate_rows": len(self.duplicate_rows),
+                "duplicate_members": len(self.duplicate_members), "undated_rows": self.undated_rows}
+
+    def message(self) -> str | None:
+        """The warning text, or None when nothing was left out."""
+        parts = []
+        skipped = len(self.missing) + len(self.undated) + len(self.malformed)
+        if skipped:
+            reasons = [f"{what} {_listing(numbers)}" for what, numbers in (
+                (f"no JSON record in {self.archive} for", self.missing),
+                ("no valid filing date in the metadata (so no JSON path) for", self.undated),
+                ("unreadable JSON for", self.malformed)) if numbers]
+            parts.append(f"{skipped} of {self.n_selected} selected applications skipped: {'; '.join(reasons)}")
+        if self.duplicate_rows:
+            parts.append(f"{len(self.duplicate_rows)} repeated metadata rows dropped (kept the first per split): "
+                         f"{_listing(self.duplicate_rows)}")
+        if self.duplicate_members:
+            parts.append(f"{len(self.duplicate_members)} repeated archive members ignored (kept the first): "
+                         f"{_listing(self.duplicate_members)}")
+        if self.undated_rows:
+            parts.append(f"{self.undated_rows} metadata rows have no valid filing date, so no date range selects them")
+        return ". ".join(parts) or None
 
     def log(self) -> None:
-        skipped = len(self.missing) + len(self.malformed)
-        if not skipped:
-            return
-        parts = []
-        if self.missing:
-            parts.append(f"no JSON record in {self.archive} for {_listing(self.missing)}")
-        if self.malformed:
-            parts.append(f"unreadable JSON for {_listing(self.malformed)}")
-        logger.warning("%d of %d selected applications skipped: %s", skipped, self.n_selected, "; ".join(parts))
+        message = self.message()
+        if message:
+            logger.warning("HUPD: %s", message)
 
 
-def _listing(keys: list[str]) -> str:
+def _listing(numbers: list[str]) -> str:
     """``"2 (14999901, 14999902)"``: a count and the first few application numbers."""
-    numbers = sorted(key.rsplit("/", 1)[-1].removesuffix(".json") for key in keys)
+    numbers = sorted(numbers)
     more = ", ..." if len(numbers) > _LISTED_MISSING else ""
     return f"{len(numbers)} ({', '.join(numbers[:_LISTED_MISSING])}{more})"
 
 
-def _iter_examples(archive: Path, routes: Mapping[str, tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], dict]]:
-    """``(splits, example)`` for every selected record, in archive order; logs skips at the end."""
-    pending = set(routes)
-    report = _SkipReport(archive, len(routes))
-    for key, data in _iter_archive(archive, pending):
+def _iter_examples(archive: Path, plan: _Plan, report: _SkipReport) -> Iterator[tuple[tuple[str, ...], dict]]:
+    """``(splits, example)`` for every selected record, in archive order; fills ``report``.
+
+    Nothing a record holds can stop the load: a member that is not one JSON object, or
+    one too deeply nested to convert, is counted as malformed and skipped.
+    """
+    scan = _Scan(pending=set(plan.routes))
+    report.undated = list(plan.undated)
+    report.duplicate_rows = list(plan.duplicate_rows)
+    report.undated_rows = plan.undated_rows
+    for key, data in _iter_archive(archive, scan):
         record = _parse_record(data)
-        if record is None:
-            report.malformed.append(key)
+        try:
+            example = None if record is None else record_to_example(plan.numbers[key], record)
+        except RecursionError:  # str() of a nesting just under json's own limit
+            example = None
+        if example is None:
+            report.malformed.append(plan.numbers[key])
             continue
-        number = key.rsplit("/", 1)[-1].removesuffix(".json")
-        yield routes[key], record_to_example(number, record)
-    report.missing = sorted(pending)
-    report.log()
+        yield plan.routes[key], example
+    report.missing = [plan.numbers[key] for key in scan.pending]
+    report.duplicate_members = [plan.numbers[key] for key in scan.duplicates]
 
 
 # ---------------------------------------------------------------------------------------
@@ -635,17 +754,22 @@ def _is_complete_cache(target: Path) -> bool:
         return False
 
 
-def _build_cache(target: Path, archive: Path, splits: HupdSelection) -> None:
+def _build_cache(target: Path, archive: Path, plan: _Plan) -> None:
     """Write both splits in one pass over the archive into a temp dir, then rename it into place.
 
     The rename is atomic, so a crash or an error leaves either no cache or a complete one,
-    and never touches other caches.
+    and never touches other caches. The skip report is logged and kept in the info file,
+    so that a later load from the cache can repeat it.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".incomplete", dir=target.parent))
     try:
-        counts = _write_splits(scratch, archive, _routes(splits))
-        (scratch / _INFO_FILE).write_text(json.dumps({"num_examples": counts, "archive": str(archive)}, indent=1))
+        report = _SkipReport(archive, plan.n_selected)
+        counts = _write_splits(scratch, archive, plan, report)
+        report.log()
+        info = {"num_examples": counts, "archive": str(archive), "skipped": report.counts(),
+                "skip_message": report.message()}
+        (scratch / _INFO_FILE).write_text(json.dumps(info, indent=1))
         if _is_complete_cache(target):  # another process finished the same cache meanwhile: keep its
             shutil.rmtree(scratch)
             return
@@ -659,12 +783,22 @@ def _build_cache(target: Path, archive: Path, splits: HupdSelection) -> None:
         raise
 
 
-def _write_splits(out_dir: Path, archive: Path, routes: Mapping[str, tuple[str, ...]]) -> dict[str, int]:
+def _log_cached_skips(target: Path) -> None:
+    """Repeat the skip warning stored when the cache was built (the archive is not read again)."""
+    try:
+        message = json.loads((target / _INFO_FILE).read_text()).get("skip_message")
+    except (OSError, ValueError, AttributeError):
+        return
+    if message:
+        logger.warning("HUPD (cached in %s): %s", target, message)
+
+
+def _write_splits(out_dir: Path, archive: Path, plan: _Plan, report: _SkipReport) -> dict[str, int]:
     """Stream the selected records into ``<split>.arrow`` files; return the example counts."""
     writers = {split: ArrowWriter(features=FEATURES, path=str(out_dir / f"{split}.arrow"),
                                   writer_batch_size=_WRITER_BATCH_SIZE) for split in _SPLITS}
     try:
-        for split_names, example in _iter_examples(archive, routes):
+        for split_names, example in _iter_examples(archive, plan, report):
             for split in split_names:
                 writers[split].write(example)
         return {split: writer.finalize()[0] for split, writer in writers.items()}
@@ -692,21 +826,28 @@ def _open_cache(target: Path) -> datasets.DatasetDict:
 # ---------------------------------------------------------------------------------------
 
 
-def _generate_split(archive: str, routes: Mapping[str, tuple[str, ...]]) -> Iterator[dict[str, Any]]:
-    """Examples of one split, read lazily from the archive (one pass per iteration)."""
-    for _, example in _iter_examples(Path(archive), routes):
+def _generate_split(archive: str, plan: _Plan) -> Iterator[dict[str, Any]]:
+    """Examples of one split, read lazily from the archive (one pass, one skip warning, per iteration)."""
+    report = _SkipReport(Path(archive), plan.n_selected)
+    for _, example in _iter_examples(Path(archive), plan, report):
         yield example
+    report.log()
 
 
 def _load_streaming(metadata_file: Path, archive_file: Path, selection: Mapping[str, Any]) -> datasets.IterableDatasetDict:
-    """Select eagerly (so bad arguments fail now), read the archive lazily per split."""
-    splits = _select(metadata_file, selection)
+    """Select eagerly (so bad arguments fail now), read the archive lazily per split.
+
+    What the metadata alone shows (rows no date range can select) is reported now, once;
+    what the archive shows is reported by each split at the end of each pass over it.
+    """
+    splits, undated = _select(metadata_file, selection)
+    _SkipReport(archive_file, 0, undated_rows=undated).log()
     result = datasets.IterableDatasetDict()
     for split, df in splits.items():
-        routes = {key: (split,) for key in _member_keys(df)}
+        plan = _plan([(split, df)])
         result[split] = datasets.IterableDataset.from_generator(
-            _generate_split, features=FEATURES, gen_kwargs={"archive": str(archive_file), "routes": routes},
+            _generate_split, features=FEATURES, gen_kwargs={"archive": str(archive_file), "plan": plan},
             split=datasets.NamedSplit(split),
         )
-        logger.info("HUPD %s split: %d selected applications (streaming)", split, len(routes))
+        logger.info("HUPD %s split: %d selected applications (streaming)", split, plan.n_selected)
     return result

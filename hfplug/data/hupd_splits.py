@@ -34,6 +34,7 @@ __all__ = [
     "filter_by_query",
     "parse_filing_date",
     "select_splits",
+    "to_filing_dates",
     "uniform_split",
     "validate_split_dates",
 ]
@@ -44,6 +45,7 @@ RANDOM_STATE = 1729  # the official loader's seed, for both the uniform split an
 TRAIN_FRACTION = 0.85  # uniform split: share of shuffled rows that go to train
 DATE_FORMAT = "YYYY-MM-DD"
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DAY_PREFIX_RE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})(?!\d)")  # YYYY-MM-DD or YYYYMMDD, then no digit
 
 
 @dataclasses.dataclass
@@ -124,12 +126,36 @@ def validate_split_dates(
     return dates
 
 
-def _filing_dates(df: pd.DataFrame) -> pd.Series:
-    """The ``filing_date`` column as datetime64 (a CSV-born string column is parsed)."""
-    column = df["filing_date"]
+def to_filing_dates(column: pd.Series) -> pd.Series:
+    """A filing-date column as timezone-naive datetime64; what cannot be a date becomes NaT.
+
+    The Hub files already hold naive datetime64, which passes through untouched. Anything
+    else is normalised so that comparisons with the (naive) split dates cannot raise: a
+    timezone is dropped (a filing date is a calendar day, so the wall date is kept);
+    strings and numbers are parsed as ``YYYY-MM-DD`` or ``YYYYMMDD`` (the JSON records'
+    form; an int column would otherwise be read as nanoseconds since 1970).
+    """
     if pd.api.types.is_datetime64_any_dtype(column):
-        return column
-    return pd.to_datetime(column, errors="coerce")
+        return column.dt.tz_localize(None) if column.dt.tz is not None else column
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        column = pd.to_numeric(column, errors="coerce").astype("Int64").astype("string")
+    # Only the leading day is parsed, with one exact format: a time or a timezone after it
+    # (which pandas refuses to mix within a column) cannot matter for a filing date.
+    days = column.map(_leading_day, na_action="ignore")
+    return pd.to_datetime(days, format="%Y-%m-%d", errors="coerce")
+
+
+def _leading_day(value: object) -> str | None:
+    """``"2016-01-05..."``, ``"20160105"`` or a date object -> ``"2016-01-05"``; anything else -> None."""
+    if isinstance(value, dt.date):  # also datetime and pd.Timestamp (NaT is caught by na_action)
+        return f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
+    match = _DAY_PREFIX_RE.match(value.strip()) if isinstance(value, str) else None
+    return "-".join(match.groups()) if match else None
+
+
+def _filing_dates(df: pd.DataFrame) -> pd.Series:
+    """The ``filing_date`` column as naive datetime64 (a CSV-born string column is parsed)."""
+    return to_filing_dates(df["filing_date"])
 
 
 def _describe(df: pd.DataFrame) -> str:
@@ -150,10 +176,21 @@ def filter_by_label(df: pd.DataFrame, ipcr_label: str | None = None, cpc_label: 
     starts with ``cpc_label``. As upstream, ``cpc_label`` is ignored when ``ipcr_label`` is
     given. Missing labels never match (``na=False``)."""
     if ipcr_label:
-        return df[df["main_ipcr_label"].str.startswith(ipcr_label, na=False)]
+        return df[_starts_with(df["main_ipcr_label"], ipcr_label)]
     if cpc_label:
-        return df[df["main_cpc_label"].str.startswith(cpc_label, na=False)]
+        return df[_starts_with(df["main_cpc_label"], cpc_label)]
     return df
+
+
+def _starts_with(column: pd.Series, prefix: str) -> pd.Series:
+    """Boolean mask of labels starting with ``prefix``; non-string labels never match.
+
+    ``.str`` refuses a column that is not text (e.g. all-numeric labels), so such a column
+    is matched as text of its values instead of crashing.
+    """
+    if not (pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column)):
+        column = column.astype("string")
+    return column.str.startswith(prefix, na=False).astype(bool)
 
 
 def filter_by_query(df: pd.DataFrame, query: str | None = None) -> pd.DataFrame:

@@ -41,6 +41,8 @@ from typing import Any
 
 import pandas as pd
 
+from hfplug.data.hupd_splits import to_filing_dates
+
 __all__ = [
     "DECISIONS",
     "FILE_NAMES",
@@ -376,16 +378,22 @@ def metadata_frame(records: Iterable[Mapping[str, Any]],
     for column in df.columns:
         if column not in ("filing_date", "continuation") and df[column].dtype == object:
             df[column] = [None if pd.isna(v) else str(v) for v in df[column]]
-    df["filing_date"] = pd.to_datetime(df["filing_date"].map(_metadata_date), errors="coerce").astype(
-        "datetime64[ns]")
+    df["filing_date"] = _metadata_dates(df["filing_date"])
     return df
 
 
-def _metadata_date(value: Any) -> Any:
-    """Accept the records' ``YYYYMMDD`` and hand-written ``YYYY-MM-DD`` dates alike."""
-    if isinstance(value, str) and len(value) == 8 and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
-    return value
+def _metadata_dates(column: pd.Series) -> pd.Series:
+    """The records' ``YYYYMMDD`` and hand-written ``YYYY-MM-DD`` dates as datetime64.
+
+    Nanoseconds, as in the real feather, when every date fits that unit's range (1677-2262);
+    a hostile test's date outside it keeps a coarser unit instead of becoming NaT, so the
+    loader sees the out-of-range date itself. Anything that is not a date becomes NaT.
+    """
+    dates = to_filing_dates(column.astype(object))
+    try:
+        return dates.astype("datetime64[ns]")
+    except (OverflowError, ValueError):  # pandas' OutOfBoundsDatetime is a ValueError
+        return dates
 
 
 def _metadata_row(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,13 +15,20 @@ The helpers turn it into what ``from_pretrained`` and PEFT want, and return
 
 The checks here fail *before* anything large is loaded: bf16 on a GPU without it
 (a T4), 4-bit where bitsandbytes cannot run, LoRA targets the model lacks, a
-4-bit base with LoRA off.
+4-bit base with LoRA off, a 4-bit storage dtype FSDP cannot shard.
+
+Under sharded training (FSDP or DeepSpeed ZeRO-3, e.g. ``accelerate launch --config_file
+accelerate_configs/fsdp_qlora.yaml``) the same calls do what sharded QLoRA needs, detected
+from the launcher's environment: the packed 4-bit weights are stored in the model's dtype
+(``bnb_4bit_quant_storage``), and the model is not passed through
+``prepare_model_for_kbit_training`` (see :func:`prepare_for_training`).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
@@ -37,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("none", "8bit", "4bit")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+QUANT_STORAGE_CHOICES = ("auto", "uint8", "float16", "bfloat16", "float32")
 # PEFT's shorthand for "every linear layer except the output/classification head".
 ALL_LINEAR = "all-linear"
 # Output and task heads bitsandbytes must leave in 16/32-bit (matched as a name, a
@@ -96,6 +104,15 @@ class ModelArguments:
             "'all-linear' = every linear layer except the head."
         },
     )
+    quant_storage: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage; values are unchanged, "
+            "only the container). auto = uint8, or the model's --dtype under FSDP, which shards only float "
+            "tensors of one dtype. With --quant 4bit only.",
+            "choices": list(QUANT_STORAGE_CHOICES),
+        },
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the Hub repository (only for repos you trust)."}
     )
@@ -105,6 +122,14 @@ class ModelArguments:
             raise ValueError(f"quant={self.quant!r} is not supported; choose one of {', '.join(QUANT_CHOICES)}.")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}.")
+        if self.quant_storage not in QUANT_STORAGE_CHOICES:
+            raise ValueError(f"quant_storage={self.quant_storage!r} is not supported; "
+                             f"choose one of {', '.join(QUANT_STORAGE_CHOICES)}.")
+        if self.quant_storage != "auto" and self.quant != "4bit":
+            raise ValueError(
+                f"quant_storage={self.quant_storage!r} applies to 4-bit weights only, but quant={self.quant!r}; "
+                "add --quant 4bit or leave quant_storage at auto."
+            )
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r!r} must be a positive integer (typical: 8, 16, 64).")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int) or self.lora_alpha < 1:
@@ -223,11 +248,70 @@ def check_bitsandbytes(device_type: str | None = None) -> None:
         ) from err
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
+
+
+def running_under_fsdp() -> bool:
+    """True when this process was started for FSDP training.
+
+    ``accelerate launch`` with an FSDP config (and ``TrainingArguments(fsdp=...)``) export
+    ``ACCELERATE_USE_FSDP=true``; transformers and accelerate read the same variable. It is
+    known before the model loads, which is when the storage dtype must be chosen.
+    """
+    return _env_flag("ACCELERATE_USE_FSDP")
+
+
+def sharded_training() -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when parameters will be sharded across processes, else None.
+
+    Both shard the model's parameters, so both need float 4-bit storage. Read from what
+    ``accelerate launch`` exports, like :func:`running_under_fsdp`.
+    """
+    if running_under_fsdp():
+        return "FSDP"
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def resolve_quant_storage(args: ModelArguments, compute_dtype: torch.dtype, *,
+                          sharded: str | None | bool = True) -> torch.dtype:
+    """The ``bnb_4bit_quant_storage`` dtype for ``--quant 4bit``.
+
+    ``auto``: ``uint8`` (bitsandbytes' default), or under sharded training (FSDP, ZeRO-3)
+    ``compute_dtype``, which is also the dtype hfplug loads the rest of the model in. FSDP
+    flattens each wrapped block's parameters into one tensor, so they must all share a
+    float dtype: packed 4-bit weights in ``uint8`` cannot be sharded, and in another dtype
+    than the norms and embeddings around them they cannot be flattened together. An
+    explicit choice that breaks this is a ``ValueError`` saying which dtype to use.
+    ``sharded``: the backend name, or False; True (default) detects it (:func:`sharded_training`).
+    """
+    backend = sharded_training() if sharded is True else sharded
+    storage = getattr(torch, args.quant_storage) if args.quant_storage != "auto" else None
+    if not backend:
+        return storage or torch.uint8
+    name = str(compute_dtype).removeprefix("torch.")
+    if storage is not None and storage != compute_dtype:
+        raise ValueError(
+            f"--quant_storage {args.quant_storage} under {backend}: it shards the packed 4-bit weights together with "
+            f"the model's {name} weights, so they must share that dtype. Use --quant_storage {name} (or auto), "
+            "or change --dtype."
+        )
+    if compute_dtype == torch.float16:
+        logger.warning(
+            "%s + 4-bit in float16: PEFT advises float32 storage for stable fp16 mixed precision (--dtype float32, "
+            "slower), or a GPU with bf16 (--dtype bfloat16).", backend
+        )
+    return compute_dtype
+
+
 def get_quantization_config(args: ModelArguments, *, device_type: str | None = None) -> BitsAndBytesConfig | None:
     """``BitsAndBytesConfig`` for ``from_pretrained(quantization_config=...)``, or ``None`` for ``--quant none``.
 
     4bit is NF4 with double quantization (the QLoRA recipe: ~0.37 bit/param saved over
-    plain 4-bit constants) and computes in ``resolve_dtype(args.dtype)``; 8bit is LLM.int8.
+    plain 4-bit constants), computes in ``resolve_dtype(args.dtype)`` and stores the packed
+    weights in :func:`resolve_quant_storage` (the compute dtype under FSDP); 8bit is LLM.int8.
     """
     if args.quant == "none":
         return None
@@ -236,12 +320,14 @@ def get_quantization_config(args: ModelArguments, *, device_type: str | None = N
     check_bitsandbytes(device_type)
     if args.quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIP_MODULES))
+    compute_dtype = resolve_dtype(args.dtype, device_type=device_type)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=list(SKIP_MODULES),  # (the name is historical: it applies to 4-bit too)
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=resolve_dtype(args.dtype, device_type=device_type),
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=resolve_quant_storage(args, compute_dtype),
     )
 
 
@@ -380,7 +466,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     for param in model.parameters():
         n = param.numel()
         if param.__class__.__name__ == "Params4bit":
-            # two 4-bit values per stored byte (quant_storage=uint8)
+            # two 4-bit values per stored byte, whatever the storage dtype (4 per bf16 element)
             n = n * 2 * param.element_size()
         total += n
         if param.requires_grad:
@@ -405,6 +491,12 @@ def prepare_for_training(
       model lacks raise ``ValueError`` listing its linear layers.
     - trainable fp16 parameters are stored in fp32 (what fp16 mixed precision expects).
 
+    Under sharded training (:func:`sharded_training`: FSDP, ZeRO-3) every parameter keeps
+    the dtype it was loaded in, as TRL does for sharded QLoRA: FSDP flattens a block's
+    parameters into one tensor of one dtype, which the fp32 upcasts above would break. So a
+    quantized base skips ``prepare_model_for_kbit_training`` (``get_peft_model`` freezes the
+    base anyway), the adapters are not autocast to fp32, and nothing is upcast.
+
     Returns the model to train (a ``PeftModel`` with ``--lora``) and logs the trainable count.
     """
     quantized = is_quantized(model)
@@ -425,7 +517,8 @@ def prepare_for_training(
         # Check before the (slow) k-bit preparation and before any module is replaced.
         check_target_modules(model, args.lora_target_modules, exclude=heads)
 
-    if quantized:
+    sharded = sharded_training()
+    if quantized and not sharded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -440,13 +533,13 @@ def prepare_for_training(
         from peft import get_peft_model
 
         peft_config = get_peft_config(args, task_type=infer_task_type(model), modules_to_save=heads)
-        model = get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config, autocast_adapter_dtype=not sharded)
         if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             # Harmless with non-reentrant checkpointing, and keeps gradients flowing if a
             # caller (e.g. the Trainer with other kwargs) re-enables reentrant checkpointing.
             model.enable_input_require_grads()
 
-    cast = _upcast_trainable_fp16(model)
+    cast = 0 if sharded else _upcast_trainable_fp16(model)
     trainable, total = count_parameters(model)
     logger.info(
         "trainable params: %s of %s (%.4f%%)%s%s",
@@ -456,12 +549,17 @@ def prepare_for_training(
         f"; head modules trained in full: {', '.join(heads)}" if args.lora and heads else "",
         f"; {cast} fp16 trainable tensors stored in fp32" if cast else "",
     )
+    if sharded:
+        logger.info("%s: parameters kept in their load dtypes (no k-bit preparation, no fp32 upcast) so that they "
+                    "can be sharded.", sharded)
     return model
 
 
 def default_optim(args: ModelArguments) -> str | None:
     """``paged_adamw_8bit`` for 4-bit runs (the QLoRA setup), else ``None`` (keep the Trainer's default).
 
-    The recipe applies it only when the user left ``--optim`` at its default.
+    The recipe applies it only when the user left ``--optim`` at its default. Not under
+    FSDP: PEFT documents that ``paged_adamw_8bit`` fails when an FSDP + QLoRA run saves a
+    checkpoint, and the optimizer state is sharded there anyway.
     """
-    return "paged_adamw_8bit" if args.quant == "4bit" else None
+    return "paged_adamw_8bit" if args.quant == "4bit" and not running_under_fsdp() else None

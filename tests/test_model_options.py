@@ -143,6 +143,28 @@ def test_default_optim_is_paged_8bit_only_for_4bit():
     assert default_optim(ModelArguments()) is None
 
 
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        (dict(quant="4bit", quant_storage="int4"), ["int4", "uint8", "bfloat16"]),
+        (dict(quant="8bit", quant_storage="bfloat16"), ["4-bit weights only", "quant='8bit'", "--quant 4bit"]),
+        (dict(quant_storage="float32"), ["quant='none'"]),
+    ],
+)
+def test_invalid_quant_storage(values, words):
+    with pytest.raises(ValueError) as err:
+        ModelArguments(lora=True, **values)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_quant_storage_parses_from_the_cli():
+    parser = HfArgumentParser(ModelArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--quant", "4bit", "--quant_storage", "bfloat16"])
+    assert args.quant_storage == "bfloat16"
+    assert ModelArguments().quant_storage == "auto"
+
+
 # --------------------------------------------------------------------------- dtype
 
 CPU = DeviceCapability("cpu", "cpu", True)
@@ -203,6 +225,81 @@ def test_quantization_config(on_cpu):
     assert four.bnb_4bit_quant_storage == torch.uint8  # left at bitsandbytes' default
     eight = get_quantization_config(ModelArguments(quant="8bit", lora=True))
     assert eight.load_in_8bit and not eight.load_in_4bit
+
+
+@pytest.fixture
+def under_fsdp(monkeypatch):
+    """The environment ``accelerate launch`` gives an FSDP run."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+
+
+def test_sharding_is_detected_from_the_launcher_environment(monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not mo.running_under_fsdp() and mo.sharded_training() is None
+    for value, expected in (("true", True), ("1", True), ("True", True), ("false", False), ("0", False)):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        assert mo.running_under_fsdp() is expected
+        assert mo.sharded_training() == ("FSDP" if expected else None)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 shards optimizer states, not weights
+    assert mo.sharded_training() is None
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert mo.sharded_training() == "DeepSpeed ZeRO-3"
+
+
+def test_quant_storage_auto_is_uint8_outside_fsdp(on_cpu, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    four = get_quantization_config(ModelArguments(quant="4bit", lora=True, quant_storage="auto"))
+    assert four.bnb_4bit_quant_storage == torch.uint8
+    explicit = get_quantization_config(ModelArguments(quant="4bit", lora=True, quant_storage="bfloat16"))
+    assert explicit.bnb_4bit_quant_storage == torch.bfloat16  # allowed (and harmless) without FSDP
+
+
+def test_quant_storage_follows_the_compute_dtype_under_fsdp(under_fsdp, monkeypatch):
+    """FSDP flattens packed weights with the model's others: one float dtype for all."""
+    monkeypatch.setattr(mo, "device_capability", lambda device_type=None: A100)
+    config = get_quantization_config(ModelArguments(quant="4bit", lora=True, dtype="auto"))
+    assert config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert mo.resolve_quant_storage(ModelArguments(quant="4bit", quant_storage="float32"), torch.float32) == torch.float32
+    with pytest.raises(ValueError) as err:
+        mo.resolve_quant_storage(ModelArguments(quant="4bit", quant_storage="uint8"), torch.bfloat16)
+    assert "under FSDP" in str(err.value) and "--quant_storage bfloat16 (or auto)" in str(err.value)
+    assert mo.resolve_quant_storage(ModelArguments(quant="4bit"), torch.bfloat16, sharded=False) == torch.uint8
+
+
+def test_fp16_storage_under_fsdp_warns_with_peft_advice(under_fsdp, monkeypatch, caplog):
+    monkeypatch.setattr(mo, "device_capability", lambda device_type=None: T4)
+    config = get_quantization_config(ModelArguments(quant="4bit", lora=True, dtype="float16"))
+    assert config.bnb_4bit_quant_storage == torch.float16
+    assert "PEFT advises float32 storage" in caplog.text
+
+
+def test_no_paged_optimizer_under_fsdp(under_fsdp):
+    """PEFT: paged_adamw_8bit fails when an FSDP + QLoRA run saves a checkpoint."""
+    assert default_optim(ModelArguments(quant="4bit", lora=True)) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fsdp_qlora_preparation_keeps_one_dtype(llama_cls_dir, on_cpu, under_fsdp, monkeypatch, dtype):
+    """What FSDP needs to flatten a block: packed weights, norms, adapters and head all in ``dtype``."""
+    args = qlora_args(dtype=dtype)
+    model = load(llama_cls_dir, args)
+    assert {type(p).__name__ for p in model.parameters()} == {"Params4bit", "Parameter"}
+    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}  # no fp32 upcasts
+    config = tiny_llama_config()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected_lora_params(config, R) + config.hidden_size * NUM_LABELS
+    model.train()
+    ids = torch.randint(3, 300, (2, 8))
+    model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    # the parameter count reads packed weights right whatever their container (uint8 without FSDP)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    plain = prepare_for_training(load(llama_cls_dir, qlora_args()), qlora_args(), gradient_checkpointing=False)
+    assert mo.count_parameters(model) == mo.count_parameters(plain)
 
 
 def test_quantization_without_bitsandbytes_says_what_to_do(on_cpu, monkeypatch):

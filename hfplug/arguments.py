@@ -98,6 +98,7 @@ class RunArguments:
 
     early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of metric_for_best_model."})
     early_stopping_threshold: float = field(default=0.0, metadata={"help": "Minimum improvement that counts for early stopping."})
+    time_budget: str | None = field(default=None, metadata={"help": "Stop cleanly, with a checkpoint, before this much time has passed since start: e.g. 11h30m (Colab's limit is ~12 h), 90m, or seconds. Time for the final save (and push) is kept free."})
     # --task abstract: generation at each evaluation.
     max_generate_samples: int = field(default=64, metadata={"help": "--task abstract: validation records (the first N) whose abstracts are generated at each evaluation for ROUGE; 0 = no generation (loss and perplexity only)."})
     max_new_tokens: int = field(default=256, metadata={"help": "--task abstract: longest generated abstract, in tokens (USPTO abstracts have at most 150 words)."})
@@ -110,5 +111,9 @@ class RunArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}.")
+        if self.time_budget is not None:
+            from hfplug.resilience import parse_duration
+
+            parse_duration(self.time_budget)  # a clear error at parse time, not hours later
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer (e.g. 256), got {self.max_new_tokens!r}.")

@@ -20,10 +20,11 @@ from itertools import islice
 from typing import Sequence
 
 import torch
-from transformers import GenerationConfig, Trainer
+from transformers import GenerationConfig
 
 from hfplug.data.tasks import IGNORE_INDEX
 from hfplug.metrics import perplexity, rouge_scores
+from hfplug.resilience import SafeCheckpointTrainer
 
 # generate() fills every setting left unset from the model's own generation_config: Llama
 # Instruct's sampling temperature/top_p would only draw warnings, but a repetition penalty
@@ -102,7 +103,7 @@ class GenerationEval:
     max_new_tokens: int = 256
 
 
-class GenerativeTrainer(Trainer):
+class GenerativeTrainer(SafeCheckpointTrainer):
     """A ``Trainer`` for causal-LM fine-tuning whose evaluation also reports perplexity and ROUGE.
 
     Every evaluation adds ``{prefix}_perplexity`` (``exp`` of the eval loss) and, when

@@ -1148,7 +1148,7 @@ class HubArguments:
 
 
 __all__ = [
-    "HubArguments", "HubError", "HubPushCallback", "HubSettings", "MergeError", "MergePlan", "ModelAccessError",
+    "HubArguments", "HubError", "HubSettings", "MergeError", "MergePlan", "ModelAccessError",
     "PreflightError", "PushError", "PushResult", "PushTarget", "allow_patterns", "build_model_card",
     "check_merge_target", "check_model_access", "check_no_secrets", "check_repo_id", "files_to_push",
     "hub_push_callback", "hub_settings", "merge_adapter_into_base", "plan_merge", "preflight_push", "push_run",

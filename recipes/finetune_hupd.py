@@ -34,12 +34,13 @@ before anything is loaded, and the adapter (or model) is pushed with a model car
 """
 
 import logging
+import signal
 import sys
+import time
 
 import datasets
 import transformers
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainingArguments, set_seed
 
 from hfplug.arguments import HupdArguments, RunArguments
 from hfplug.callbacks import default_callbacks, sample_generation_callback
@@ -54,12 +55,21 @@ from hfplug.metrics import compute_metrics_for
 from hfplug.model_options import ModelArguments
 from hfplug.modeling import (check_causal_lm, check_max_length, load_causal_lm_for_training, load_classifier,
                              load_tokenizer, prepare_training_args, training_chat_format, warn_if_wont_fit)
+from hfplug.resilience import (GracefulStopCallback, SafeCheckpointTrainer, check_launch_matches_machine,
+                               check_resume_args, check_time_budget, clear_staging, find_resumable_checkpoint,
+                               parse_duration, record_run_args, resume_command, save_reserve)
 from hfplug.tokens import install_token_redaction, resolve_token
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")
 
 
+# Arguments that may change between a run and its resumption (paths of caches, evaluation size, ...).
+RESUMABLE_CHANGES = ("hupd_cache_dir", "preprocessing_num_workers", "max_eval_samples", "max_generate_samples",
+                     "log_samples", "max_new_tokens", "time_budget", "early_stopping_patience", "early_stopping_threshold")
+
+
 def main(argv=None):
+    started = time.monotonic()  # the time budget counts from here
     # --- Arguments ------------------------------------------------------------
     model_args, data_args, run_args, hub_args, training_args = parse_args(
         (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments), argv
@@ -80,6 +90,7 @@ def main(argv=None):
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device)
+    check_launch_matches_machine(training_args)  # e.g. 8 processes on 1 GPU
 
     # --- Hub: token, push and gated-model checks, before any data or model -----
     hub_token = take_hub_token(training_args)  # out of TrainingArguments, so no training_args.bin holds it
@@ -98,12 +109,25 @@ def main(argv=None):
     if generative:  # reads config.json only: a BERT is refused before any data is loaded
         check_causal_lm(model_args, token=token)
 
+    deadline = None
+    if run_args.time_budget is not None:  # Colab ends sessions at ~12 h: stop, with a checkpoint, before that
+        budget = parse_duration(run_args.time_budget)
+        check_time_budget(budget, pushing=hub is not None)
+        deadline = started + budget
+
     # --- Resume ---------------------------------------------------------------
+    # Only a complete checkpoint made with the same model and data arguments is resumed.
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and training_args.do_train:
-        checkpoint = get_last_checkpoint(training_args.output_dir) if _is_dir(training_args.output_dir) else None
+    if training_args.do_train:
+        if training_args.should_save:
+            clear_staging(training_args.output_dir)  # what a killed save left behind
+        if checkpoint is None:
+            checkpoint = find_resumable_checkpoint(training_args.output_dir)
         if checkpoint is not None:
+            check_resume_args(training_args.output_dir, ignore=RESUMABLE_CHANGES, model=model_args, data=data_args)
             logger.warning("Resuming from %s (found in output_dir). Use a new output_dir to start over.", checkpoint)
+        elif training_args.should_save:
+            record_run_args(training_args.output_dir, model=model_args, data=data_args)
 
     set_seed(training_args.seed)
 
@@ -151,7 +175,9 @@ def main(argv=None):
                                       hupd_config=data_args.hupd_config)  # --hub_strategy every_save only
     if push_callback is not None:
         callbacks.append(push_callback)
-    trainer_class, extra = Trainer, {}
+    stop = GracefulStopCallback(deadline=deadline, reserve_s=save_reserve(pushing=hub is not None))
+    callbacks.append(stop)  # SIGTERM/SIGINT/time budget: checkpoint at the step boundary, then stop
+    trainer_class, extra = SafeCheckpointTrainer, {}  # checkpoints written aside, then renamed into place
     if generative:  # perplexity and ROUGE at each evaluation; sample abstracts in the log and samples.jsonl
         records = generation_records(encoded["validation"], max(run_args.max_generate_samples, run_args.log_samples),
                                      tokenizer) if training_args.do_eval else []
@@ -182,9 +208,16 @@ def main(argv=None):
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
+        if stop.stop_reason in ("SIGTERM", "SIGINT"):
+            logger.warning("Stopped by %s at step %d; the checkpoint is saved. To resume, run the same command again: %s",
+                           stop.stop_reason, trainer.state.global_step, resume_command())
+            sys.exit(128 + signal.Signals[stop.stop_reason].value)
+        if stop.stop_reason == "time_budget":
+            logger.warning("Time budget reached at step %d; the checkpoint is saved (evaluation skipped). "
+                           "To continue, run the same command again: %s", trainer.state.global_step, resume_command())
 
     # --- Evaluate -------------------------------------------------------------
-    if training_args.do_eval:
+    if training_args.do_eval and stop.stop_reason is None:
         metrics = trainer.evaluate()
         if not data_args.streaming:
             metrics["eval_samples"] = len(encoded["validation"])
@@ -198,12 +231,6 @@ def main(argv=None):
                  merge_adapter=hub_args.merge_adapter, base_model=hub_args.merge_base_model or model_args.model_name_or_path,
                  license=hub_args.hub_license, task=data_args.task, hupd_config=data_args.hupd_config)
     return trainer
-
-
-def _is_dir(path):
-    import os
-
-    return path is not None and os.path.isdir(path)
 
 
 def _limit(splits, data_args):

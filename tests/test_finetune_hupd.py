@@ -180,3 +180,89 @@ def test_model_option_errors(tmp_path, flags, message):
     proc = run_command(finetune_command(*_short(tmp_path / "out", *flags)))
     assert proc.returncode != 0
     assert message in proc.stdout, proc.stdout[-3000:]
+
+
+# --- Kill-safe resume and time budget (Colab ends sessions without warning) ---------------------
+
+def _direct_command(*flags):
+    """The recipe without the accelerate launcher, so a signal reaches the training process itself."""
+    import sys
+
+    from conftest import QUICKSTART, REPO
+
+    return [sys.executable, str(REPO / "recipes" / "finetune_hupd.py"), "--config", str(QUICKSTART), *flags]
+
+
+def _final(out):
+    history = _results(out, "trainer_state.json")["log_history"]
+    last_loss = [e for e in history if "loss" in e][-1]
+    return last_loss["step"], last_loss["loss"], _results(out, "eval_results.json")["eval_loss"]
+
+
+def test_sigterm_saves_and_the_same_command_resumes_to_the_same_result(tmp_path):
+    import signal
+    import subprocess
+
+    flags = ("--max_steps", "40", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+             "--hupd_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true")
+    straight = tmp_path / "straight"
+    proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    killed = tmp_path / "killed"
+    command = _direct_command(*flags, "--output_dir", str(killed))
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in child.stdout:  # wait until training has taken a few steps, then "preempt" it
+        lines.append(line)
+        if "'loss'" in line and len([x for x in lines if "'loss'" in x]) >= 3:
+            child.send_signal(signal.SIGTERM)
+            break
+    lines += child.stdout.readlines()
+    log = "".join(lines)
+    assert child.wait(timeout=120) == 128 + signal.SIGTERM, log[-3000:]
+    assert "Stopped by SIGTERM" in log and "run the same command again" in log
+    checkpoints = sorted(killed.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and 3 <= int(checkpoints[0].name.split("-")[1]) < 40
+
+    proc = run_command(command)  # the same command again
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"Resuming from {checkpoints[0]}" in proc.stdout
+    step, loss, eval_loss = _final(killed)
+    s_step, s_loss, s_eval_loss = _final(straight)
+    assert step == s_step == 40
+    assert loss == pytest.approx(s_loss, abs=1e-4)
+    assert eval_loss == pytest.approx(s_eval_loss, abs=1e-4)
+
+
+def test_half_written_checkpoint_is_skipped_and_other_arguments_refused(trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained[0], out)
+    broken = out / "checkpoint-999"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")  # killed before trainer_state.json was written
+    proc = run_command(finetune_command(*_short(out, "--num_train_epochs", "2")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Skipping" in proc.stdout and "checkpoint-999: it is incomplete" in proc.stdout
+    assert "Resuming from" in proc.stdout
+
+    proc = run_command(finetune_command(*_short(out, "--num_train_epochs", "3", "--max_length", "64")))
+    assert proc.returncode != 0
+    assert "max_length: 128 in the checkpoint, 64 now" in proc.stdout
+
+
+def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path):
+    out = tmp_path / "budget"
+    proc = run_command(finetune_command(*_short(out, "--time_budget", "61s", "--num_train_epochs", "100",
+                                                "--save_strategy", "no")))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Time budget reached at step" in proc.stdout
+    assert len(list(out.glob("checkpoint-*"))) == 1 and (out / "train_results.json").is_file()
+
+
+def test_time_budget_too_short_to_save(tmp_path):
+    proc = run_command(finetune_command(*_short(tmp_path / "out", "--time_budget", "30s")))
+    assert proc.returncode != 0
+    assert "leaves no time to train" in proc.stdout

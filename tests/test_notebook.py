@@ -123,9 +123,11 @@ def test_colab_only_cells_are_skipped(executed):
 def test_fine_tune_wrote_results_and_the_results_cell_shows_them(executed):
     nb, output_dir = executed
     results = json.loads((output_dir / "all_results.json").read_text())
-    assert "eval_accuracy" in results and "train_loss" in results
+    # Offline it is the Colab path in miniature: a tiny Llama in 4-bit + LoRA writing abstracts.
+    assert {"eval_loss", "eval_perplexity", "eval_rougeL", "train_loss"} <= set(results)
+    assert (output_dir / "adapter_model.safetensors").is_file()
     shown = output_text(cell_running(nb, "all_results.json"))
-    assert "eval_accuracy" in shown and str(results["eval_accuracy"]) in shown
+    assert "eval_rougeL" in shown and str(results["eval_rougeL"]) in shown
     assert "recipes/finetune_hupd.py --config recipes/configs/quickstart.yaml" in output_text(
         cell_running(nb, "finetune_hupd.py"))
 

@@ -7,13 +7,11 @@ command line is ``hupd_config: sample`` in a config file.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from hfplug.data.hupd_splits import parse_filing_date
 from hfplug.data.tasks import (DEFAULT_TEXT_FIELDS, SECTIONS, TASKS, check_abstract_sources, check_task, is_generative,
                                parse_text_fields)
-
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 @dataclass
@@ -58,8 +56,7 @@ class HupdArguments:
             value = getattr(self, name)
             if value is not None:
                 value = str(value)  # YAML may hand us a datetime.date
-                if not _DATE.match(value):
-                    raise ValueError(f"{name} must be a date like 2016-01-21 (YYYY-MM-DD), got {value!r}.")
+                parse_filing_date(value, name)  # the loader's own check, at parse time
                 setattr(self, name, value)
         if self.max_length <= 0:
             raise ValueError(f"max_length must be positive, got {self.max_length}.")

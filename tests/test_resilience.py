@@ -156,3 +156,19 @@ def test_signal_stops_at_step_boundary_with_a_checkpoint(tmp_path):
     assert trainer.state.global_step == 3
     assert find_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
     assert signal.getsignal(signal.SIGTERM) is not stop._handler  # handlers restored
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from hfplug.resilience import check_launch_matches_machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match=r"started 8 processes on this machine but it has 1 GPU\(s\). Use --num_processes 1"):
+        check_launch_matches_machine(SimpleNamespace(use_cpu=False))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_launch_matches_machine(SimpleNamespace(use_cpu=False))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    check_launch_matches_machine(SimpleNamespace(use_cpu=True))  # CPU processes are not GPUs

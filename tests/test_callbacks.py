@@ -9,7 +9,6 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     EarlyStoppingCallback,
     Trainer,
@@ -27,6 +26,7 @@ from hfplug.callbacks import (
     plot_training_curves,
 )
 from hfplug.metrics import compute_metrics_for
+from hfplug.tiny import tiny_bert_config
 
 NUM_LABELS = 7
 SEQ_LEN = 16
@@ -52,15 +52,7 @@ def tiny_data():
 
 def tiny_model():
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=NUM_LABELS,
-    )
+    config = tiny_bert_config(100, hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_labels=NUM_LABELS)
     return BertForSequenceClassification(config)
 
 

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from hfplug import model_options as mo
+from hfplug import tiny
 from hfplug.model_options import (
     DeviceCapability,
     ModelArguments,
@@ -32,20 +33,15 @@ NUM_LABELS = 3
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    values = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        num_labels=NUM_LABELS,
-    )
+    values = dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  num_labels=NUM_LABELS)
     values.update(overrides)
-    return LlamaConfig(**values)
+    return tiny.tiny_llama_config(300, **values)
 
 
 def tiny_bert_config() -> BertConfig:
-    return BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=300,
-        max_position_embeddings=64, num_labels=NUM_LABELS,
-    )
+    return tiny.tiny_bert_config(300, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                 num_labels=NUM_LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,8 +180,9 @@ def take_hub_token(training_args) -> str | None:
     token = token.strip() if isinstance(token, str) else None
     if token:
         logger.warning(
-            "--hub_token was given as a flag or config value, where shell history, process lists and config "
-            "files can keep it. Prefer the HF_TOKEN environment variable, a Colab secret, or `hf auth login`."
+            "hub_token was given in a config file or as an argument, where config files, notebooks and copies "
+            "of them keep it. Prefer the HF_TOKEN environment variable, a Colab secret, or `hf auth login`. "
+            "(On the command line, --hub_token is refused.)"
         )
     return token or None
 
@@ -755,8 +757,12 @@ class PushResult:
 
 
 def retry_command(output_dir, repo_id: str, *, private: bool | None = None, merge_adapter: bool = False) -> str:
-    """The command that pushes this run again (safe to repeat)."""
-    command = f"{RETRY_SCRIPT} {output_dir} --hub_model_id {repo_id}"
+    """The command that pushes this run again (safe to repeat), ready to paste into a shell.
+
+    Every argument is quoted with ``shlex.quote``: Colab's Drive folder is ``/content/drive/My Drive/…``.
+    The ``OUTPUT_DIR`` placeholder (no run folder known yet) stays bare.
+    """
+    command = f"{RETRY_SCRIPT} {shlex.quote(str(output_dir))} --hub_model_id {shlex.quote(str(repo_id))}"
     return command + (" --private" if private else "") + (" --merge_adapter" if merge_adapter else "")
 
 
@@ -861,8 +867,11 @@ def push_run(
         import httpx2
 
         # HfHubHTTPError (an httpx2.HTTPError), transport errors, OfflineModeIsEnabled and local I/O (OSError).
+        # "from None": the cause (an HfHubHTTPError whose text is the server's answer, or a request
+        # error naming headers) would be printed unmasked above the PushError in any traceback. The
+        # PushError's own message says what the cause was, masked.
         if isinstance(err, (OSError, httpx2.HTTPError)):
-            raise _push_failure(err, repo_id, found, retry, folder) from err
+            raise _push_failure(err, repo_id, found, retry, folder) from None
         raise
     logger.info("Pushed to %s/%s", api.endpoint, repo_id)
     return PushResult(repo_id, getattr(info, "commit_url", None), files, kind, str(folder))

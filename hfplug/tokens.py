@@ -2,7 +2,8 @@
 
 Resolution order (first hit wins), see ``resolve_token``:
 
-1. the ``token`` argument (e.g. ``--hub_token``, taken out of ``TrainingArguments``);
+1. the ``token`` argument (e.g. ``hub_token`` from a ``--config`` file, taken out of ``TrainingArguments``;
+   ``--hub_token`` on the command line is refused by ``refuse_token_flags``);
 2. the ``HF_TOKEN`` environment variable (or the legacy ``HUGGING_FACE_HUB_TOKEN``);
 3. the Colab secret ``HF_TOKEN`` (only when running in Colab; ``google.colab`` is imported lazily);
 4. the token cached by ``hf auth login`` (``huggingface_hub.get_token()``: the token file under ``HF_HOME``);
@@ -10,8 +11,14 @@ Resolution order (first hit wins), see ``resolve_token``:
 
 A token is never printed, logged, or written anywhere by hfplug. Every resolved token
 is registered with the redaction filter, which masks it (and anything shaped like a
-Hugging Face token) in log records; ``install_token_redaction()`` puts that filter on
-hfplug's, transformers' and huggingface_hub's loggers and handlers.
+Hugging Face token, of any length: ``mask_tokens``) in log records;
+``install_token_redaction()`` puts that filter on hfplug's, transformers' and
+huggingface_hub's loggers and handlers.
+
+A token on a recipe's command line is refused (``refuse_token_flags``): a command line is
+visible in process lists and shell history, and ``accelerate launch`` prints it whole when
+the script exits non-zero. ``exit_on_user_error`` prints the refusal (masked) and picks the
+exit status; see ``launched_by_accelerate_simple_launcher`` for why it is 0 in one case.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import re
 import sys
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +40,21 @@ ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 COLAB_SECRET = "HF_TOKEN"
 MASK = "hf_***"
 # User access tokens: "hf_" + 34 alphanumerics today; 30+ leaves room for other lengths.
+# The strict shape: used to refuse pushing a *file* that holds one (a false positive there
+# blocks a push, so it stays strict). Log and message redaction uses ``mask_tokens`` instead.
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+# Anything starting "hf_": the alphanumeric run after it, an optional "_" right after the run,
+# and OAuth access tokens ("hf_oauth_" + alphanumerics). ``_mask_match`` decides which to mask.
+_TOKEN_LIKE = re.compile(r"hf_oauth_[A-Za-z0-9]+|hf_([A-Za-z0-9]+)(_?)")
+_TOKEN_CHARS = re.compile(r"[A-Z0-9]")
+# An all-lowercase run at least this long is masked too (no hfplug/transformers/huggingface_hub
+# identifier has a single lowercase word this long after "hf_"; a random token almost surely is).
+LOWERCASE_TOKEN_LENGTH = 16
+TOKEN_FLAGS = ("hub_token", "hf_token", "token", "use_auth_token", "auth_token", "hub_auth_token",
+               "huggingface_token", "hugging_face_hub_token", "hf_hub_token")
 REDACTED_LOGGERS = ("hfplug", "transformers", "huggingface_hub")
 
-SOURCE_ARGUMENT = "the token argument (--hub_token)"
+SOURCE_ARGUMENT = "the token argument (hub_token in a --config file, or token= in Python)"
 SOURCE_ENV = "the HF_TOKEN environment variable"
 SOURCE_COLAB = "the Colab secret HF_TOKEN"
 SOURCE_LOGIN = "the cached login (`hf auth login`)"
@@ -43,6 +63,208 @@ SOURCE_PROMPT = "the token typed at the prompt"
 
 class TokenError(RuntimeError):
     """No usable token where one is required; the message lists the ways to provide one."""
+
+
+class TokenOnCommandLineError(ValueError):
+    """A Hugging Face token was passed on a recipe's command line. The message never holds the value.
+
+    ``where`` names the flag (``--hub_token``) or the argument's position, never its value.
+    ``exit_status`` is what the recipe should exit with (see ``exit_status_for``).
+    """
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
+
+    @property
+    def exit_status(self) -> int:
+        return exit_status_for(self)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _mask_match(match: re.Match) -> str:
+    """Which ``hf_…`` strings are tokens: the rule of ``mask_tokens``.
+
+    Tokens are "hf_" + random letters and digits (34 today; tests and older tokens are
+    shorter), never an underscore after the prefix. Ordinary text has identifiers that
+    also start with "hf_" (``hf_token``, ``hf_hub_download``, ``hf_xet``, ``--hf_token``):
+    lowercase words, often followed by "_". So an "hf_" + alphanumeric run is masked when
+
+    - the run is 16+ characters long, whatever follows it (a real token, even one glued to
+      an underscore, or an all-lowercase random one); or
+    - the run holds an uppercase letter or a digit and is not followed by "_" (a random
+      string of any length, e.g. ``hf_CanaryTok3n``; ``hf_T5_model`` stays).
+
+    What stays is a short all-lowercase word (``hf_token``, ``hf_hub``) or an identifier
+    continuing with "_". No left boundary is required: a token right after ``%3D`` (a
+    URL-encoded "=") or ``Bearer`` must still be masked. A false positive only turns a
+    word into ``hf_***``; a false negative would leak a token, so the rule leans to masking.
+    An all-lowercase short token (``hf_abcdef``) is masked only once registered (``add_secret``).
+    """
+    run = match.group(1)
+    if run is None:  # hf_oauth_…
+        return MASK
+    underscore = match.group(2)
+    if len(run) >= LOWERCASE_TOKEN_LENGTH or (not underscore and _TOKEN_CHARS.search(run)):
+        return MASK + underscore
+    return match.group(0)
+
+
+def mask_tokens(text) -> str:
+    """``text`` with every Hugging Face token-shaped string (any length) replaced by ``hf_***``.
+
+    See ``_mask_match`` for the rule (``hf_`` + letters/digits with an uppercase letter or a
+    digit, or 16+ characters; ``hf_oauth_…``); identifiers like ``hf_token`` and
+    ``hf_hub_download`` are left alone. Registered secrets are masked by ``redact`` as well.
+    """
+    text = str(text)
+    if "hf_" not in text:
+        return text
+    return _TOKEN_LIKE.sub(_mask_match, text)
+
+
+def _is_token_shaped(value: str) -> bool:
+    """``value`` (quotes and spaces stripped) is a token as a whole, or holds a full-length one."""
+    value = value.strip().strip("'\"").strip()
+    if TOKEN_PATTERN.search(value):
+        return True
+    return bool(value) and value.startswith("hf_") and mask_tokens(value) == MASK
+
+
+# --------------------------------------------------------------------------- tokens on the command line
+
+
+def _flag_name(arg: str) -> str | None:
+    """``--hub-token=x`` -> ``hub_token``; ``None`` for a non-flag."""
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    return arg.lstrip("-").split("=", 1)[0].replace("-", "_").lower()
+
+
+def _is_token_flag(name: str | None) -> bool:
+    if not name:
+        return False
+    if name in TOKEN_FLAGS:
+        return True
+    # argparse accepts unambiguous abbreviations: --hub_tok X is --hub_token X.
+    return len(name) >= len("hub_t") and "hub_token".startswith(name)
+
+
+def command_line_token_message(where: str) -> str:
+    """Why a token on the command line is refused, and the three ways to give it instead."""
+    return (
+        f"A Hugging Face token was given on the command line ({where}); hfplug refuses it and ran nothing. "
+        "A command line is visible to other users in process lists, stays in shell history, and is printed "
+        "whole by `accelerate launch` when a script fails. Remove it and provide the token in one of these ways: "
+        "set the HF_TOKEN environment variable; in Colab, add a secret named HF_TOKEN (key icon in the left panel) "
+        "and grant this notebook access; or run `hf auth login` once on this machine. If others can see this "
+        f"machine's processes or your shell history, revoke the token at {TOKEN_SETTINGS_URL}."
+    )
+
+
+def refuse_token_flags(argv: Sequence[str] | None = None) -> None:
+    """Raise ``TokenOnCommandLineError`` when ``argv`` (default ``sys.argv[1:]``) holds a token.
+
+    Refused: ``--hub_token X`` / ``--hub_token=X`` (also ``--hf_token``, ``--token``,
+    ``--use_auth_token`` and the like, dashes or underscores, and argparse abbreviations
+    such as ``--hub_tok``) with a non-empty value, and any argument, or ``--flag=`` value,
+    that is shaped like a token (``mask_tokens``' rule; a full-length one anywhere inside it).
+    The message names the flag or the argument's position, never the value, and says how
+    to provide the token instead. Each value found is registered with the redaction filter,
+    so a later log line cannot show it either. Call it before parsing arguments.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    found: list[tuple[str, str]] = []  # (where, value)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = _flag_name(arg)
+        if _is_token_flag(name):
+            flag = arg.split("=", 1)[0]
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = ""
+            if _clean(value):
+                found.append((flag, _clean(value)))
+        else:
+            value = arg.split("=", 1)[1] if "=" in arg else arg  # --flag=VALUE, NAME=VALUE
+            if _is_token_shaped(arg) or _is_token_shaped(value):
+                label = f"the value of {mask_tokens(arg.split('=', 1)[0])}" if name and value != arg else f"argument {i + 1}"
+                found.append((label, _clean(value) or arg))
+        i += 1
+    if not found:
+        return
+    for _, value in found:
+        redactor().add_secret(value)
+    where = "; ".join(w for w, _ in found)
+    raise TokenOnCommandLineError(command_line_token_message(where), where)
+
+
+# --------------------------------------------------------------------------- exiting without leaking
+
+# Set by accelerate's simple launcher (accelerate.utils.launch.prepare_simple_launcher_cmd_env)
+# for every child, whatever the config; torchrun-based launchers set TORCHELASTIC_RUN_ID as well.
+SIMPLE_LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+USAGE_ERROR_STATUS = 2
+
+
+def launched_by_accelerate_simple_launcher(environ=None) -> bool:
+    """True when this process looks started by ``accelerate launch``'s simple launcher.
+
+    That launcher (one process, CPU, one GPU, MPS: ``simple_launcher`` in
+    ``accelerate/commands/launch.py``) waits for the script and, on any non-zero exit, raises
+    ``subprocess.CalledProcessError(cmd=cmd)`` unless ``--quiet`` was given: the traceback
+    prints the script's whole argv, token included. The script cannot change what its parent
+    prints. torchrun-based launchers (multi-GPU, FSDP, DeepSpeed on one node) report a failed
+    script by name only. Detected by the environment the simple launcher sets for every child
+    (``SIMPLE_LAUNCHER_ENV``) without torchrun's ``TORCHELASTIC_RUN_ID``. Only the environment
+    is read: it is inherited through ``mpirun`` and works where ``/proc`` does not.
+    """
+    env = os.environ if environ is None else environ
+    return all(name in env for name in SIMPLE_LAUNCHER_ENV) and TORCHRUN_ENV not in env
+
+
+def exit_status_for(err: BaseException) -> int:
+    """The exit status for a user error: 2 (a usage error), except in one case, 0.
+
+    The exception: a ``TokenOnCommandLineError`` under accelerate's simple launcher. Any
+    non-zero status there makes ``accelerate launch`` print the command line, token included,
+    after our masked refusal (see ``launched_by_accelerate_simple_launcher``). Options weighed:
+    killing the launcher (SIGTERM to the parent) leaves status 143 and prints nothing, but
+    signals a process we do not own, and a wrapper above it (``subprocess.run(check=True)``,
+    CI) still echoes its own command line, token included, on the failure; ``--quiet`` is the
+    user's to pass. Exiting 0 is the only way the token is printed by no one. It costs a
+    success status for a run that did nothing, which the printed error (and the note that
+    the status is 0 on purpose) says; nothing was trained or pushed, so nothing downstream
+    finds a half-made result. Everywhere else (plain ``python``, torchrun) the status is 2.
+    """
+    if isinstance(err, TokenOnCommandLineError) and launched_by_accelerate_simple_launcher():
+        return 0
+    return USAGE_ERROR_STATUS
+
+
+def exit_on_user_error(err: BaseException | str, prog: str | None = None, *, file=None) -> NoReturn:
+    """Print ``PROG: error: MESSAGE`` (tokens masked) to stderr and exit with ``exit_status_for(err)``.
+
+    For errors the user can fix (bad flags, a token on the command line, Hub refusals):
+    no traceback, and no chained exception that could hold an unmasked token.
+    """
+    prog = prog or os.path.basename(sys.argv[0] or "hfplug")
+    message = redact(str(err))
+    stream = sys.stderr if file is None else file
+    status = exit_status_for(err) if isinstance(err, BaseException) else USAGE_ERROR_STATUS
+    print(f"{prog}: error: {message}", file=stream)
+    if isinstance(err, TokenOnCommandLineError) and status == 0:
+        print(f"{prog}: exiting with status 0 on purpose: under `accelerate launch`, a failing status makes the "
+              "launcher print the full command line, token included. Nothing was run.", file=stream)
+    stream.flush()
+    raise SystemExit(status)
 
 
 @dataclass(frozen=True)
@@ -180,8 +402,9 @@ def resolve_token(token: str | None = None, *, required: bool = False, prompt: b
 class TokenRedactingFilter(logging.Filter):
     """Masks Hugging Face tokens in log records: the message, its args, and formatted tracebacks.
 
-    Masks anything shaped like a user access token (``hf_`` + 30 or more letters/digits)
-    and the exact value of every registered secret (``add_secret``). A record that
+    Masks anything shaped like a token, of any length (``mask_tokens``: ``hf_`` + letters and
+    digits with an uppercase letter or a digit, or 16+ long; identifiers like ``hf_token``
+    stay) and the exact value of every registered secret (``add_secret``). A record that
     needed masking has its message formatted and replaced (``args`` cleared); other
     records pass through untouched. Never drops a record.
     """
@@ -204,7 +427,7 @@ class TokenRedactingFilter(logging.Filter):
         for secret in secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        return TOKEN_PATTERN.sub(MASK, text)
+        return mask_tokens(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

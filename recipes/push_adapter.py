@@ -6,8 +6,13 @@ weights), tokenizer, results JSON, training curves and a model card. Access is c
     python recipes/push_adapter.py outputs/llama-lora --hub_model_id alice/hupd-llama --merge_adapter
 
 The token comes from HF_TOKEN, the Colab secret HF_TOKEN, or `hf auth login` (a hidden prompt
-appears on a terminal when none is found); it is never a flag. Rerunning is safe: files already
+appears on a terminal when none is found); it is never a flag: `--hub_token hf_…` (or any
+argument shaped like a token) is refused before anything runs. Rerunning is safe: files already
 on the Hub unchanged are skipped, so an interrupted push is finished by running it again.
+
+Errors the user can fix (a refused token, bad flags, a missing folder, the Hub saying no) print
+`push_adapter: error: …` (tokens masked) and exit with status 2, without a traceback; anything
+else is a bug and keeps its traceback.
 """
 
 import logging
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from hfplug.config import parse_args
 from hfplug.hub import HubError, preflight_push, push_run, run_kind
 from hfplug.modeling import adapter_base_model
-from hfplug.tokens import install_token_redaction
+from hfplug.tokens import exit_on_user_error, install_token_redaction, refuse_token_flags
 
 logger = logging.getLogger("hfplug.recipes.push_adapter")
 
@@ -49,6 +54,8 @@ def _with_output_dir_flag(argv):
 
 def main(argv=None):
     # --- Arguments ------------------------------------------------------------
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_token_flags(argv)  # first: no parser may echo a token in an "unknown argument" error
     (args,) = parse_args((PushArguments,), _with_output_dir_flag(argv))
 
     # --- Logging --------------------------------------------------------------
@@ -72,9 +79,14 @@ def main(argv=None):
     return result
 
 
+USER_ERRORS = (HubError, ValueError, OSError)  # TokenOnCommandLineError and ConfigError are ValueErrors
+
+
 if __name__ == "__main__":
     try:
         main()
-    except HubError as err:
-        print(f"push_adapter: {err}", file=sys.stderr)
-        sys.exit(1)
+    except USER_ERRORS as err:
+        # Message only, masked: a traceback would also print chained causes (e.g. argparse's, echoing
+        # every argument). Status 2, or 0 for a refused token under accelerate's simple launcher,
+        # which would otherwise print the command line, token included (hfplug.tokens.exit_status_for).
+        exit_on_user_error(err, "push_adapter")

@@ -16,7 +16,10 @@ nor hammer it. Implements what hfplug's Hub code calls:
 Tokens are described by ``Token`` (valid write, read-only, fine-grained scoped, revoked).
 Each commit is recorded (``commits``: repo, message, files and their bytes).
 ``interrupt_commits()`` makes the next commit request hang until ``release_commits()`` and
-then drop the connection unapplied: a push interrupted half-way.
+then drop the connection unapplied: a push interrupted half-way. ``fail_commits`` answers
+commits with that HTTP status instead; ``echo_authorization`` makes every error answer repeat
+the request's Authorization header (as a careless proxy or server might), so that tests can
+check no token reaches a message or traceback through the client's exception.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class HubServer:
     """The fake Hub. Use as a context manager; ``url`` is the endpoint to give the client."""
 
     def __init__(self, tokens: dict | None = None, orgs: dict | None = None, *, max_requests: int = 400,
-                 lifetime: float = 120.0):
+                 lifetime: float = 120.0, echo_authorization: bool = False, fail_commits: int | None = None):
         self.tokens: dict[str, Token] = dict(tokens or {})
         self.orgs: dict[str, dict[str, str]] = dict(orgs or {})  # org -> {user: roleInOrg}
         self.repos: dict[str, Repo] = {}
@@ -96,6 +99,8 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.max_requests = max_requests
+        self.echo_authorization = echo_authorization
+        self.fail_commits = fail_commits
         self.lifetime = lifetime
         self.lock = threading.RLock()
         self.commit_received = threading.Event()
@@ -267,6 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: str | None = None):
+        if self.hub.echo_authorization and self.headers.get("Authorization"):
+            message = f"{message} (request had Authorization: {self.headers['Authorization']})"
         self._send(status, {"error": message}, error_code=code, error_message=message)
 
     def _token(self) -> tuple[Token | None, bool]:
@@ -415,6 +422,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._writable(token, ns, name)
         if repo is None:
             return
+        if hub.fail_commits:
+            return self._error(hub.fail_commits, "test hub: commit refused")
         header, added, deleted = {}, {}, []
         for line in body.splitlines():
             if not line.strip():

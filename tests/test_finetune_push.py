@@ -50,3 +50,20 @@ def test_read_only_token_fails_before_training(tmp_path):
     assert "read-only" in proc.stdout and "https://huggingface.co/settings/tokens" in proc.stdout
     assert READ not in proc.stdout
     assert not (out / "train_results.json").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_token_flag_is_refused_under_accelerate_launch_without_echo(tmp_path):
+    """Issue 10: `accelerate launch ... --hub_token hf_…` must print the token nowhere, the launcher's error included."""
+    short, long = "hf_CanaryTok3n", "hf_" + "CanaryLongToken0123456789abcdefghij"
+    out = tmp_path / "out"
+    with HubServer({WRITE: Token("alice")}, lifetime=120) as server:
+        for flags in (("--hub_token", long), ("--hf_token", short)):  # a TrainingArguments flag, and an unknown one
+            command = finetune_command("--output_dir", str(out), "--hupd_cache_dir", str(tmp_path / "cache"),
+                                       "--push_to_hub", "true", "--hub_model_id", "alice/hupd-quick", *flags)
+            proc = run_command(command, env=_env(server, WRITE, tmp_path), timeout=300)
+            assert short not in proc.stdout and long not in proc.stdout, proc.stdout[-4000:]
+            assert "CalledProcessError" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-4000:]
+            assert "HF_TOKEN" in proc.stdout and "hf auth login" in proc.stdout
+            assert proc.returncode == 0, proc.stdout[-4000:]  # on purpose: hfplug.tokens.exit_status_for
+        assert not server.requests  # refused before any Hub call
+    assert not (out / "train_results.json").exists()

@@ -8,13 +8,16 @@
 
 Generation always stops where the chat format ends a turn (``<|eot_id|>`` for Llama 3
 even when the model's config names only ``<|end_of_text|>``; ``"\\nUser:"`` in the plain
-format), and Ctrl-C during a reply stops that reply, not the session.
+format), and Ctrl-C during a reply stops that reply, not the session; Ctrl-C before the reply
+starts (a long prompt being encoded) drops that message and returns to the prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import signal
 import sys
@@ -35,6 +38,8 @@ from hfplug.model_options import ModelArguments
 
 DEFAULT_CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 GiB = 1024**3
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -76,16 +81,19 @@ class GenerationSettings:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        # Checked here, so flags, YAML and /set all get the same rules. inf and nan are refused:
+        # "temperature=inf" parses as a float, and generate() would sample from nan probabilities.
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer (e.g. 512).")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be > 0; for deterministic replies set do_sample=false.")
-        if not 0 < self.top_p <= 1:
+        if not _is_finite(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (e.g. 0.6); "
+                             "for deterministic replies set do_sample=false.")
+        if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; 1 turns nucleus sampling off.")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0; 0 turns it off.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0; 1 turns it off.")
+        if not _is_finite(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0; 1 turns it off.")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``generate``; sampling knobs only when sampling (greedy ignores them)."""
@@ -94,6 +102,15 @@ class GenerationSettings:
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A real number (not a bool, not a string), neither inf nor nan."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -140,13 +157,70 @@ def resolve_model_name(model_args: ChatModelArguments, adapter: str | None) -> s
 
 
 def load_chat_tokenizer(model_args: ModelArguments, adapter: str | None = None):
-    """The tokenizer saved with a local adapter directory if it has one (it carries the format it was
-    trained with), else ``tokenizer_name``'s, else the model's."""
+    """``tokenizer_name``'s tokenizer if given, else the one saved with the adapter (a local directory
+    or a Hub repo) if it has one, else the model's.
+
+    The adapter's own tokenizer carries the chat format it was trained with, training date
+    included: with the base model's, an adapter trained on the base is prompted with today's
+    date (or with no template at all) instead.
+    """
     from hfplug.modeling import load_tokenizer
 
-    if adapter and not model_args.tokenizer_name and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
-        model_args = dataclasses.replace(model_args, tokenizer_name=adapter)
+    if adapter and not model_args.tokenizer_name:
+        folder = adapter_tokenizer_dir(adapter)
+        if folder:
+            logger.info("Using the tokenizer saved with the adapter %s (the chat format it was trained with).", adapter)
+            model_args = dataclasses.replace(model_args, tokenizer_name=folder)
     return load_tokenizer(model_args)
+
+
+# The files a saved tokenizer may consist of (transformers 5 writes the template to chat_template.jinja).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "additional_chat_templates/*", "tokenizer.model",
+                   "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def adapter_tokenizer_dir(adapter: str) -> str | None:
+    """The local folder holding the tokenizer saved with the adapter ``adapter``, or ``None`` if it has none.
+
+    ``adapter`` is a directory or a Hub repo. A repo is asked for ``tokenizer_config.json`` with
+    ``hf_hub_download`` (cached, so this works offline once the adapter has been downloaded);
+    one without it is ``None``, and so is one that cannot be checked (offline and not cached),
+    with a warning. A missing or gated repo is a ``ModelLoadError``.
+    """
+    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import errors as hub_errors
+
+    from hfplug.modeling import _looks_like_local_path, explain_load_error
+
+    path = os.path.expanduser(adapter)
+    if os.path.isdir(path) or _looks_like_local_path(adapter):
+        return path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
+    try:
+        hf_hub_download(adapter, "tokenizer_config.json")
+        # The whole tokenizer, as a folder: AutoTokenizer given the repo id also asks for the repo's
+        # config.json, which an adapter repo lacks, and offline that fails unless the Hub's "no such
+        # file" answer happens to be cached.
+        return snapshot_download(adapter, allow_patterns=list(TOKENIZER_FILES))
+    except hub_errors.LocalEntryNotFoundError:  # offline (or no connection) and not in the cache
+        if try_to_load_from_cache(adapter, "tokenizer_config.json") is not _CACHED_NO_EXIST:  # not known to be absent
+            logger.warning("Could not check whether the adapter %s has its own tokenizer (offline and not cached); "
+                           "using the base model's, whose chat format may differ from the one it was trained with.",
+                           adapter)
+        return None
+    except hub_errors.EntryNotFoundError:  # the Hub says the repo has no such file
+        return None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, hub_errors.OfflineModeIsEnabled) as err:
+        raise explain_load_error(adapter, err) from err
+
+
+def check_system_prompt(chat_format: ChatFormat, system: str | None) -> None:
+    """Encode the system prompt with a first user turn now, so that a template that refuses system
+    messages (Gemma-2's) is a ``ChatTemplateError`` (a ``ValueError``) with a hint when the prompt is
+    given, before the model is loaded, and not a failed first reply."""
+    if system:
+        chat_format.encode([{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+                           add_generation_prompt=True)
 
 
 def context_limit(model, tokenizer, max_context: int | None = None) -> int:
@@ -280,6 +354,7 @@ class ChatSession:
         self.notify = notify or (lambda message: print(message, file=sys.stderr))
         self.interrupted = False
         self._check_room(self.settings.max_new_tokens)
+        self._check_system(system)
         # Stop where the format ends a turn *and* where the model's own config says.
         self._stopping = chat_format.stopping_kwargs(getattr(model.generation_config, "eos_token_id", None))
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stopping["eos_token_id"][0]
@@ -296,6 +371,14 @@ class ChatSession:
         """Forget the history; the system prompt and settings stay."""
         self.history.clear()
 
+    def set_system(self, text: str | None) -> None:
+        """Set (or, with no text, remove) the system prompt; a template that refuses it is a ``ValueError``."""
+        self._check_system(text or None)
+        self.system = text or None
+
+    def _check_system(self, system: str | None) -> None:
+        check_system_prompt(self.format, system)
+
     def set(self, assignment: str) -> str:
         """``/set key=value`` on the generation settings; returns what was set. Unknown keys are a ``ValueError``."""
         keys = [f.name for f in dataclasses.fields(GenerationSettings)]
@@ -310,13 +393,23 @@ class ChatSession:
         self.settings = new
         return f"{key}={getattr(new, key)}"
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the conversation, settings and model to ``path`` as JSON."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the conversation, settings and model to ``path`` as JSON.
+
+        An existing file is a ``ValueError`` unless ``overwrite`` (``/save!``): a typo in a
+        file name should not silently replace an earlier conversation.
+        """
         path = Path(path).expanduser()
         record = {**self.info, "chat_template": self.format.name, "settings": dataclasses.asdict(self.settings),
                   "messages": self.messages}
         try:
-            path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            # "x" creates the file or fails if it exists, in one step (no check-then-write race).
+            with path.open("w" if overwrite else "x", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        except FileExistsError:
+            if path.is_dir():
+                raise ValueError(f"{str(path)!r} is a folder; give a file name, e.g. {path / 'chat.json'}.") from None
+            raise ValueError(f"{str(path)!r} already exists. Use /save! {path} to replace it, or give another name.") from None
         except OSError as err:
             raise ValueError(
                 f"Cannot write {str(path)!r}: {err.strerror}. Give a path in an existing, writable folder."
@@ -337,22 +430,25 @@ class ChatSession:
     def reply(self, text: str, *, on_text: Callable[[str], None] | None = None) -> Reply:
         """Add a user turn, generate the assistant's reply (streamed to ``on_text``), keep both in the history.
 
-        The user turn is taken back if it does not fit or generation fails, so a retry starts clean.
+        If the turn does not fit, the template refuses it, generation fails or Ctrl-C
+        (``KeyboardInterrupt``) comes before generation starts, the history is left as it was
+        (turns dropped to make room included), so a retry starts clean.
         """
         if not text.strip():
             raise ValueError("The message is empty; type some text.")
         started = time.perf_counter()
+        before = list(self.history)
         self.history.append({"role": "user", "content": text})
         try:
             ids, trimmed = self._fit_prompt()
             output, streamer = self._generate(ids, on_text)
+            new_ids = output[0, len(ids):].tolist()
+            reply_text, by_string = visible_text(self.tokenizer.decode(new_ids, skip_special_tokens=True),
+                                                 self.format.stop_strings, final=True)
+            self.history.append({"role": "assistant", "content": reply_text})
         except BaseException:
-            self.history.pop()
+            self.history[:] = before
             raise
-        new_ids = output[0, len(ids):].tolist()
-        reply_text, by_string = visible_text(self.tokenizer.decode(new_ids, skip_special_tokens=True),
-                                             self.format.stop_strings, final=True)
-        self.history.append({"role": "assistant", "content": reply_text})
         if self.interrupted:
             stopped_by = "interrupted"
         elif new_ids and new_ids[-1] in self._stopping["eos_token_id"]:
@@ -431,7 +527,8 @@ def _parse_value(value: str, kind, key: str):
             return lowered in ("true", "1", "yes", "on")
         return kind(value)
     except ValueError:
-        raise ValueError(f"/set {key}={value}: expected {'true or false' if kind is bool else 'a number'}.") from None
+        expected = {bool: "true or false", int: "a whole number"}.get(kind, "a number")
+        raise ValueError(f"/set {key}={value}: expected {expected}.") from None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -441,10 +538,12 @@ HELP = """Commands:
   /reset             forget the conversation (the system prompt stays)
   /system TEXT       set the system prompt (no TEXT: remove it)
   /set key=value     change a generation setting; /set alone shows them
-  /save FILE         write the conversation and settings to FILE (JSON)
+  /save FILE         write the conversation and settings to FILE (JSON); an existing FILE is kept
+  /save! FILE        the same, replacing FILE if it exists
   /exit              quit (Ctrl-D too)
-Ctrl-C stops the reply being written. Start a message with // to send a leading /."""
-COMMANDS = ("/help", "/reset", "/system", "/set", "/save", "/exit")
+Ctrl-C stops the reply being written (before it starts: drops the message).
+Start a message with // to send a leading /."""
+COMMANDS = ("/help", "/reset", "/system", "/set", "/save", "/save!", "/exit")
 
 
 def handle_command(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
@@ -460,17 +559,17 @@ def handle_command(session: ChatSession, line: str, out: TextIO, err: TextIO) ->
             session.reset()
             print("[conversation cleared]", file=err)
         elif name == "/system":
-            session.system = arg or None
+            session.set_system(arg)
             print(f"[system prompt {'set' if arg else 'removed'}]", file=err)
         elif name == "/set":
             if not arg:
                 print(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(session.settings).items()), file=out)
             else:
                 print(f"[{session.set(arg)}]", file=err)
-        elif name == "/save":
+        elif name in ("/save", "/save!"):
             if not arg:
-                raise ValueError("/save needs a file name, e.g. /save chat.json.")
-            path = session.save(arg)
+                raise ValueError(f"{name} needs a file name, e.g. {name} chat.json.")
+            path = session.save(arg, overwrite=name == "/save!")
             print(f"[saved {len(session.messages)} messages to {path}]", file=err)
         else:
             raise ValueError(f"Unknown command {name!r}. Commands: {', '.join(COMMANDS)} (/help explains them).")
@@ -551,7 +650,9 @@ def run_chat(session: ChatSession, *, prompt: str | None = None, stdin: TextIO |
         try:
             answer(session, line[1:] if line.startswith("//") else line, out=out, err=err, stream=stream,
                    show_stats=show_stats)
-        except ContextError as error:
+        except KeyboardInterrupt:  # Ctrl-C before generation took it over (e.g. while a long prompt was encoded)
+            print("\n[stopped before the reply started; the message was not kept]", file=err)
+        except ValueError as error:  # ContextError, ChatTemplateError (a template that refuses the chat), ...
             print(f"error: {error}", file=err)
         except torch.OutOfMemoryError:
             print("error: out of GPU memory for this reply; /reset the conversation or start with a smaller "

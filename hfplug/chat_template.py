@@ -12,15 +12,24 @@ otherwise ``plain`` (``System:``/``User:``/``Assistant:``), with a warning that 
 
 Encoding renders and tokenizes in one step with ``add_special_tokens=False`` (rendering to
 text and tokenizing again would add a second BOS), and encodes control tokens typed
-inside messages as plain text, so a user cannot end a turn by typing ``<|eot_id|>``.
+inside messages as plain text (``sanitize_control_tokens=True``, transformers >= 5.20),
+so a user cannot end a turn or open a fake assistant turn by typing ``<|eot_id|>``.
+
+A template that refuses a conversation (Gemma-2's raises on any system message) is a
+:class:`ChatTemplateError` (a ``ValueError``) that quotes the template's reason.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Iterator
+
+import jinja2
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +46,16 @@ END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>
 PLAIN_STOP_STRINGS = ("\nUser:",)
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refused to render a conversation (``raise_exception`` in it, or a Jinja error)."""
+
+
 def builtin_template(name: str) -> str:
     """The Jinja source of the built-in template ``name`` (a ``hfplug/templates/*.jinja`` file)."""
     return resources.files("hfplug").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
+def _common_prefix_len(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -79,6 +92,7 @@ class ChatFormat:
         ``.jinja`` file; it wins over the tokenizer's template. An unknown name, a missing
         file, or a built-in format whose special tokens the tokenizer lacks is a ``ValueError``.
         """
+        _require_control_token_sanitizing(tokenizer)
         vocab = tokenizer.get_vocab()
         if override:
             template, name = _load_override(override, vocab)
@@ -106,28 +120,74 @@ class ChatFormat:
         return fmt
 
     def _check_renders(self) -> None:
-        """Render a one-message chat now, so a broken template fails here and not mid-conversation."""
+        """Encode a one-message chat now, so a broken template fails here and not mid-conversation."""
         try:
-            self.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+            self.encode([{"role": "user", "content": "hi"}], add_generation_prompt=True)
         except Exception as err:  # jinja2 TemplateError, or raise_exception() inside the template
-            raise ValueError(f"Chat template {self.name!r} does not render a simple chat: {type(err).__name__}: {err}") from err
+            cause = err.__cause__ if isinstance(err, ChatTemplateError) and err.__cause__ else err
+            raise ValueError(
+                f"Chat template {self.name!r} does not render a simple chat: {type(cause).__name__}: {cause}"
+            ) from err
 
     # ------------------------------------------------------------------ rendering and encoding
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The chat as text (for reading and debugging; use :meth:`encode` to get token ids)."""
+        """The chat as text (for reading and debugging; use :meth:`encode` to get token ids).
+
+        Text only: typed control tokens look the same as real ones here. ``sanitize_control_tokens``
+        needs ``tokenize=True``, so it is :meth:`encode` that keeps them plain text.
+        """
+        with self._template_errors(messages):
+            return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
             tokenize=False, **self.template_kwargs,
         )
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of the chat with exactly one BOS (when the tokenizer has one)."""
-        ids = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
-            tokenize=True, return_dict=False, sanitize_control_tokens=True, **self.template_kwargs,
-        )
+        """Token ids of the chat with exactly one BOS (when the tokenizer has one).
+
+        Control tokens typed in a message (or in ``template_kwargs``) are encoded as plain
+        text, whichever template is used (the tokenizer's, a built-in or a ``.jinja`` file):
+        only the tokens the template writes itself become special tokens.
+        """
+        with self._template_errors(messages):
+            ids = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False, sanitize_control_tokens=True, **self.template_kwargs,
+            )
         return self._one_bos(list(ids))
+
+    @contextmanager
+    def _template_errors(self, messages: list[dict]) -> Iterator[None]:
+        """A template's own refusal (``raise_exception``) or Jinja error -> :class:`ChatTemplateError`."""
+        try:
+            yield
+        except jinja2.TemplateError as err:
+            raise ChatTemplateError(self._refusal_message(err, messages)) from err
+
+    def _refusal_message(self, err: jinja2.TemplateError, messages: list[dict]) -> str:
+        which = "The tokenizer's chat template" if self.name == "tokenizer" else f"The chat template {self.name!r}"
+        reason = str(err) or type(err).__name__
+        if self._system_message_is_refused(messages):  # Gemma-2: "System role not supported"
+            hint = ("This model's format has no system prompt: leave out --system (in a chat, '/system' with no "
+                    "text removes it) and put the instructions in your message instead")
+        else:
+            hint = "Change the conversation (/reset starts over)"
+        return (f"{which} refused this conversation: {reason}. {hint}, or choose another format with "
+                f"--chat_template ({', '.join(BUILTIN_TEMPLATES)} or a .jinja file).")
+
+    def _system_message_is_refused(self, messages: list[dict]) -> bool:
+        """Whether the same chat renders without its system message (then that message is what the template refuses)."""
+        if not messages or messages[0].get("role") != "system":
+            return False
+        try:
+            self._render(messages[1:] or [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except jinja2.TemplateError:
+            return False
+        return True
 
     def _one_bos(self, ids: list[int]) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -144,9 +204,12 @@ class ChatFormat:
     def encode_with_assistant_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """``(input_ids, mask)``: mask is 1 on each assistant reply's tokens, end-of-turn token included.
 
-        Loss on exactly these tokens trains the replies and the stop, not the prompts. Works
-        with any template that renders a chat as a prefix of its continuation: the tokens of
-        reply ``i`` are those of ``messages[:i+1]`` past the generation prompt of ``messages[:i]``.
+        Loss on exactly these tokens trains the replies and the stop, not the prompts. The tokens
+        of reply ``i`` are those of ``messages[:i+1]`` past the generation prompt of ``messages[:i]``,
+        so the template must render that generation prompt as a prefix of the chat with the reply,
+        and earlier turns the same once later turns follow. A template that does not (Mistral-Nemo's
+        with a system message: the system text moves into the last user turn, and is dropped once
+        a reply follows it) is a ``ValueError``, not a mask that labels prompt tokens.
         """
         ids = self.encode(messages)
         mask = [0] * len(ids)
@@ -155,6 +218,20 @@ class ChatFormat:
                 continue
             if i == 0:
                 raise ValueError("The chat starts with an assistant message; put a user (or system) message first.")
+            # Compared as text: at the token level the prompt's last characters may merge with the
+            # reply's first ones, which is fine; a prompt whose *text* is not a prefix is not.
+            prompt_text = self.render(messages[:i], add_generation_prompt=True)
+            upto_text = self.render(messages[: i + 1])
+            if not upto_text.startswith(prompt_text):
+                at = _common_prefix_len(prompt_text, upto_text)
+                raise ValueError(
+                    f"Chat template {self.name!r} does not render the generation prompt before assistant message {i} "
+                    f"as a prefix of the chat with that reply (they differ from character {at}: "
+                    f"{prompt_text[at:at + 40]!r} vs {upto_text[at:at + 40]!r}), so the reply's tokens cannot be "
+                    "told from the prompt's, and the model would be trained on a prompt it never sees when chatting. "
+                    + ("Leave out the system message, or use " if messages[0]["role"] == "system" else "Use ")
+                    + "a built-in template (--chat_template llama3|chatml|plain)."
+                )
             prompt = self.encode(messages[:i], add_generation_prompt=True)
             upto = ids if i == len(messages) - 1 else self.encode(messages[: i + 1])
             if upto != ids[: len(upto)]:
@@ -184,6 +261,22 @@ class ChatFormat:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _require_control_token_sanitizing(tokenizer) -> None:
+    """Refuse a transformers too old for ``sanitize_control_tokens`` (added in 5.20).
+
+    Older versions pass unknown keyword arguments on to the template, so the flag would be
+    silently ignored and a typed ``<|eot_id|>`` would become a real end of turn.
+    """
+    if "sanitize_control_tokens" not in inspect.signature(tokenizer.apply_chat_template).parameters:
+        import transformers
+
+        raise ValueError(
+            f"transformers {transformers.__version__} cannot keep control tokens typed in a message as plain text "
+            "(apply_chat_template(sanitize_control_tokens=True) needs transformers >= 5.20). "
+            "Upgrade it: pip install -U 'transformers>=5.20'."
+        )
 
 
 def detect_builtin(vocab) -> str:

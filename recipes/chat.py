@@ -16,8 +16,8 @@ import logging
 import sys
 import time
 
-from hfplug.chat import (ChatArguments, ChatModelArguments, ChatSession, GenerationSettings, load_chat_tokenizer,
-                         memory_in_use, resolve_model_name, run_chat)
+from hfplug.chat import (ChatArguments, ChatModelArguments, ChatSession, GenerationSettings, check_system_prompt,
+                         load_chat_tokenizer, memory_in_use, resolve_model_name, run_chat)
 from hfplug.chat_template import ChatFormat
 from hfplug.config import parse_args
 from hfplug.modeling import load_causal_lm
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     resolve_model_name(model_args, chat_args.adapter)
     tokenizer = load_chat_tokenizer(model_args, chat_args.adapter)
     chat_format = ChatFormat.from_tokenizer(tokenizer, chat_args.chat_template)
+    check_system_prompt(chat_format, chat_args.system)  # Gemma-2's template refuses any system prompt
 
     # --- Model ----------------------------------------------------------------
     start = time.perf_counter()
@@ -57,3 +58,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as err:  # bad input or a model that cannot be loaded: the message says what to do
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or in --prompt mode before the reply started
+        print("\n[interrupted]", file=sys.stderr)
+        sys.exit(130)

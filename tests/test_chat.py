@@ -7,13 +7,18 @@ each scripted token to its successor. After the Llama 3 generation prompt it wri
 Its config names only <|end_of_text|> as eos, like older Llama 3 configs.
 """
 
+import hashlib
 import importlib.util
 import io
 import json
+import logging
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
+import time
 import http.server
 from types import SimpleNamespace
 
@@ -22,12 +27,13 @@ import torch
 from conftest import REPO, run_command
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hfplug.chat import (ChatModelArguments, ChatSession, ContextError, GenerationSettings, load_chat_tokenizer,
+from hfplug.chat import (HELP, ChatModelArguments, ChatSession, ContextError, GenerationSettings, load_chat_tokenizer,
                          run_chat, visible_text)
-from hfplug.chat_template import ChatFormat
+from hfplug.chat_template import ChatFormat, ChatTemplateError
 from hfplug.config import ConfigError
-from hfplug.modeling import ModelLoadError, load_causal_lm
+from hfplug.modeling import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+from test_chat_template import GEMMA2_TEMPLATE
 
 TEXTS = ["Hello world. Sure.\n\nUser: a patent claim about a device\nUser: and a method\n\nAssistant: Sure."] * 50
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]
@@ -136,6 +142,46 @@ def test_ctrl_c_stops_the_reply_not_the_session(tiny):
     assert [m["content"] for m in s.history] == ["hi", reply.text, "again", "Hello world"]
 
 
+def test_ctrl_c_while_the_prompt_is_encoded_returns_to_the_prompt(tiny, monkeypatch):
+    """Ctrl-C while a long paste is tokenized (before generate() takes Ctrl-C over) drops that message only."""
+    s = session(tiny)
+    encode, calls = s.format.encode, []
+
+    def interrupted_once(messages, add_generation_prompt=False):
+        calls.append(messages[-1]["content"])
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread while the tokenizer runs
+        return encode(messages, add_generation_prompt)
+
+    monkeypatch.setattr(s.format, "encode", interrupted_once)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(s, stdin=io.StringIO("a very long paste\nagain\n"), out=out, err=err) == 0
+    assert "[stopped before the reply started; the message was not kept]" in err.getvalue()
+    assert out.getvalue() == "Hello world\n"  # the session went on to the next line
+    assert s.history == [{"role": "user", "content": "again"}, {"role": "assistant", "content": "Hello world"}]
+
+
+def test_ctrl_c_while_trimming_restores_the_history(tiny, monkeypatch):
+    encode = session(tiny).format.encode
+    user = lambda i: {"role": "user", "content": f"turn {i}"}  # noqa: E731
+    one_turn = len(encode([user(1)], add_generation_prompt=True))
+    per_turn = len(encode([user(1), {"role": "assistant", "content": "Hello world"}, user(2)], True)) - one_turn
+    s = session(tiny, max_context=one_turn + per_turn + 12)
+    s.reply("turn 1"), s.reply("turn 2")
+    before, calls = list(s.history), []
+
+    def interrupted_after_a_drop(messages, add_generation_prompt=False):
+        calls.append(len(messages))
+        if len(calls) == 3:  # whole chat, newest message alone, then the chat after dropping turn 1
+            raise KeyboardInterrupt
+        return encode(messages, add_generation_prompt)
+
+    monkeypatch.setattr(s.format, "encode", interrupted_after_a_drop)
+    with pytest.raises(KeyboardInterrupt):
+        s.reply("turn 3")
+    assert s.history == before  # turn 1, dropped to make room for a message that was never sent, is back
+
+
 def test_4bit_model_chats(tiny):
     model = load_causal_lm(ChatModelArguments(model_name_or_path=str(tiny.dir), quant="4bit"))
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
@@ -177,13 +223,68 @@ def test_set_validates_keys_and_values(tiny):
     with pytest.raises(ValueError, match=r"Unknown setting 'temprature'\. Settable keys: max_new_tokens, temperature, "
                                          r"top_p, top_k, repetition_penalty, do_sample"):
         s.set("temprature=0.3")
-    with pytest.raises(ValueError, match="expected a number"):
+    with pytest.raises(ValueError, match="expected a whole number"):
         s.set("top_k=many")
     with pytest.raises(ValueError, match=r"top_p=1\.5 must be in \(0, 1\]"):
         s.set("top_p=1.5")
     with pytest.raises(ValueError, match="leaves no room for the prompt"):
         s.set(f"max_new_tokens={s.context}")
     assert s.settings.top_p == 0.9  # a rejected /set changes nothing
+
+
+@pytest.mark.parametrize("assignment, says", [
+    ("temperature=inf", r"temperature=inf must be a finite number > 0"),
+    ("temperature=1e400", r"temperature=inf must be a finite number > 0"),  # overflows to inf
+    ("temperature=nan", r"temperature=nan must be a finite number > 0"),
+    ("temperature=-0.5", r"temperature=-0\.5 must be a finite number > 0"),
+    ("temperature=0", r"temperature=0\.0 must be a finite number > 0.*set do_sample=false"),
+    ("top_p=nan", r"top_p=nan must be in \(0, 1\]"),
+    ("top_p=inf", r"top_p=inf must be in \(0, 1\]"),
+    ("top_p=0", r"top_p=0\.0 must be in \(0, 1\]"),
+    ("top_k=-1", r"top_k=-1 must be an integer >= 0"),
+    ("top_k=2.5", r"/set top_k=2\.5: expected a whole number"),
+    ("top_k=inf", r"/set top_k=inf: expected a whole number"),
+    ("repetition_penalty=inf", r"repetition_penalty=inf must be a finite number > 0"),
+])
+def test_set_refuses_non_finite_and_out_of_range_values(tiny, assignment, says):
+    s = session(tiny)
+    before = s.settings
+    with pytest.raises(ValueError, match=says):
+        s.set(assignment)
+    assert s.settings is before
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", math.inf), ("temperature", math.nan), ("temperature", -1.0), ("temperature", True),
+    ("top_p", math.nan), ("top_p", 1.01), ("top_p", -math.inf), ("top_k", -3), ("top_k", 2.0), ("top_k", True),
+    ("repetition_penalty", math.inf), ("max_new_tokens", 0),
+])
+def test_generation_settings_refuse_bad_values(field, value):
+    """The dataclass itself checks, so flags and YAML get the same rules as /set."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        GenerationSettings(**{field: value})
+    assert GenerationSettings(temperature=1e-3, top_p=1, top_k=50, repetition_penalty=1.2).top_p == 1
+
+
+def test_settings_flags_refuse_inf(tiny):
+    with pytest.raises(ValueError, match="temperature=inf must be a finite number"):
+        load_recipe().main(["--model", str(tiny.dir), "--temperature", "inf", "--prompt", "hi"])
+
+
+def test_save_refuses_to_overwrite_unless_asked(tiny, tmp_path):
+    s = session(tiny, info={"model": "scripted"})
+    target = tmp_path / "chat.json"
+    target.write_text("an earlier conversation")
+    lines = ["hi", f"/save {target}", "/help", f"/save! {target}", f"/save {tmp_path}", "/save!"]
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(s, stdin=io.StringIO("\n".join(lines) + "\n"), out=out, err=err) == 0
+    assert f"error: '{target}' already exists. Use /save! {target} to replace it, or give another name." in err.getvalue()
+    assert "/save! FILE        the same, replacing FILE if it exists" in out.getvalue()
+    assert f"[saved 2 messages to {target}]" in err.getvalue()  # only /save! wrote
+    assert json.loads(target.read_text())["messages"][-1] == {"role": "assistant", "content": "Hello world"}
+    assert f"error: '{tmp_path}' is a folder; give a file name, e.g. {tmp_path / 'chat.json'}." in err.getvalue()
+    assert "error: /save! needs a file name, e.g. /save! chat.json." in err.getvalue()
+    assert "/save! FILE" in HELP
 
 
 def test_commands_and_save_through_the_loop(tiny, tmp_path):
@@ -285,6 +386,112 @@ def test_tokenizer_saved_with_the_adapter_is_preferred(tiny, adapter_dir, tmp_pa
     args = ChatModelArguments(model_name_or_path=str(tiny.dir))
     assert load_chat_tokenizer(args, str(with_tok)).chat_template == tok.chat_template
     assert load_chat_tokenizer(args, str(adapter_dir)).chat_template is None
+
+
+# --------------------------------------------------------------------------- templates that refuse a chat
+
+
+@pytest.fixture
+def gemma2_file(tmp_path):
+    path = tmp_path / "gemma2.jinja"
+    path.write_text(GEMMA2_TEMPLATE)  # Gemma-2's real template: raises on any system message
+    return path
+
+
+def test_template_refusing_the_system_prompt_fails_at_startup_with_a_hint(tiny, gemma2_file, monkeypatch):
+    with pytest.raises(ChatTemplateError, match="refused this conversation: System role not supported. This model's "
+                                                "format has no system prompt: leave out --system"):
+        session(tiny, template=str(gemma2_file), system="Be brief.")
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="System role not supported"):  # recipes/chat.py: `error: ...`, exit 2
+        recipe.main(["--model", str(tiny.dir), "--chat_template", str(gemma2_file), "--system", "Be brief.",
+                     "--prompt", "hi"])
+
+
+def test_template_error_mid_session_keeps_the_session_and_conversation(tiny, gemma2_file):
+    s = session(tiny, template=str(gemma2_file), max_new_tokens=4)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(s, stdin=io.StringIO("hi\n/system Be brief.\nagain\n"), out=out, err=err) == 0
+    assert f"error: The chat template '{gemma2_file}' refused this conversation: System role not supported." in err.getvalue()
+    assert "[system prompt set]" not in err.getvalue() and s.system is None
+    assert [m["content"] for m in s.history if m["role"] == "user"] == ["hi", "again"]
+
+    s.system = "Be brief."  # set behind the check's back (the API allows it): the reply fails, the session lives
+    history = list(s.history)
+    err = io.StringIO()
+    assert run_chat(s, stdin=io.StringIO("more\n/system\nmore\n"), out=io.StringIO(), err=err) == 0
+    assert err.getvalue().count("error: The chat template") == 1 and "[system prompt removed]" in err.getvalue()
+    assert s.history[: len(history)] == history and [m["content"] for m in s.history[len(history):]][0] == "more"
+    assert len(s.history) == len(history) + 2
+
+
+# --------------------------------------------------------------------------- Hub adapters: their own tokenizer
+
+
+def _cache_repo(cache, repo_id: str, files, *, known_missing=()):
+    """Put ``files`` in the HF cache as a download of ``repo_id`` at main would (refs/main -> snapshot), and
+    record ``known_missing`` the way the client does after the Hub answered 404 (``.no_exist``)."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, snapshot / file.name)
+    for name in known_missing:
+        (repo / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / ".no_exist" / commit / name).touch()
+
+
+@pytest.fixture
+def hub_cache(tiny, adapter_dir, tmp_path, monkeypatch):
+    """An offline HF cache with three adapter repos on tiny.dir: one saved with its training tokenizer, one
+    that the Hub said has none, and one whose tokenizer was never looked up."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    adapter_files = [adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny.dir)
+    training_chat_format(tokenizer)  # what a LoRA run saves: the format, with the training date as default
+    saved = tmp_path / "saved-tokenizer"
+    tokenizer.save_pretrained(saved)
+    _cache_repo(cache, "someone/abstract-lora", adapter_files + sorted(saved.iterdir()))
+    _cache_repo(cache, "someone/bare-lora", adapter_files, known_missing=["tokenizer_config.json"])
+    _cache_repo(cache, "someone/unchecked-lora", adapter_files)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return SimpleNamespace(cache=cache, tokenizer=tokenizer)
+
+
+def test_hub_adapter_uses_the_tokenizer_saved_with_it(tiny, hub_cache, caplog):
+    args = ChatModelArguments(model_name_or_path=str(tiny.dir))
+    hi = [{"role": "user", "content": "hi"}]
+    with caplog.at_level(logging.INFO, logger="hfplug"):
+        tok = load_chat_tokenizer(args, "someone/abstract-lora")
+    assert "Using the tokenizer saved with the adapter someone/abstract-lora" in caplog.text
+    assert tok.chat_template == hub_cache.tokenizer.chat_template
+    assert f"Today Date: {TRAINING_DATE_STRING}\n\n" in ChatFormat.from_tokenizer(tok).render(hi)
+    # What it replaces: the base model's tokenizer has no template, so the built-in one dates the prompt today.
+    base = ChatFormat.from_tokenizer(load_chat_tokenizer(args)).render(hi)
+    assert f"Today Date: {time.strftime('%d %b %Y')}\n\n" in base
+
+
+def test_hub_adapter_without_a_tokenizer_falls_back_to_the_base(tiny, hub_cache, caplog):
+    args = ChatModelArguments(model_name_or_path=str(tiny.dir))
+    with caplog.at_level(logging.WARNING, logger="hfplug"):
+        assert load_chat_tokenizer(args, "someone/bare-lora").chat_template is None  # the base's
+    assert caplog.text == ""  # the Hub said it has none: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="hfplug"):
+        assert load_chat_tokenizer(args, "someone/unchecked-lora").chat_template is None
+    assert "Could not check whether the adapter someone/unchecked-lora has its own tokenizer" in caplog.text
+
+
+def test_hub_adapter_chats_end_to_end(tiny, hub_cache, capsys):
+    assert load_recipe().main(["--adapter", "someone/abstract-lora", "--prompt", "hi", *GREEDY]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello\n"  # the adapter is on: "Hello" then <|eot_id|>
 
 
 # --------------------------------------------------------------------------- the recipe: bad input

@@ -7,11 +7,44 @@ command line is ``hupd_config: sample`` in a config file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+from hfplug.data.hupd import HUB_FILES
 from hfplug.data.hupd_splits import parse_filing_date
 from hfplug.data.tasks import (DEFAULT_TEXT_FIELDS, SECTIONS, TASKS, check_abstract_sources, check_task, is_generative,
                                parse_text_fields)
+
+
+def check_positive_int(name: str, value, *, when_set: bool = False) -> None:
+    """``value`` must be an int > 0: not a bool (``True == 1``), not a float such as 12.5."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be positive{' when set' if when_set else ''}, a whole number, got {value!r}.")
+
+
+# TrainingArguments counts that transformers accepts at parse time but that fail later (a DataLoader
+# with batch size 0) or silently mean nothing.
+_POSITIVE_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+_POSITIVE_IF_SET = ("eval_accumulation_steps", "save_total_limit", "logging_steps", "eval_steps", "save_steps")
+
+
+def check_training_args(args) -> None:
+    """Refuse ``TrainingArguments`` values that transformers lets through but that cannot work."""
+    for name in _POSITIVE_COUNTS:
+        check_positive_int(name, getattr(args, name))
+    for name in _POSITIVE_IF_SET:
+        value = getattr(args, name, None)
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name} must be positive when set, got {value!r}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"dataloader_num_workers must be 0 (load in the main process) or more, got {args.dataloader_num_workers}.")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(f"max_steps must be positive, or -1 to train for num_train_epochs, got {args.max_steps}.")
+    if args.max_steps < 0 and args.num_train_epochs <= 0 and args.do_train:
+        raise ValueError(f"num_train_epochs must be positive, got {args.num_train_epochs} (or set max_steps).")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"output_dir {args.output_dir!r} is a file, not a folder. Pass a folder path (it is created "
+                         "if missing), e.g. --output_dir outputs/my_run.")
 
 
 @dataclass
@@ -46,7 +79,9 @@ class HupdArguments:
         if self.hupd_config not in ("sample", "all"):
             raise ValueError(f"hupd_config must be 'sample' or 'all', got {self.hupd_config!r}.")
         check_task(self.task)
-        self.text_fields = ",".join(parse_text_fields(self.text_fields or DEFAULT_TEXT_FIELDS[self.task]))
+        # None means the task's default; "" is a mistake (as "," is), not a request for the default.
+        self.text_fields = ",".join(parse_text_fields(DEFAULT_TEXT_FIELDS[self.task] if self.text_fields is None
+                                                      else self.text_fields))
         if is_generative(self.task):
             check_abstract_sources(self.text_fields)
         elif self.chat_template is not None:
@@ -58,16 +93,19 @@ class HupdArguments:
                 value = str(value)  # YAML may hand us a datetime.date
                 parse_filing_date(value, name)  # the loader's own check, at parse time
                 setattr(self, name, value)
-        if self.max_length <= 0:
-            raise ValueError(f"max_length must be positive, got {self.max_length}.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive when set, got {value}.")
+        check_positive_int("max_length", self.max_length)
+        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name), when_set=True)
 
     @property
     def sections(self) -> list[str]:
         return self.text_fields.split(",")
+
+    def hub_files_needed(self) -> list[str]:
+        """The files of the HUPD/hupd dataset repo this selection downloads (none when both are local)."""
+        metadata, archive = HUB_FILES[self.hupd_config]
+        return [name for name, local in ((metadata, self.metadata_path), (archive, self.archive_path)) if local is None]
 
     def load_hupd_kwargs(self) -> dict:
         """The keyword arguments for ``hfplug.data.load_hupd``."""

@@ -74,10 +74,19 @@ def explain_load_error(name: str, err: BaseException) -> ModelLoadError:
     return ModelLoadError(f"Could not load {name!r}: {err}")
 
 
+_SAVED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
+
+
 def from_pretrained(cls, name: str, **kwargs):
     """``cls.from_pretrained(name, **kwargs)`` with a clear ``ModelLoadError`` on failure."""
     if _looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise explain_load_error(name, FileNotFoundError(name))
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in _SAVED_FILES):
+        # Else transformers guesses a tokenizer type and asks for sentencepiece or tiktoken.
+        raise ModelLoadError(f"Model folder {name!r} holds none of {', '.join(_SAVED_FILES)}: it is not a saved model. "
+                             "Pass a folder written by save_pretrained (e.g. a run's output_dir) or a Hub id "
+                             "such as anferico/bert-for-patents.")
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, hub_errors.HfHubHTTPError) as err:  # transformers reports Hub failures as OSError

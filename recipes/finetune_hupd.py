@@ -1,5 +1,10 @@
 """Fine-tune on HUPD (Harvard USPTO Patent Dataset) with ``transformers.Trainer``: a classifier, or an abstract writer.
 
+With no flags, the default job (recipes/configs/hupd_bert_for_patents.yaml): bert-for-patents
+on HUPD's January-2016 `sample`, with the dates of HUPD's README example (network, GPU):
+
+    accelerate launch recipes/finetune_hupd.py
+
 Offline quickstart (embedded sample, tiny model, CPU):
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py --config recipes/configs/quickstart.yaml
@@ -37,15 +42,18 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import transformers
 from transformers import TrainingArguments, set_seed
 
-from hfplug.arguments import HupdArguments, RunArguments
+from hfplug.arguments import HupdArguments, RunArguments, check_training_args
 from hfplug.callbacks import default_callbacks, sample_generation_callback
+from hfplug.cli import run, set_download_hint
 from hfplug.config import parse_args
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
+from hfplug.data.hupd import HUB_REPO_ID
 from hfplug.data.collate import causal_lm_collator
 from hfplug.data.tasks import is_generative, tokenize_abstract_splits
 from hfplug.generation import GenerationEval, GenerativeTrainer, generation_records
@@ -61,6 +69,7 @@ from hfplug.resilience import (GracefulStopCallback, SafeCheckpointTrainer, chec
 from hfplug.tokens import install_token_redaction, resolve_token
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "hupd_bert_for_patents.yaml"  # used when no --config is given
 
 
 # Arguments that may change between a run and its resumption (paths of caches, evaluation size, ...).
@@ -72,8 +81,12 @@ def main(argv=None):
     started = time.monotonic()  # the time budget counts from here
     # --- Arguments ------------------------------------------------------------
     model_args, data_args, run_args, hub_args, training_args = parse_args(
-        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments), argv
+        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments), argv,
+        default_config=DEFAULT_CONFIG,
     )
+    check_training_args(training_args)  # counts > 0, output_dir not a file, ...
+    # Said only if a Hub file cannot be fetched (offline, nothing cached): the quickstart, and what to download.
+    set_download_hint(model=model_args.model_name_or_path, dataset=(HUB_REPO_ID, data_args.hub_files_needed()))
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise ValueError("streaming=True has no dataset length to derive epochs from; set --max_steps (e.g. 1000).")
     if data_args.group_by_length:
@@ -244,4 +257,4 @@ def _limit(splits, data_args):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # bad input: one `error:` paragraph and exit status 2; a bug: the traceback

@@ -3,7 +3,7 @@
 import pytest
 from transformers import TrainingArguments
 
-from hfplug.arguments import HupdArguments, RunArguments
+from hfplug.arguments import HupdArguments, RunArguments, check_training_args
 from hfplug.config import ConfigError, parse_args
 
 
@@ -70,3 +70,74 @@ def test_yaml_dates_parsed_as_dates_become_strings(tmp_path):
     cfg = _write(tmp_path, "train_filing_start_date: 2016-01-01\n")
     (data,) = parse_args((HupdArguments,), ["--config", cfg])
     assert data.train_filing_start_date == "2016-01-01"
+
+
+def _recipe_args(argv):
+    parsed = parse_args((HupdArguments, RunArguments, TrainingArguments), argv)
+    check_training_args(parsed[-1])
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        # unquoted: PyYAML alone would say "day is out of range for month", naming nothing
+        ("train_filing_start_date: 2016-02-30\n", r"train_filing_start_date='2016-02-30' is not a valid calendar date.*"
+                                                   r"\(train_filing_start_date set in '.*cfg.yaml'"),
+        ("max_length: 12.5\n", r"max_length: 12.5 in '.*cfg.yaml' must be a whole number"),
+        ("max_length: true\n", r"max_length: True in '.*cfg.yaml' must be a whole number, not true/false"),
+        ("learning_rate: fast\n", r"learning_rate: 'fast' in '.*cfg.yaml' must be a number"),
+        ("do_train: maybe\n", r"do_train: 'maybe' in '.*cfg.yaml' must be true or false"),
+        ("text_fields: ''\n", r"text_fields is empty.*\(text_fields set in"),
+        ("per_device_train_batch_size: 0\n", r"per_device_train_batch_size must be positive"),
+        ("gradient_accumulation_steps: -2\n", r"gradient_accumulation_steps must be positive"),
+    ],
+)
+def test_bad_yaml_values_name_the_key_and_file(tmp_path, yaml_text, message):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml_text + "output_dir: " + str(tmp_path / "out") + "\n")
+    with pytest.raises(ValueError, match=message):
+        _recipe_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be positive"),
+        (["--max_steps", "0"], "max_steps must be positive, or -1"),
+        (["--max_train_samples", "0"], "max_train_samples must be positive when set"),
+        (["--text_fields", ""], "text_fields is empty"),
+        (["--learnin_rate", "0.1"], r"'--learnin_rate' \(did you mean '--learning_rate'\?\)"),
+    ],
+)
+def test_bad_recipe_flags_are_clear_errors(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        _recipe_args(["--output_dir", str(tmp_path / "out"), *flags])
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        _recipe_args(["--output_dir", str(tmp_path / "out")])
+
+
+def test_max_length_must_be_an_int_for_library_users():
+    for value in (12.5, True):
+        with pytest.raises(ValueError, match="max_length must be positive, a whole number"):
+            HupdArguments(max_length=value)
+
+
+def test_default_config_applies_only_without_config(tmp_path):
+    default = _write(tmp_path, "max_length: 99\n")
+    (data,) = parse_args((HupdArguments,), [], default_config=default)
+    assert data.max_length == 99
+    other = tmp_path / "other.yaml"
+    other.write_text("task: ipc\n")
+    (data,) = parse_args((HupdArguments,), ["--config", str(other)], default_config=default)
+    assert data.max_length == 512 and data.task == "ipc"
+
+
+def test_token_flag_is_refused_before_parsing():
+    with pytest.raises(ValueError, match="refuses it") as info:
+        parse_args((HupdArguments,), ["--hub_token", "hf_CanaryTok3n"])
+    assert "Canary" not in str(info.value)

@@ -67,6 +67,9 @@ def test_readme_quickstart_is_two_one_line_commands():
     assert "recipes/finetune_hupd.py" in commands[0] and "quickstart.yaml" in commands[0]
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (REPO / ".ci" / "run").read_text()
-    assert _quickstart_commands()[1] in ci.splitlines()
+def test_ci_runs_both_readme_commands_in_a_fresh_venv():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    for command in _quickstart_commands():
+        assert command in ci, command
+    venv = next(i for i, line in enumerate(ci) if "-m venv" in line)
+    assert venv < ci.index(_quickstart_commands()[0]), "the commands must run inside the fresh venv"

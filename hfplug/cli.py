@@ -1,0 +1,119 @@
+"""How every recipe ends: a user error is one ``error:`` paragraph and exit status 2, a bug a traceback.
+
+``run(main)`` wraps a recipe's ``main()``. Bad input (a wrong flag or key, a missing file,
+bad dates, a model that is not there, a Hub refusal) raises ``ValueError``, ``OSError`` or
+one of hfplug's Hub/token errors with a message that says what was wrong and what to do;
+``run`` prints that message, masked of anything shaped like a token, and exits 2. Any
+other exception is a bug and keeps its traceback.
+
+Under ``accelerate launch`` (single process) a non-zero exit makes the launcher raise
+``CalledProcessError`` with the child's whole command line: a second traceback under the
+message, and a token typed as a flag echoed into the log. So after printing the message
+``run`` ends the launcher with SIGTERM: the shell gets exit status 143 and nothing more is
+printed. Multi-process launches (torchrun) print no command line and are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from hfplug.hub import HubError
+from hfplug.tokens import TokenError, exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
+
+USER_ERRORS = (ValueError, OSError, HubError, TokenError)
+QUICKSTART_COMMAND = ("accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py "
+                      "--config recipes/configs/quickstart.yaml")
+
+_download_hint: str | None = None
+
+
+def set_download_hint(model: str | None = None, dataset: tuple[str, list[str]] | None = None) -> None:
+    """Say what to download when a run needs a Hub file that cannot be fetched (offline, nothing cached).
+
+    ``model`` is a model id or local path (an existing path needs no download); ``dataset``
+    is ``(repo_id, [filenames])`` of a Hub dataset repo.
+    """
+    global _download_hint
+    commands = [f"hf download {model}"] if model and not os.path.exists(os.path.expanduser(model)) else []
+    if dataset and dataset[1]:
+        commands.append(f"hf download {dataset[0]} --repo-type dataset {' '.join(dataset[1])}")
+    if not commands:
+        _download_hint = None
+        return
+    _download_hint = (
+        "To try hfplug now with nothing to download, run the offline quickstart:\n"
+        f"    {QUICKSTART_COMMAND}\n"
+        "To run this job later, download what it needs once, on a machine with network (it stays in the "
+        "Hugging Face cache; then HF_HUB_OFFLINE=1 runs offline):\n" + "\n".join(f"    {c}" for c in commands)
+    )
+
+
+def _needs_download(err: BaseException) -> bool:
+    """True when ``err`` (or its cause) says a Hub file could not be fetched and is not cached."""
+    from huggingface_hub import errors as hub_errors
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
+            return True
+        if getattr(err, "reason", None) in ("unreachable", "offline", "not_cached"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def error_message(err: BaseException) -> str:
+    """The ``error:`` paragraph for a user error: its message (and notes), masked, plus the download hint."""
+    parts = [str(err).strip() or type(err).__name__, *getattr(err, "__notes__", ())]
+    if _download_hint and _needs_download(err):
+        parts.append(_download_hint)
+    return mask_tokens("error: " + "\n".join(parts))
+
+
+def _simple_launcher_pid() -> int | None:
+    """The pid of the ``accelerate launch`` process that started this one as its only process, else None."""
+    if not launched_by_accelerate_simple_launcher():
+        return None
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:  # not Linux: leave the launcher alone
+        return None
+    return parent if any(b"accelerate" in a for a in argv) else None  # `accelerate launch` or `python -m accelerate...`
+
+
+def _end_launcher(pid: int) -> None:
+    try:  # hfplug.resilience may have asked for SIGTERM when the launcher dies: not now, we are ending anyway
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):  # wait (up to 1 s) until it is gone, so it cannot still print
+        if os.getppid() != pid:
+            break
+        time.sleep(0.02)
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a recipe's ``main()`` and exit: its return value, or 2 with an ``error:`` paragraph on bad input."""
+    try:
+        status = main()
+    except USER_ERRORS as err:
+        if os.environ.get("HFPLUG_TRACEBACK"):  # for bug reports: the full story
+            raise
+        sys.stdout.flush()
+        print(error_message(err), file=sys.stderr, flush=True)
+        status = exit_status_for(err)  # 0 for a token on the command line under the launcher: see there
+        launcher = _simple_launcher_pid() if status else None
+        if launcher is not None:
+            _end_launcher(launcher)
+        sys.exit(status)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -106,12 +106,18 @@ def run(main: Callable[[], int | None]) -> None:
     """Run a recipe's ``main()`` and exit: its return value, or 2 with an ``error:`` paragraph on bad input."""
     try:
         status = main()
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, a prompt): no traceback, the usual status
+        print("\n[interrupted]", file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as err:
         if os.environ.get("HFPLUG_TRACEBACK"):  # for bug reports: the full story
             raise
         sys.stdout.flush()
         print(error_message(err), file=sys.stderr, flush=True)
         status = exit_status_for(err)  # 0 for a token on the command line under the launcher: see there
+        if status == 0:
+            print("Exiting with status 0 on purpose: under `accelerate launch`, a failing status makes the launcher "
+                  "print the full command line, token included. Nothing was run.", file=sys.stderr, flush=True)
         launcher = _simple_launcher_pid() if status else None
         if launcher is not None:
             _end_launcher(launcher)

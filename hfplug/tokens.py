@@ -17,7 +17,7 @@ huggingface_hub's loggers and handlers.
 
 A token on a recipe's command line is refused (``refuse_token_flags``): a command line is
 visible in process lists and shell history, and ``accelerate launch`` prints it whole when
-the script exits non-zero. ``exit_on_user_error`` prints the refusal (masked) and picks the
+the script exits non-zero. ``hfplug.cli.run`` prints the refusal (masked) and picks the
 exit status; see ``launched_by_accelerate_simple_launcher`` for why it is 0 in one case.
 """
 
@@ -31,7 +31,6 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -247,24 +246,6 @@ def exit_status_for(err: BaseException) -> int:
     if isinstance(err, TokenOnCommandLineError) and launched_by_accelerate_simple_launcher():
         return 0
     return USAGE_ERROR_STATUS
-
-
-def exit_on_user_error(err: BaseException | str, prog: str | None = None, *, file=None) -> NoReturn:
-    """Print ``PROG: error: MESSAGE`` (tokens masked) to stderr and exit with ``exit_status_for(err)``.
-
-    For errors the user can fix (bad flags, a token on the command line, Hub refusals):
-    no traceback, and no chained exception that could hold an unmasked token.
-    """
-    prog = prog or os.path.basename(sys.argv[0] or "hfplug")
-    message = redact(str(err))
-    stream = sys.stderr if file is None else file
-    status = exit_status_for(err) if isinstance(err, BaseException) else USAGE_ERROR_STATUS
-    print(f"{prog}: error: {message}", file=stream)
-    if isinstance(err, TokenOnCommandLineError) and status == 0:
-        print(f"{prog}: exiting with status 0 on purpose: under `accelerate launch`, a failing status makes the "
-              "launcher print the full command line, token included. Nothing was run.", file=stream)
-    stream.flush()
-    raise SystemExit(status)
 
 
 @dataclass(frozen=True)

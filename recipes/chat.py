@@ -19,6 +19,7 @@ import time
 from hfplug.chat import (ChatArguments, ChatModelArguments, ChatSession, GenerationSettings, check_system_prompt,
                          load_chat_tokenizer, memory_in_use, resolve_model_name, run_chat)
 from hfplug.chat_template import ChatFormat
+from hfplug.cli import run
 from hfplug.config import parse_args
 from hfplug.modeling import load_causal_lm
 
@@ -53,11 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as err:  # bad input or a model that cannot be loaded: the message says what to do
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C while loading, or in --prompt mode before the reply started
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    run(main)  # bad input or a model that cannot be loaded: one `error:` paragraph and exit status 2

@@ -11,18 +11,19 @@ argument shaped like a token) is refused before anything runs. Rerunning is safe
 on the Hub unchanged are skipped, so an interrupted push is finished by running it again.
 
 Errors the user can fix (a refused token, bad flags, a missing folder, the Hub saying no) print
-`push_adapter: error: …` (tokens masked) and exit with status 2, without a traceback; anything
-else is a bug and keeps its traceback.
+`error: …` (tokens masked) and exit with status 2, without a traceback (``hfplug.cli.run``);
+anything else is a bug and keeps its traceback.
 """
 
 import logging
 import sys
 from dataclasses import dataclass, field
 
+from hfplug.cli import run
 from hfplug.config import parse_args
-from hfplug.hub import HubError, preflight_push, push_run, run_kind
+from hfplug.hub import preflight_push, push_run, run_kind
 from hfplug.modeling import adapter_base_model
-from hfplug.tokens import exit_on_user_error, install_token_redaction, refuse_token_flags
+from hfplug.tokens import install_token_redaction
 
 logger = logging.getLogger("hfplug.recipes.push_adapter")
 
@@ -54,9 +55,7 @@ def _with_output_dir_flag(argv):
 
 def main(argv=None):
     # --- Arguments ------------------------------------------------------------
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_token_flags(argv)  # first: no parser may echo a token in an "unknown argument" error
-    (args,) = parse_args((PushArguments,), _with_output_dir_flag(argv))
+    (args,) = parse_args((PushArguments,), _with_output_dir_flag(argv))  # refuses a token flag first
 
     # --- Logging --------------------------------------------------------------
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -76,17 +75,8 @@ def main(argv=None):
                       task=args.task, hupd_config=args.hupd_config, endpoint=target.endpoint)
     if result.commit_url:
         logger.info("Done: %s (%s)", target.url, result.commit_url)
-    return result
-
-
-USER_ERRORS = (HubError, ValueError, OSError)  # TokenOnCommandLineError and ConfigError are ValueErrors
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as err:
-        # Message only, masked: a traceback would also print chained causes (e.g. argparse's, echoing
-        # every argument). Status 2, or 0 for a refused token under accelerate's simple launcher,
-        # which would otherwise print the command line, token included (hfplug.tokens.exit_status_for).
-        exit_on_user_error(err, "push_adapter")
+    run(main)  # bad input or a Hub refusal: one `error:` paragraph (tokens masked) and exit status 2

@@ -627,8 +627,8 @@ def test_push_adapter_script(hub, adapter_run):
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": READ, "HF_HOME": str(adapter_run.parent / "home")}
     script = [sys.executable, str(REPO / "recipes" / "push_adapter.py"), str(adapter_run), "--hub_model_id"]
     out = run_command([*script, "alice/script", "--private"], env=env, timeout=120)
-    assert out.returncode == 2, out.stdout  # a user error: "push_adapter: error: ...", status 2
-    assert "push_adapter: " in out.stdout and "read-only" in out.stdout and "Traceback" not in out.stdout
+    assert out.returncode == 2, out.stdout  # a user error: "error: ...", status 2
+    assert "error: " in out.stdout and "read-only" in out.stdout and "Traceback" not in out.stdout
     assert "alice/script" not in hub.repos
 
     out = run_command([*script, "script", "--private", "--license", "mit"], env={**env, "HF_TOKEN": WRITE}, timeout=120)

@@ -138,7 +138,7 @@ def test_push_script_refuses_a_token_flag_without_echoing_it(flags, quiet_hub, a
     out = run_command([sys.executable, PUSH_SCRIPT, str(adapter_run), "--hub_model_id", "alice/leak", *flags],
                       env=env, timeout=120)
     assert out.returncode == 2, out.stdout
-    assert "push_adapter: error: " in out.stdout and "HF_TOKEN" in out.stdout and "hf auth login" in out.stdout
+    assert "error: " in out.stdout and "HF_TOKEN" in out.stdout and "hf auth login" in out.stdout
     assert "Traceback" not in out.stdout
     _assert_no_canary(out.stdout)
     assert not server.requests  # refused before any Hub call
@@ -149,7 +149,7 @@ def test_push_script_user_errors_exit_2_without_traceback(quiet_hub, tmp_path):
     out = run_command([sys.executable, PUSH_SCRIPT, str(tmp_path / "missing"), "--hub_model_id", "alice/x"],
                       env={**env, "HF_TOKEN": SHORT}, timeout=120)
     assert out.returncode == 2, out.stdout
-    assert "push_adapter: error: " in out.stdout and "is not a directory" in out.stdout
+    assert "error: " in out.stdout and "is not a directory" in out.stdout
     assert "Traceback" not in out.stdout
     _assert_no_canary(out.stdout)
 
@@ -176,7 +176,7 @@ def test_accelerate_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_
     out = run_command([*launch, "--hub_token", LONG], env=env, timeout=180)
     _assert_no_canary(out.stdout)
     assert out.returncode == 0, out.stdout  # on purpose: see hfplug.tokens.exit_status_for
-    assert "push_adapter: error: " in out.stdout and "HF_TOKEN" in out.stdout and "status 0 on purpose" in out.stdout
+    assert "error: " in out.stdout and "HF_TOKEN" in out.stdout and "status 0 on purpose" in out.stdout
     assert "CalledProcessError" not in out.stdout and "Traceback" not in out.stdout
     assert not server.requests
 
@@ -190,7 +190,7 @@ def test_accelerate_torchrun_launch_with_a_token_flag_prints_no_token(quiet_hub,
     out = run_command([*launch, "--hf_token", SHORT], env=env, timeout=180)
     _assert_no_canary(out.stdout)
     assert out.returncode != 0, out.stdout
-    assert "push_adapter: error: " in out.stdout and "push_adapter.py FAILED" in out.stdout
+    assert "error: " in out.stdout and "push_adapter.py FAILED" in out.stdout
     assert not server.requests
 
 

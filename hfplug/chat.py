@@ -147,7 +147,7 @@ def resolve_model_name(model_args: ChatModelArguments, adapter: str | None) -> s
 
     An adapter whose base differs from an explicit ``--model`` is a ``ValueError`` naming the base.
     """
-    from hfplug.modeling import check_adapter_base
+    from hfplug.loading import check_adapter_base
 
     if adapter:
         base = check_adapter_base(adapter, model_args.model_name_or_path)
@@ -164,7 +164,7 @@ def load_chat_tokenizer(model_args: ModelArguments, adapter: str | None = None):
     included: with the base model's, an adapter trained on the base is prompted with today's
     date (or with no template at all) instead.
     """
-    from hfplug.modeling import load_tokenizer
+    from hfplug.loading import load_tokenizer
 
     if adapter and not model_args.tokenizer_name:
         folder = adapter_tokenizer_dir(adapter)
@@ -191,7 +191,7 @@ def adapter_tokenizer_dir(adapter: str) -> str | None:
     from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, snapshot_download, try_to_load_from_cache
     from huggingface_hub import errors as hub_errors
 
-    from hfplug.modeling import _looks_like_local_path, explain_load_error
+    from hfplug.loading import _looks_like_local_path, explain_load_error
 
     path = os.path.expanduser(adapter)
     if os.path.isdir(path) or _looks_like_local_path(adapter):
@@ -225,7 +225,7 @@ def check_system_prompt(chat_format: ChatFormat, system: str | None) -> None:
 
 def context_limit(model, tokenizer, max_context: int | None = None) -> int:
     """Tokens a chat may use (prompt + reply): the smallest of the model's, the tokenizer's and ``max_context``."""
-    from hfplug.modeling import model_max_positions
+    from hfplug.loading import model_max_positions
 
     limits = [n for n in (model_max_positions(model.config), getattr(tokenizer, "model_max_length", None), max_context)
               if isinstance(n, int) and 0 < n < 10**8]  # transformers uses ~1e30 for "no limit"

@@ -21,7 +21,7 @@ from hfplug.chat import (ChatArguments, ChatModelArguments, ChatSession, Generat
 from hfplug.chat_template import ChatFormat
 from hfplug.cli import run
 from hfplug.config import parse_args
-from hfplug.modeling import load_causal_lm
+from hfplug.loading import load_causal_lm
 
 
 def main(argv=None) -> int:

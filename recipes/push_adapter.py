@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from hfplug.cli import run
 from hfplug.config import parse_args
 from hfplug.hub import preflight_push, push_run, run_kind
-from hfplug.modeling import adapter_base_model
+from hfplug.loading import adapter_base_model
 from hfplug.tokens import install_token_redaction
 
 logger = logging.getLogger("hfplug.recipes.push_adapter")

@@ -319,7 +319,7 @@ def llama_parts():
     """A tiny Llama-3-style model, its training chat format and two generation records."""
     from hfplug.data.tasks import encode_abstract_example
     from hfplug.generation import generation_records
-    from hfplug.modeling import training_chat_format
+    from hfplug.loading import training_chat_format
     from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
 
     tok = build_llama3_tokenizer(["A widget comprising a wheel. 1. A widget."] * 20, vocab_size=300)

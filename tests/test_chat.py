@@ -31,7 +31,7 @@ from hfplug.chat import (HELP, ChatModelArguments, ChatSession, ContextError, Ge
                          run_chat, visible_text)
 from hfplug.chat_template import ChatFormat, ChatTemplateError
 from hfplug.config import ConfigError
-from hfplug.modeling import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
+from hfplug.loading import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
 from test_chat_template import GEMMA2_TEMPLATE
 
@@ -360,7 +360,7 @@ def test_hub_adapter_id_resolves_its_base(tiny, adapter_dir, monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from hfplug.modeling import check_adapter_base
+    from hfplug.loading import check_adapter_base
 
     def fake_download(repo_id, filename, **kwargs):
         assert filename == "adapter_config.json"

@@ -12,7 +12,7 @@ PAD_TO_MULTIPLE_OF = 8
 
 def _check_pad_token(tokenizer) -> None:
     if tokenizer.pad_token is None:
-        raise ValueError("The tokenizer has no pad token; call hfplug.modeling.ensure_pad_token(tokenizer) first.")
+        raise ValueError("The tokenizer has no pad token; call hfplug.loading.ensure_pad_token(tokenizer) first.")
 
 
 def padding_collator(tokenizer, *, pad_to_multiple_of: int | None = PAD_TO_MULTIPLE_OF) -> DataCollatorWithPadding:
@@ -21,7 +21,7 @@ def padding_collator(tokenizer, *, pad_to_multiple_of: int | None = PAD_TO_MULTI
     transformers' ``DataCollatorWithPadding`` already does exactly this — pad to the
     longest sequence in the batch, rounded up to a multiple of 8, and rename
     ``label`` to ``labels`` — so hfplug configures it rather than rewriting it.
-    The tokenizer must have a pad token (see ``hfplug.modeling.ensure_pad_token``).
+    The tokenizer must have a pad token (see ``hfplug.loading.ensure_pad_token``).
     """
     _check_pad_token(tokenizer)
     return DataCollatorWithPadding(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")

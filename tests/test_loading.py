@@ -9,7 +9,7 @@ import threading
 import pytest
 from transformers import AutoConfig
 
-from hfplug.modeling import ModelLoadError, check_max_length, ensure_pad_token, from_pretrained
+from hfplug.loading import ModelLoadError, check_max_length, ensure_pad_token, from_pretrained
 from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
 
 TEXT = ["a semiconductor device with a gate electrode", "a method of encoding data in a memory"] * 10
@@ -26,7 +26,7 @@ def test_offline_and_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = (
         "from transformers import AutoConfig\n"
-        "from hfplug.modeling import from_pretrained\n"
+        "from hfplug.loading import from_pretrained\n"
         "from_pretrained(AutoConfig, 'someone/not-cached-model')\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path))
@@ -57,7 +57,7 @@ def test_no_such_repo_distinguished_from_offline(tmp_path):
     try:
         code = (
             "from transformers import AutoConfig\n"
-            "from hfplug.modeling import from_pretrained\n"
+            "from hfplug.loading import from_pretrained\n"
             "from_pretrained(AutoConfig, 'someone/no-such-model')\n"
         )
         env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_CACHE=str(tmp_path),
@@ -72,7 +72,7 @@ def test_no_such_repo_distinguished_from_offline(tmp_path):
 def test_pad_token_chosen_for_llama_style_tokenizer(caplog):
     tok = build_llama3_tokenizer(TEXT, vocab_size=400)
     assert tok.pad_token is None
-    with caplog.at_level("INFO", logger="hfplug.modeling"):
+    with caplog.at_level("INFO", logger="hfplug.loading"):
         assert ensure_pad_token(tok) == "<|finetune_right_pad_id|>"
     assert tok.pad_token_id != tok.eos_token_id
     assert "padding with '<|finetune_right_pad_id|>'" in caplog.text
@@ -92,7 +92,7 @@ def test_max_length_above_model_limit():
 
 
 def test_memory_plan_message_warns_with_settings_that_fit():
-    from hfplug.modeling import memory_plan_message
+    from hfplug.loading import memory_plan_message
     from hfplug.tiny import tiny_llama_config
 
     config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,

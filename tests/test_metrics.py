@@ -7,13 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 from transformers import EvalPrediction
 
-from hfplug.metrics import (
-    ClassificationMetrics,
-    TopKAccuracy,
-    classification_scores,
-    compute_metrics_for,
-    top_k_accuracies,
-)
+from hfplug.metrics import classification_scores, compute_metrics_for, top_k_accuracies
 
 
 def sklearn_scores(preds, refs, labels=None):
@@ -92,18 +86,6 @@ def test_bad_inputs(preds, refs, match):
         classification_scores(preds, refs)
 
 
-def test_classification_metric_module_compute_and_batches():
-    metric = ClassificationMetrics(keep_in_memory=True)
-    refs, preds = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
-    expected = classification_scores(preds, refs)
-    assert metric.compute(predictions=preds, references=refs) == pytest.approx(expected)
-    # add_batch accumulates, and the instance can be reused after compute.
-    metric.add_batch(predictions=preds[:4], references=refs[:4])
-    metric.add_batch(predictions=preds[4:], references=refs[4:])
-    assert metric.compute() == pytest.approx(expected)
-    assert metric.compute(predictions=[0, 1], references=[0, 1], labels=[0, 1, 2])["f1"] == pytest.approx(2 / 3)
-
-
 # --- top_k_accuracies / TopKAccuracy ----------------------------------------------------
 
 
@@ -154,13 +136,6 @@ def test_top_k_rejects_references_out_of_range():
         top_k_accuracies([[0.1, 0.9]], [2])
 
 
-def test_top_k_metric_module():
-    metric = TopKAccuracy(keep_in_memory=True)
-    scores, refs = [[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]], [2, 0]
-    assert metric.compute(predictions=scores, references=refs) == {"top1_accuracy": 0.5, "top5_accuracy": 1.0}
-    assert metric.compute(predictions=scores, references=refs, k=[2]) == {"top2_accuracy": 1.0}
-
-
 # --- compute_metrics_for -------------------------------------------------------------
 
 
@@ -182,10 +157,6 @@ def test_ipc_metrics_take_first_element_of_tuple_predictions():
     assert set(got) == {"accuracy", "f1", "precision", "recall", "top1_accuracy", "top5_accuracy"}
     assert got["top1_accuracy"] == pytest.approx(got["accuracy"])
     assert got["top5_accuracy"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=np.arange(12)))
-    # The Metric classes and the Trainer hook give the same numbers.
-    via_metric = ClassificationMetrics(keep_in_memory=True).compute(predictions=logits.argmax(1), references=labels)
-    via_metric.update(TopKAccuracy(keep_in_memory=True).compute(predictions=logits, references=labels))
-    assert got == pytest.approx(via_metric)
 
 
 def test_custom_top_k_keys():
@@ -209,39 +180,23 @@ def test_bad_top_k_fails_when_building_the_hook():
 
 
 def test_rouge_hand_computed():
-    from hfplug.metrics import Rouge, rouge_scores
+    from hfplug.metrics import rouge_scores
 
     # 1-grams: P 3/3, R 3/4 -> F1 6/7; 2-grams: P 2/2, R 2/3 -> F1 4/5; LCS 3 -> F1 6/7.
     expected = {"rouge1": 6 / 7, "rouge2": 4 / 5, "rougeL": 6 / 7}
     assert rouge_scores(["the cat sat"], ["The cat sat down."]) == pytest.approx(expected)
-    assert Rouge().compute(predictions=["the cat sat"], references=["The cat sat down."]) == pytest.approx(expected)
     # Mean over pairs; nothing in common (or nothing at all) scores 0.
     assert rouge_scores(["the cat sat", "dog", ""], ["the cat sat down", "cat", ""]) == pytest.approx(
         {k: v / 3 for k, v in expected.items()})
 
 
-def test_rouge_tokenization_and_lcs():
-    from hfplug.metrics import lcs_length, rouge_l, rouge_tokenize
-
-    assert rouge_tokenize("Dog's café-42!  A") == ["dog", "s", "caf", "42", "a"]  # as rouge_score: non-ASCII splits
-    assert lcs_length(list("abcbdab"), list("bdcaba")) == 4
-    # ROUGE-L of a reordering: LCS "a c" of 3 tokens each -> 2/3.
-    assert rouge_l(["a", "b", "c"], ["a", "c", "b"]) == pytest.approx(2 / 3)
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_rouge_agrees_with_rouge_score(seed):
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")  # installed here, not a dependency
+def test_rouge_tokenization_and_order():
     from hfplug.metrics import rouge_scores
 
-    rng = np.random.default_rng(seed)
-    words = "the a wheel widget battery turns Claim claim-1 comprising 42 café, it's . ; (b)".split()
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 40)))) for _ in range(60)]
-    predictions, references = texts[:30], texts[30:]
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    theirs = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
-    expected = {key: float(np.mean([s[key].fmeasure for s in theirs])) for key in ("rouge1", "rouge2", "rougeL")}
-    assert rouge_scores(predictions, references) == pytest.approx(expected, abs=1e-12)
+    # rouge_score's tokenizer: lower-case, anything but a-z0-9 splits (non-ASCII letters too).
+    assert rouge_scores(["dog s caf 42 a"], ["Dog's café-42!  A"]) == pytest.approx(dict.fromkeys(("rouge1", "rouge2", "rougeL"), 1.0))
+    # ROUGE-L of a reordering: LCS "a c" of 3 tokens each -> 2/3.
+    assert rouge_scores(["a b c"], ["a c b"])["rougeL"] == pytest.approx(2 / 3)
 
 
 def test_rouge_bad_inputs():

@@ -191,10 +191,10 @@ def adapter_tokenizer_dir(adapter: str) -> str | None:
     from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, snapshot_download, try_to_load_from_cache
     from huggingface_hub import errors as hub_errors
 
-    from hfplug.loading import _looks_like_local_path, explain_load_error
+    from hfplug.loading import explain_load_error, is_hub_id
 
     path = os.path.expanduser(adapter)
-    if os.path.isdir(path) or _looks_like_local_path(adapter):
+    if not is_hub_id(adapter):
         return path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
     try:
         hf_hub_download(adapter, "tokenizer_config.json")

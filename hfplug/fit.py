@@ -32,13 +32,14 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from hfplug.loading import ConfigUnavailableError, load_config
 
 GiB = 1024**3
 MiB = 1024**2
@@ -90,91 +91,6 @@ _BNB_OPTIM_BLOCK = 256
 CUDA_CONTEXT = 512 * MiB  # CUDA runtime + cuBLAS/bitsandbytes kernels; outside torch's counters
 CUBLAS_WORKSPACE = 32 * MiB  # allocated through the caching allocator
 FRAGMENTATION = 0.08  # share of the per-step (activation/logit) churn the allocator cannot reuse
-
-
-class ConfigUnavailableError(OSError):
-    """``config.json`` could not be read; ``reason`` says why in one word."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else is meant as a path."""
-    if name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name:
-        return True
-    return not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name)
-
-
-def load_config(name_or_path: str, *, token: str | bool | None = None, trust_remote_code: bool = False):
-    """``AutoConfig`` for a local directory or Hub id, reading ``config.json`` only.
-
-    Raises ``ConfigUnavailableError`` whose message says which problem it is: no such
-    local path, a directory without config.json, no such repo (or no access), a gated
-    repo, offline and not cached, Hub unreachable and not cached.
-    """
-    from transformers import AutoConfig
-
-    expanded = os.path.expanduser(name_or_path)
-    if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise ConfigUnavailableError(f"{name_or_path} is a directory without a config.json.", "no_config")
-        return _parse_config(AutoConfig, expanded, trust_remote_code)
-    if os.path.isfile(expanded) and expanded.endswith(".json"):
-        return _parse_config(AutoConfig, expanded, trust_remote_code)
-    if _looks_like_local_path(name_or_path):
-        raise ConfigUnavailableError(f"No such local path: {name_or_path}.", "no_such_path")
-    return _parse_config(AutoConfig, _download_config(name_or_path, token), trust_remote_code)
-
-
-def _parse_config(auto_config, path: str, trust_remote_code: bool):
-    try:
-        if path.endswith(".json"):
-            return auto_config.from_pretrained(os.path.dirname(path) or ".", trust_remote_code=trust_remote_code)
-        return auto_config.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as err:
-        raise ConfigUnavailableError(f"config.json at {path} could not be parsed: {err}", "invalid") from err
-
-
-def _download_config(repo_id: str, token) -> str:
-    """Path of the Hub repo's config.json in the local cache (downloaded if needed)."""
-    from huggingface_hub import constants, errors, hf_hub_download
-
-    try:
-        return hf_hub_download(repo_id, "config.json", token=token)
-    except errors.GatedRepoError as err:  # before RepositoryNotFoundError: it subclasses it
-        raise ConfigUnavailableError(
-            f"{repo_id} is gated: accept its license on its Hub page, then log in with `hf auth login` "
-            "or set HF_TOKEN.",
-            "gated",
-        ) from err
-    except errors.RepositoryNotFoundError as err:
-        raise ConfigUnavailableError(
-            f"{repo_id}: no such model repo on the Hub (or it is private and your token has no access).",
-            "no_such_repo",
-        ) from err
-    except errors.RevisionNotFoundError as err:
-        raise ConfigUnavailableError(f"{repo_id}: revision not found.", "no_such_repo") from err
-    except errors.RemoteEntryNotFoundError as err:
-        raise ConfigUnavailableError(f"{repo_id} has no config.json.", "no_config") from err
-    except errors.LocalEntryNotFoundError as err:
-        if constants.HF_HUB_OFFLINE:
-            raise ConfigUnavailableError(
-                f"{repo_id}: offline mode is on (HF_HUB_OFFLINE=1) and its config.json is not in the local cache. "
-                "Run once online, or pass a local directory.",
-                "offline_not_cached",
-            ) from err
-        raise ConfigUnavailableError(
-            f"{repo_id}: the Hub could not be reached and its config.json is not in the local cache. "
-            "Check the connection (or HF_ENDPOINT), or pass a local directory.",
-            "unreachable",
-        ) from err
-    except errors.HfHubHTTPError as err:
-        raise ConfigUnavailableError(f"{repo_id}: the Hub refused the request: {err}", "http_error") from err
 
 
 # --------------------------------------------------------------------------- counting

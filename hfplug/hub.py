@@ -962,7 +962,7 @@ def plan_merge(base_model: str, *, token: str | None = None, device: str = "cpu"
     Reads ``config.json`` only. Raises ``MergeError`` for a quantized (4-bit/8-bit) checkpoint,
     or when ``params x 2 bytes`` (plus overhead) exceeds the memory available on ``device``.
     """
-    from hfplug.fit import ConfigUnavailableError, load_config
+    from hfplug.loading import ConfigUnavailableError, load_config
 
     try:
         config = load_config(base_model, token=token)
@@ -1015,7 +1015,7 @@ def _merge_dtype(base_model: str, token: str | None):
     """The dtype to merge in: the checkpoint's own float dtype, else bfloat16. Never quantized."""
     import torch
 
-    from hfplug.fit import load_config
+    from hfplug.loading import load_config
 
     name = str(getattr(load_config(base_model, token=token), "dtype", None) or "").replace("torch.", "")
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.bfloat16)

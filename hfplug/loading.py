@@ -15,7 +15,9 @@ import logging
 import os
 from typing import Iterable
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
+from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +31,33 @@ class ModelLoadError(OSError):
     """A model or tokenizer that could not be loaded, with the reason and the fix."""
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``namespace/name``; anything else (or a path under an existing folder) is local."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name.split("/")[0])
+def is_hub_id(name) -> bool:
+    """Whether ``name`` is meant as a Hub repo id rather than a local path.
+
+    A Hub id is ``name`` or ``namespace/name`` by the Hub's own rules (huggingface_hub's
+    ``validate_repo_id``: ASCII letters, digits, ``-``, ``_`` and ``.``, at most 96 characters a
+    part, no ``--`` or ``..``, not starting or ending with ``-`` or ``.``). It is not one when it
+    exists on disk, or when its namespace is an existing local folder (``outputs/run-1`` with
+    ``outputs/`` present is a missing local path, not a repo). So ``./x``, ``/x``, ``~/x``,
+    ``a/b/c`` and ``my model`` are paths; ``gpt2`` and ``meta-llama/Llama-3.1-8B`` are ids.
+    """
+    if not isinstance(name, str) or not name or os.path.exists(os.path.expanduser(name)):
+        return False
+    if "/" in name and os.path.isdir(name.split("/", 1)[0]):
+        return False
+    try:
+        validate_repo_id(name)
+    except hub_errors.HFValidationError:
+        return False
+    return True
+
+
+def missing_path_message(name: str) -> str:
+    """What to say about a local path that does not exist (``name`` is not a Hub id either)."""
+    return (
+        f"No such local path: {name!r} does not exist, and it is not a Hub id. Pass an existing local directory "
+        "with config.json (e.g. assets/tiny-bert) or a Hub id like anferico/bert-for-patents."
+    )
 
 
 def _cause_chain(err: BaseException):
@@ -42,36 +68,106 @@ def _cause_chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def explain_load_error(name: str, err: BaseException) -> ModelLoadError:
-    """Turn a ``from_pretrained`` failure into a ``ModelLoadError`` that names the cause and the fix."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    for cause in _cause_chain(err):
-        if isinstance(cause, hub_errors.GatedRepoError):
-            return ModelLoadError(
+def explain_hub_error(name: str, err: BaseException) -> tuple[str, str] | None:
+    """``(reason, message)`` for a huggingface_hub failure in ``err`` or its causes, else ``None``.
+
+    The one translation of Hub errors for hfplug's loaders; each caller wraps it in its own
+    exception class. ``reason`` is one of ``gated``, ``no_such_repo`` (also a missing revision),
+    ``no_such_path`` (not a valid repo id), ``offline_not_cached``, ``unreachable``,
+    ``missing_file`` (the repo lacks the file asked for) or ``http_error`` (any other refusal).
+    """
+    causes = list(_cause_chain(err))
+    for cause in causes:
+        if isinstance(cause, hub_errors.GatedRepoError):  # before RepositoryNotFoundError: it subclasses it
+            return "gated", (
                 f"{name!r} is a gated model and this token has no access. Request access on its Hub page "
-                f"(https://huggingface.co/{name}), then make a read token available (HF_TOKEN, or `hf auth login`)."
+                f"(https://huggingface.co/{name}: accept the license and wait for approval), then make a read "
+                "token available (HF_TOKEN, or `hf auth login`)."
             )
         if isinstance(cause, hub_errors.RepositoryNotFoundError):
-            return ModelLoadError(
-                f"No model repo {name!r} on the Hub (or it is private and no token with access was given). "
-                "Check the spelling, or pass a local directory that holds config.json."
+            return "no_such_repo", (
+                f"No model repo {name!r} on the Hub: either there is no such model repo, or it is private and no "
+                "token with access was given. Check the spelling, or pass a local directory that holds config.json."
             )
-        if isinstance(cause, hub_errors.HFValidationError) or (
-            _looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name))
-        ):
-            return ModelLoadError(
-                f"Model path {name!r} does not exist. Pass an existing local directory with config.json "
-                "(e.g. assets/tiny-bert) or a Hub id like anferico/bert-for-patents."
-            )
+        if isinstance(cause, hub_errors.RevisionNotFoundError):
+            return "no_such_repo", f"{name!r}: revision not found on the Hub ({cause})."
+        if isinstance(cause, hub_errors.HFValidationError):
+            return "no_such_path", missing_path_message(name)
         if isinstance(cause, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
-            how = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
-            return ModelLoadError(
-                f"{name!r} is not in the local Hugging Face cache and {how}. Run once with network access "
-                "to download it (it is cached afterwards), or pass a local directory."
+            if hub_constants.HF_HUB_OFFLINE:
+                return "offline_not_cached", (
+                    f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: offline, what is "
+                    "not in the local cache cannot be downloaded. Run once with network access to download it "
+                    "(it is cached afterwards), or pass a local directory."
+                )
+            return "unreachable", (
+                f"{name!r} is not in the local Hugging Face cache and the Hub could not be reached. Check the "
+                "connection (or HF_ENDPOINT) and run once with network access to download it (it is cached "
+                "afterwards), or pass a local directory."
             )
         if isinstance(cause, hub_errors.EntryNotFoundError):
-            return ModelLoadError(f"{name!r} exists but lacks a file the loader needs ({cause}).")
-    return ModelLoadError(f"Could not load {name!r}: {err}")
+            return "missing_file", f"{name!r} exists but lacks a file the loader needs ({cause})."
+    for cause in causes:
+        if isinstance(cause, hub_errors.HfHubHTTPError):
+            return "http_error", f"The Hub refused the request for {name!r}: {cause}"
+    return None
+
+
+def explain_load_error(name: str, err: BaseException) -> ModelLoadError:
+    """Turn a ``from_pretrained`` failure into a ``ModelLoadError`` that names the cause and the fix."""
+    if not is_hub_id(name) and not os.path.exists(os.path.expanduser(name)):
+        return ModelLoadError(missing_path_message(name))
+    explained = explain_hub_error(name, err)
+    return ModelLoadError(explained[1] if explained else f"Could not load {name!r}: {err}")
+
+
+class ConfigUnavailableError(OSError):
+    """``config.json`` could not be read; ``reason`` says why in one word.
+
+    ``no_such_path``, ``no_config`` (a directory or repo without config.json), ``invalid``
+    (it does not parse), or a Hub reason of :func:`explain_hub_error`.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_config(name_or_path: str, *, token: str | bool | None = None, trust_remote_code: bool = False):
+    """``AutoConfig`` for a local directory, a config.json file or a Hub id, reading ``config.json`` only.
+
+    Raises ``ConfigUnavailableError`` whose message says which problem it is: no such
+    local path, a directory without config.json, no such repo (or no access), a gated
+    repo, offline and not cached, Hub unreachable and not cached.
+    """
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoConfig
+
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ConfigUnavailableError(f"{name_or_path} is a directory without a config.json.", "no_config")
+        return _parse_config(AutoConfig, expanded, trust_remote_code)
+    if os.path.isfile(expanded) and expanded.endswith(".json"):
+        return _parse_config(AutoConfig, expanded, trust_remote_code)
+    if not is_hub_id(name_or_path):
+        raise ConfigUnavailableError(missing_path_message(name_or_path), "no_such_path")
+    try:
+        path = hf_hub_download(name_or_path, "config.json", token=token)
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.OfflineModeIsEnabled,
+            hub_errors.HFValidationError) as err:
+        reason, message = explain_hub_error(name_or_path, err)
+        raise ConfigUnavailableError(message, "no_config" if reason == "missing_file" else reason) from err
+    return _parse_config(AutoConfig, path, trust_remote_code)
+
+
+def _parse_config(auto_config, path: str, trust_remote_code: bool):
+    try:
+        if path.endswith(".json"):
+            return auto_config.from_pretrained(os.path.dirname(path) or ".", trust_remote_code=trust_remote_code)
+        return auto_config.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigUnavailableError(f"config.json at {path} could not be parsed: {err}", "invalid") from err
 
 
 _SAVED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
@@ -79,8 +175,8 @@ _SAVED_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapt
 
 def from_pretrained(cls, name: str, **kwargs):
     """``cls.from_pretrained(name, **kwargs)`` with a clear ``ModelLoadError`` on failure."""
-    if _looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
-        raise explain_load_error(name, FileNotFoundError(name))
+    if not is_hub_id(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelLoadError(missing_path_message(name))
     folder = os.path.expanduser(name)
     if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in _SAVED_FILES):
         # Else transformers guesses a tokenizer type and asks for sentencepiece or tiktoken.
@@ -386,7 +482,7 @@ def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
     """
     import json
 
-    if os.path.isdir(os.path.expanduser(path)) or _looks_like_local_path(path) or not hub:
+    if not hub or not is_hub_id(path):
         config = os.path.join(os.path.expanduser(path), "adapter_config.json")
         if not os.path.isfile(config):
             return None
@@ -413,8 +509,6 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
     if device_type_for(training_args) != "cuda":
         return
     import torch
-
-    from hfplug.fit import load_config
 
     base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
     config = load_config(base, token=token, trust_remote_code=model_args.trust_remote_code)

@@ -1,5 +1,5 @@
 """Dataclass arguments shared by the recipes (beside ``transformers.TrainingArguments``
-and ``hfplug.model_options.ModelArguments``).
+and ``hfplug.quantization.ModelArguments``).
 
 Field names are the flag names and the YAML keys: ``--hupd_config sample`` on the
 command line is ``hupd_config: sample`` in a config file.

@@ -34,7 +34,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from hfplug.chat_template import ChatFormat
-from hfplug.model_options import ModelArguments
+from hfplug.quantization import ModelArguments
 
 DEFAULT_CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 GiB = 1024**3

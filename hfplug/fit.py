@@ -9,7 +9,7 @@ peak GPU memory of one training step with the largest batch size and sequence le
 that fit. ``finetune_hupd.py`` calls ``estimate_memory`` before loading on a GPU.
 
 What the estimate models (one CUDA training step with 16-bit autocast, as the Trainer's
-``--fp16``/``--bf16`` run it, through ``hfplug.model_options.prepare_for_training``):
+``--fp16``/``--bf16`` run it, through ``hfplug.quantization.prepare_for_training``):
 
 - quantized linear weights at bitsandbytes' exact sizes (NF4: 4 bits + uint8 absmax per
   64 values + fp32 second-level constants = ~4.127 bit/param; LLM.int8: 1 byte + an fp32
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from hfplug.loading import ConfigUnavailableError, load_config
+from hfplug.quantization import SKIP_MODULES, detect_head_modules
 
 GiB = 1024**3
 MiB = 1024**2
@@ -136,8 +137,6 @@ def _model_class(config, task: str):
 def _skip_modules(model) -> list[str]:
     """Modules bitsandbytes leaves unquantized with hfplug's quantization config: its head
     names (which replace transformers' default list) plus the model's fp32 modules."""
-    from hfplug.model_options import SKIP_MODULES
-
     return list(SKIP_MODULES) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
 
@@ -194,8 +193,6 @@ def parameter_counts(config, *, task: str, num_labels: int | None = None) -> Mod
     quantizable = sum(lin.in_features * lin.out_features for lin in linears if lin.quantized)
     head_name, head_tensors = None, ()
     if task in CLASSIFICATION_TASKS:
-        from hfplug.model_options import detect_head_modules
-
         heads = detect_head_modules(model)
         head_name = ", ".join(heads) or None
         head_tensors = tuple(p.numel() for h in heads for p in getattr(model, h).parameters())

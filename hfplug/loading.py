@@ -19,6 +19,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 
+from hfplug.quantization import default_optim, get_quantization_config, prepare_for_training, resolve_dtype
+
 logger = logging.getLogger(__name__)
 
 # Pad-token candidates for tokenizers that have none, best first. Llama 3.1 reserves
@@ -290,8 +292,6 @@ def prepare_training_args(training_args, model_args) -> None:
     from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
-    from hfplug.model_options import default_optim, resolve_dtype
-
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     optim = default_optim(model_args)
@@ -320,8 +320,6 @@ def model_load_kwargs(model_args, *, device_type: str, full_finetune: bool = Fal
     """
     import torch
 
-    from hfplug.model_options import get_quantization_config, resolve_dtype
-
     quantization_config = get_quantization_config(model_args, device_type=device_type)
     dtype = resolve_dtype(model_args.dtype, device_type=device_type)
     if full_finetune and quantization_config is None:
@@ -335,10 +333,8 @@ def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token
     Shared by :func:`load_classifier` and :func:`load_causal_lm_for_training`. A directory
     with a trained LoRA adapter loads its base model (quantized as asked) and the adapter on
     top, for evaluation; otherwise, for training, the model goes through
-    ``hfplug.model_options.prepare_for_training`` (k-bit preparation, checkpointing, LoRA).
+    ``hfplug.quantization.prepare_for_training`` (k-bit preparation, checkpointing, LoRA).
     """
-    from hfplug.model_options import prepare_for_training
-
     adapter = adapter_base_model(model_args.model_name_or_path)
     full_finetune = training_args.do_train and not model_args.lora
     model = from_pretrained(
@@ -359,7 +355,8 @@ def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token
         logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
         return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
     if training_args.do_train:
-        model = prepare_for_training(model, model_args, gradient_checkpointing=bool(training_args.activation_checkpointing))
+        model = prepare_for_training(model, model_args,
+                                     activation_checkpointing=bool(training_args.activation_checkpointing))
     return model
 
 
@@ -367,7 +364,7 @@ def load_classifier(model_args, label_names, tokenizer, training_args, *, token:
     """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
 
     Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
-    ``hfplug.model_options``; for training, the model is prepared there (k-bit
+    ``hfplug.quantization``; for training, the model is prepared there (k-bit
     preparation, gradient checkpointing, LoRA with the classification head trainable).
     ``model_name_or_path`` may also be a directory with a trained LoRA adapter: its base
     model is loaded (quantized as asked) and the adapter, with its head, put on top.

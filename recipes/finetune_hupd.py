@@ -60,7 +60,7 @@ from hfplug.generation import GenerationEval, GenerativeTrainer, generation_reco
 from hfplug.hub import (HubArguments, check_model_access, hub_push_callback, hub_settings, preflight_push, push_run,
                         take_hub_token)
 from hfplug.metrics import compute_metrics_for
-from hfplug.model_options import ModelArguments
+from hfplug.quantization import ModelArguments
 from hfplug.loading import (check_causal_lm, check_max_length, load_causal_lm_for_training, load_classifier,
                              load_tokenizer, prepare_training_args, training_chat_format, warn_if_wont_fit)
 from hfplug.resilience import (GracefulStopCallback, SafeCheckpointTrainer, check_launch_matches_machine,

@@ -17,9 +17,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from transformers import TrainingArguments
 
-from hfplug import model_options as mo
+from hfplug import quantization as mo
 from hfplug.config import parse_args
-from hfplug.model_options import ModelArguments
+from hfplug.quantization import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))

@@ -18,7 +18,7 @@ from transformers import (
 
 from hfplug import fit
 from hfplug.chunked_loss import causal_lm_loss, chunked_cross_entropy
-from hfplug.model_options import DeviceCapability, ModelArguments, get_quantization_config, prepare_for_training
+from hfplug.quantization import DeviceCapability, ModelArguments, get_quantization_config, prepare_for_training
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +70,9 @@ def llama8b(llama8b_dir):
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    from hfplug import model_options
+    from hfplug import quantization
 
-    monkeypatch.setattr(model_options, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True))
+    monkeypatch.setattr(quantization, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True))
 
 
 # --------------------------------------------------------------------------- counting
@@ -121,7 +121,7 @@ def test_trainable_counts_match_peft(llama_dir, on_cpu):
     model = AutoModelForSequenceClassification.from_pretrained(
         llama_dir, quantization_config=get_quantization_config(args, device_type="cpu"), dtype=torch.float32
     )
-    model = prepare_for_training(model, args, gradient_checkpointing=False)
+    model = prepare_for_training(model, args, activation_checkpointing=False)
     est = fit.estimate_memory(config, quant="4bit", lora_r=4, task="decision", max_length=8, batch_size=1, num_labels=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.trainable_count == trainable
@@ -302,7 +302,7 @@ def test_chunked_loss_through_a_lora_model_matches_the_model_loss(tmp_path, on_c
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=get_quantization_config(args, device_type="cpu"), dtype=torch.float32
     )
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
     model.train()
     ids = torch.randint(3, 300, (2, 16))
     labels = ids.clone()
@@ -344,7 +344,7 @@ def test_benchmark_builds_a_quantized_random_model_through_from_pretrained(t4_fi
     assert type(model.lm_head).__name__ == "Linear"
     assert abs(model.model.embed_tokens.weight.std().item() - 0.02) < 0.005
     assert torch.equal(model.model.norm.weight, torch.ones(64))
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
     batch = t4_fit.make_batch("causal_lm", 2, 16, 300, "cpu", padded=False)
     loss = causal_lm_loss(model, chunk_size=8, **batch)
     assert torch.isfinite(loss)

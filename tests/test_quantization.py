@@ -1,4 +1,4 @@
-"""hfplug.model_options: arguments, dtype choice, 4-bit/8-bit loading and LoRA preparation on tiny models."""
+"""hfplug.quantization: arguments, dtype choice, 4-bit/8-bit loading and LoRA preparation on tiny models."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from hfplug import model_options as mo
+from hfplug import quantization as mo
 from hfplug import tiny
-from hfplug.model_options import (
+from hfplug.quantization import (
     DeviceCapability,
     ModelArguments,
     default_optim,
@@ -282,7 +282,7 @@ def test_fsdp_qlora_preparation_keeps_one_dtype(llama_cls_dir, on_cpu, under_fsd
     args = qlora_args(dtype=dtype)
     model = load(llama_cls_dir, args)
     assert {type(p).__name__ for p in model.parameters()} == {"Params4bit", "Parameter"}
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}  # no fp32 upcasts
     config = tiny_llama_config()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -294,7 +294,7 @@ def test_fsdp_qlora_preparation_keeps_one_dtype(llama_cls_dir, on_cpu, under_fsd
 
     # the parameter count reads packed weights right whatever their container (uint8 without FSDP)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    plain = prepare_for_training(load(llama_cls_dir, qlora_args()), qlora_args(), gradient_checkpointing=False)
+    plain = prepare_for_training(load(llama_cls_dir, qlora_args()), qlora_args(), activation_checkpointing=False)
     assert mo.count_parameters(model) == mo.count_parameters(plain)
 
 
@@ -338,7 +338,7 @@ def test_4bit_llama_classifier_trains_only_lora_and_head(llama_cls_dir, on_cpu, 
     assert model.is_loaded_in_4bit
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert type(model.score).__name__ == "Linear"  # bitsandbytes leaves the head alone
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
 
     config = tiny_llama_config()
     head = config.hidden_size * NUM_LABELS
@@ -384,7 +384,7 @@ def test_8bit_llama_loads_and_backpropagates(llama_cls_dir, on_cpu):
     model = load(llama_cls_dir, args)
     assert model.is_loaded_in_8bit
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
-    model = prepare_for_training(model, args, gradient_checkpointing=False)
+    model = prepare_for_training(model, args, activation_checkpointing=False)
     config = tiny_llama_config()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected_lora_params(config, R) + config.hidden_size * NUM_LABELS
@@ -400,7 +400,7 @@ def test_4bit_bert_detects_classifier_and_counts_exactly(bert_cls_dir, on_cpu):
     model = load(bert_cls_dir, args)
     assert mo.detect_head_modules(model) == ["classifier"]
     assert type(model.classifier).__name__ == "Linear"  # kept unquantized so that it can train
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
     c = tiny_bert_config()
     h, i, r = c.hidden_size, c.intermediate_size, R
     # query, key, value, attention.output.dense (h->h), intermediate.dense (h->i),
@@ -417,7 +417,7 @@ def test_4bit_bert_detects_classifier_and_counts_exactly(bert_cls_dir, on_cpu):
 
 def test_causal_lm_gets_no_head_in_modules_to_save(llama_lm_dir, on_cpu):
     model = prepare_for_training(load(llama_lm_dir, qlora_args(), AutoModelForCausalLM), qlora_args(),
-                                 gradient_checkpointing=False)
+                                 activation_checkpointing=False)
     names = lora_and_head_names(model)
     assert names and all("lora_" in n for n in names)  # lm_head stays frozen
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_lora_params(tiny_llama_config(), R)
@@ -425,7 +425,7 @@ def test_causal_lm_gets_no_head_in_modules_to_save(llama_lm_dir, on_cpu):
 
 def test_named_targets(llama_cls_dir, on_cpu):
     args = qlora_args(lora_target_modules=["q_proj", "v_proj"])
-    model = prepare_for_training(load(llama_cls_dir, args), args, gradient_checkpointing=False)
+    model = prepare_for_training(load(llama_cls_dir, args), args, activation_checkpointing=False)
     config = tiny_llama_config()
     expected = expected_lora_params(config, R, ("q_proj", "v_proj")) + config.hidden_size * NUM_LABELS
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
@@ -437,7 +437,7 @@ def test_16bit_base_with_lora_keeps_trainables_in_fp32(llama_cls_dir, on_cpu):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # float16 on CPU warns; that is tested above
         model = AutoModelForSequenceClassification.from_pretrained(llama_cls_dir, dtype=resolve_dtype("float16"))
-    model = prepare_for_training(model, args, gradient_checkpointing=False)
+    model = prepare_for_training(model, args, activation_checkpointing=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -450,7 +450,7 @@ def test_16bit_base_with_lora_keeps_trainables_in_fp32(llama_cls_dir, on_cpu):
 def test_missing_target_modules_list_the_linear_layers(llama_cls_dir, on_cpu):
     args = qlora_args(lora_target_modules=["q_proj", "query"])
     with pytest.raises(ValueError) as err:
-        prepare_for_training(load(llama_cls_dir, args), args, gradient_checkpointing=False)
+        prepare_for_training(load(llama_cls_dir, args), args, activation_checkpointing=False)
     message = str(err.value)
     assert "['query']" in message
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
@@ -466,13 +466,13 @@ def test_a_quantized_head_is_refused(bert_cls_dir, on_cpu):
         bert_cls_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True), dtype=torch.float32
     )
     with pytest.raises(ValueError, match="head 'classifier' was quantized"):
-        prepare_for_training(model, qlora_args(), gradient_checkpointing=False)
+        prepare_for_training(model, qlora_args(), activation_checkpointing=False)
 
 
 def test_quantized_base_without_lora_cannot_be_fully_fine_tuned(llama_cls_dir, on_cpu):
     args = ModelArguments(quant="4bit", dtype="float32")
     model = load(llama_cls_dir, args)
     with pytest.raises(ValueError) as err:
-        prepare_for_training(model, args, gradient_checkpointing=False)
+        prepare_for_training(model, args, activation_checkpointing=False)
     assert "cannot be fully fine-tuned" in str(err.value)
     assert "--lora" in str(err.value) and "--quant none" in str(err.value)

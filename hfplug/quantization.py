@@ -1,6 +1,6 @@
-"""One set of model options for every recipe: quantization, dtype and LoRA.
+"""Model options for every recipe: which model, its dtype, bitsandbytes quantization and LoRA.
 
-``ModelArguments`` is parsed by ``HfArgumentParser`` next to ``TrainingArguments``.
+``ModelArguments`` (``--quant``, ``--dtype``, ``--lora``...) is parsed by ``HfArgumentParser`` next to ``TrainingArguments``.
 The helpers turn it into what ``from_pretrained`` and PEFT want, and return
 ``None`` when a feature is off so that a recipe reads straight down::
 
@@ -10,7 +10,7 @@ The helpers turn it into what ``from_pretrained`` and PEFT want, and return
         dtype=dtype,
         quantization_config=get_quantization_config(model_args),  # None: full precision
     )
-    model = prepare_for_training(model, model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    model = prepare_for_training(model, model_args, activation_checkpointing=training_args.activation_checkpointing)
     training_args.optim = default_optim(model_args) or training_args.optim
 
 The checks here fail *before* anything large is loaded: bf16 on a GPU without it
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 if TYPE_CHECKING:  # imported lazily at run time: peft and bitsandbytes are heavy
@@ -248,10 +249,6 @@ def check_bitsandbytes(device_type: str | None = None) -> None:
         ) from err
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
-
-
 def running_under_fsdp() -> bool:
     """True when this process was started for FSDP training.
 
@@ -259,18 +256,21 @@ def running_under_fsdp() -> bool:
     ``ACCELERATE_USE_FSDP=true``; transformers and accelerate read the same variable. It is
     known before the model loads, which is when the storage dtype must be chosen.
     """
-    return _env_flag("ACCELERATE_USE_FSDP")
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def sharded_training() -> str | None:
     """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when parameters will be sharded across processes, else None.
 
     Both shard the model's parameters, so both need float 4-bit storage. Read from what
-    ``accelerate launch`` exports, like :func:`running_under_fsdp`.
+    ``accelerate launch`` exports, like :func:`running_under_fsdp`. (transformers'
+    ``is_fsdp_enabled`` / ``is_deepspeed_zero3_enabled`` answer later: the first needs an
+    initialised process group and cpu-RAM-efficient loading, the second a live
+    ``HfDeepSpeedConfig``; the storage dtype is chosen before either exists.)
     """
     if running_under_fsdp():
         return "FSDP"
-    if _env_flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         return "DeepSpeed ZeRO-3"
     return None
 
@@ -436,12 +436,12 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
+def _enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing: it propagates gradients to LoRA weights inside frozen blocks."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
+    else:  # the deprecated name of older releases
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
@@ -461,31 +461,31 @@ def _upcast_trainable_fp16(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a packed 4-bit weight counts as its unpacked size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            # two 4-bit values per stored byte, whatever the storage dtype (4 per bf16 element)
-            n = n * 2 * param.element_size()
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
+    """(trainable, total) parameter counts; a packed 4-bit weight counts as its unpacked size.
+
+    PEFT's ``get_nb_trainable_parameters`` for a ``PeftModel``, transformers' ``num_parameters``
+    for a plain model (both unpack 4-bit weights whatever their storage dtype).
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    if hasattr(model, "num_parameters"):
+        return model.num_parameters(only_trainable=True), model.num_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def prepare_for_training(
     model: nn.Module,
     args: ModelArguments,
     *,
-    gradient_checkpointing: bool,
+    activation_checkpointing: bool,
     head_modules: list[str] | None = None,
 ) -> nn.Module:
     """Make a loaded model ready for the Trainer: k-bit preparation, checkpointing, LoRA.
 
     - quantized base: ``peft.prepare_model_for_kbit_training`` (freezes the base, keeps
       norms and the non-quantized weights in fp32); LoRA is then required.
-    - gradient checkpointing, when asked, always with ``use_reentrant=False``.
+    - activation checkpointing, when asked, always with ``use_reentrant=False``.
     - ``--lora``: ``get_peft_model`` with the task head (detected, or ``head_modules``)
       in ``modules_to_save`` so that it trains and is saved with the adapter; targets the
       model lacks raise ``ValueError`` listing its linear layers.
@@ -523,18 +523,18 @@ def prepare_for_training(
 
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
+            use_gradient_checkpointing=activation_checkpointing,  # PEFT's name for it
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+    elif activation_checkpointing:
+        _enable_activation_checkpointing(model)
 
     if args.lora:
         from peft import get_peft_model
 
         peft_config = get_peft_config(args, task_type=infer_task_type(model), modules_to_save=heads)
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=not sharded)
-        if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        if activation_checkpointing and hasattr(model, "enable_input_require_grads"):
             # Harmless with non-reentrant checkpointing, and keeps gradients flowing if a
             # caller (e.g. the Trainer with other kwargs) re-enables reentrant checkpointing.
             model.enable_input_require_grads()

@@ -124,8 +124,9 @@ def time_chat(session, text: str, n_tokens: int) -> float:
 
 def measure(model, tokenizer, *, n_tokens: int, repeats: int, prompt_words: int) -> dict:
     """Medians of TTFT and tokens/s for both paths, alternating runs."""
-    from hfplug.chat import ChatSession, GenerationSettings
-    from hfplug.chat_template import ChatFormat
+    from hfplug.chat.arguments import GenerationSettings
+    from hfplug.chat.format import ChatFormat
+    from hfplug.chat.session import ChatSession
 
     chat_format = ChatFormat.from_tokenizer(tokenizer, template_kwargs={"date_string": "26 Jul 2024"})
     session = ChatSession(model, tokenizer, chat_format, GenerationSettings(do_sample=False), notify=lambda m: None)

@@ -72,7 +72,7 @@ def generate_batch(model, chat_format, prompts: Sequence[Sequence[int]], *, max_
     Prompts are left-padded (the replies then start at the same position); the model is put
     in eval mode for the call and back as it was after.
     """
-    from hfplug.chat import visible_text
+    from hfplug.chat.format import visible_text
 
     stopping = chat_format.stopping_kwargs(getattr(model.generation_config, "eos_token_id", None))
     config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stopping["eos_token_id"],

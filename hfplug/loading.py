@@ -434,7 +434,7 @@ def training_chat_format(tokenizer, chat_template: str | None = None):
       the tokenizer saved with the model (or adapter) then makes ``recipes/chat.py``
       prompt exactly as training did.
     """
-    from hfplug.chat_template import ChatFormat
+    from hfplug.chat.format import ChatFormat
 
     chat_format = ChatFormat.from_tokenizer(tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING})
     ensure_pad_token(tokenizer, avoid=reply_end_ids(chat_format))

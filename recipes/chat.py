@@ -16,9 +16,10 @@ import logging
 import sys
 import time
 
-from hfplug.chat import (ChatArguments, ChatModelArguments, ChatSession, GenerationSettings, check_system_prompt,
-                         load_chat_tokenizer, memory_in_use, resolve_model_name, run_chat)
-from hfplug.chat_template import ChatFormat
+from hfplug.chat.arguments import ChatArguments, ChatModelArguments, GenerationSettings
+from hfplug.chat.format import ChatFormat, check_system_prompt
+from hfplug.chat.model import load_chat_tokenizer, memory_in_use, resolve_model_name
+from hfplug.chat.session import ChatSession, run_chat
 from hfplug.cli import run
 from hfplug.config import parse_args
 from hfplug.loading import load_causal_lm

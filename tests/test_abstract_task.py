@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from hfplug import modeling
 from hfplug.arguments import HupdArguments
-from hfplug.chat_template import ChatFormat
+from hfplug.chat.format import ChatFormat
 from hfplug.config import parse_args
 from hfplug.data.collate import causal_lm_collator
 from hfplug.data.tasks import (IGNORE_INDEX, abstract_prompt, encode_abstract_example, prepare_task,

@@ -1,5 +1,8 @@
 """One chat format for chatting and for training: the template, the stop tokens, the assistant mask.
 
+Used by the chat session (``hfplug.chat.session``) and by training and evaluation on chats
+(``hfplug.loading.training_chat_format``, ``hfplug.generation``); it imports nothing of hfplug.
+
     fmt = ChatFormat.from_tokenizer(tokenizer)                  # the tokenizer's own template, or a fallback
     ids = fmt.encode(messages, add_generation_prompt=True)      # exactly one BOS
     model.generate(torch.tensor([ids]), **fmt.stopping_kwargs(model.generation_config.eos_token_id))
@@ -27,7 +30,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import jinja2
 
@@ -51,8 +54,8 @@ class ChatTemplateError(ValueError):
 
 
 def builtin_template(name: str) -> str:
-    """The Jinja source of the built-in template ``name`` (a ``hfplug/templates/*.jinja`` file)."""
-    return resources.files("hfplug").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
+    """The Jinja source of the built-in template ``name`` (a ``hfplug/chat/templates/*.jinja`` file)."""
+    return resources.files("hfplug.chat").joinpath("templates", f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def _common_prefix_len(a, b) -> int:
@@ -258,6 +261,38 @@ class ChatFormat:
         if self.stop_strings:
             kwargs.update(stop_strings=list(self.stop_strings), tokenizer=self.tokenizer)
         return kwargs
+
+
+# ---------------------------------------------------------------------- checks and reply text
+
+
+def check_system_prompt(chat_format: ChatFormat, system: str | None) -> None:
+    """Encode the system prompt with a first user turn now, so that a template that refuses system
+    messages (Gemma-2's) is a ``ChatTemplateError`` (a ``ValueError``) with a hint when the prompt is
+    given, before the model is loaded, and not a failed first reply."""
+    if system:
+        chat_format.encode([{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+                           add_generation_prompt=True)
+
+
+def visible_text(text: str, stop_strings: Iterable[str], *, final: bool) -> tuple[str, bool]:
+    """The part of a reply to show, and whether a stop string ended it.
+
+    Cuts at the first stop string. While the reply is still coming (``final=False``) it
+    also holds back what could still turn out to be one (``"\\nUs"``), a half-decoded
+    character, and trailing whitespace, so streamed text never has to be taken back.
+    """
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    if cuts:
+        return text[: min(cuts)].strip(), True
+    if not final:
+        text = text.rstrip("\ufffd")
+        for stop in stop_strings:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if stop.startswith(text[-k:]):
+                    text = text[:-k]
+                    break
+    return text.strip(), False
 
 
 # ---------------------------------------------------------------------- helpers

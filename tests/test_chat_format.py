@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from hfplug.chat_template import BUILTIN_TEMPLATES, ChatFormat, ChatTemplateError, builtin_template
+from hfplug.chat.format import BUILTIN_TEMPLATES, ChatFormat, ChatTemplateError, builtin_template
 from hfplug.tiny import build_llama3_tokenizer
 
 TEXTS = ["Hello world. A patent claim about a semiconductor device and a method of making it.",
@@ -113,7 +113,7 @@ def test_plain_format_exact(plain_tok):
 def test_tokenizers_own_template_wins_without_warning(plain_tok, caplog):
     tok = bpe_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with caplog.at_level(logging.WARNING, logger="hfplug.chat_template"):
+    with caplog.at_level(logging.WARNING, logger="hfplug.chat.format"):
         f = ChatFormat.from_tokenizer(tok)
     assert f.name == "tokenizer" and caplog.text == ""
     assert f.render(CHAT[1:3]) == "[user]  What is claimed? \n[assistant] A device.\n"
@@ -125,7 +125,7 @@ def test_tokenizers_own_template_wins_without_warning(plain_tok, caplog):
     ("plain_tok", "plain", "no Llama 3 or ChatML special tokens in its vocabulary; generation also stops at '\\nUser:'"),
 ])
 def test_fallback_says_which_template(request, caplog, tok_name, expected, says):
-    with caplog.at_level(logging.WARNING, logger="hfplug.chat_template"):
+    with caplog.at_level(logging.WARNING, logger="hfplug.chat.format"):
         f = ChatFormat.from_tokenizer(request.getfixturevalue(tok_name))
     assert f.name == expected
     assert f"The tokenizer has no chat template; using hfplug's built-in '{expected}' format ({says})" in caplog.text
@@ -141,7 +141,7 @@ def test_builtin_templates_ship_as_files():
 
 
 def test_override_by_name_and_by_file(llama3_tok, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="hfplug.chat_template"):
+    with caplog.at_level(logging.WARNING, logger="hfplug.chat.format"):
         assert fmt(llama3_tok, "plain").name == "plain"
     assert caplog.text == ""  # an explicit choice is not a fallback
     path = tmp_path / "mine.jinja"

@@ -1,4 +1,4 @@
-"""Chat with a causal LM: arguments, history, trimming, streamed generation, /commands, stats.
+"""A chat session with a causal LM: history, trimming, streamed generation, /commands and the chat loop.
 
 ``recipes/chat.py`` is a thin script over this module::
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 import os
 import signal
 import sys
@@ -25,220 +23,17 @@ import threading
 import time
 import typing
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from hfplug.chat_template import ChatFormat
-from hfplug.quantization import ModelArguments
-
-DEFAULT_CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-GiB = 1024**3
-
-logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-@dataclass
-class ChatModelArguments(ModelArguments):
-    """``ModelArguments`` for chatting: ``--model`` is short for ``--model_name_or_path``."""
-
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "aliases": ["--model"],
-            "help": f"Hub id or local directory of the model. Default: the --adapter's base model, else {DEFAULT_CHAT_MODEL}.",
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lora:
-            raise ValueError(
-                "--lora trains new adapters and chat does not train; load a trained one with --adapter DIR_OR_HUB_ID."
-            )
-
-
-@dataclass
-class GenerationSettings:
-    """How replies are generated. Every field is a flag, a YAML key and a ``/set`` key."""
-
-    max_new_tokens: int = field(default=512, metadata={"help": "Longest reply, in tokens."})
-    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature (> 0; used with do_sample)."})
-    top_p: float = field(
-        default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]."}
-    )
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only; 0 = no limit."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens; 1 = off."})
-    do_sample: bool = field(
-        default=True, metadata={"help": "Sample (true) or pick the most likely token (false: greedy, reproducible)."}
-    )
-
-    def __post_init__(self) -> None:
-        # Checked here, so flags, YAML and /set all get the same rules. inf and nan are refused:
-        # "temperature=inf" parses as a float, and generate() would sample from nan probabilities.
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer (e.g. 512).")
-        if not _is_finite(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (e.g. 0.6); "
-                             "for deterministic replies set do_sample=false.")
-        if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; 1 turns nucleus sampling off.")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0; 0 turns it off.")
-        if not _is_finite(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0; 1 turns it off.")
-
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments for ``generate``; sampling knobs only when sampling (greedy ignores them)."""
-        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                      repetition_penalty=self.repetition_penalty)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value) -> bool:
-    """A real number (not a bool, not a string), neither inf nor nan."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class ChatArguments:
-    """What to chat with and how the session runs."""
-
-    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter (a directory or Hub id) to load onto the model."})
-    system: str | None = field(default=None, metadata={"help": "System prompt."})
-    chat_template: str | None = field(
-        default=None,
-        metadata={"help": "Chat format: llama3, chatml, plain, or a .jinja file. Default: the tokenizer's own template, "
-                          "else one chosen from its special tokens."},
-    )
-    prompt: str | None = field(default=None, metadata={"help": "Answer this one user turn, print the reply and exit."})
-    max_context: int | None = field(
-        default=None,
-        metadata={"help": "Tokens of history + reply to keep (older turns are dropped). Default: the model's limit. "
-                          "Lower it to bound memory on a small GPU."},
-    )
-    stats: bool = field(default=False, metadata={"help": "Print load time, memory, time to first token and tokens/s."})
-
-    def __post_init__(self) -> None:
-        if self.prompt is not None and not self.prompt.strip():
-            raise ValueError("--prompt is empty. Give the text of the user turn, or leave --prompt out to chat interactively.")
-        if self.max_context is not None and self.max_context < 2:
-            raise ValueError(f"max_context={self.max_context} is too small; give a number of tokens such as 4096.")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def resolve_model_name(model_args: ChatModelArguments, adapter: str | None) -> str:
-    """Fill in ``model_name_or_path``: the adapter's base when none was given, else the default chat model.
-
-    An adapter whose base differs from an explicit ``--model`` is a ``ValueError`` naming the base.
-    """
-    from hfplug.loading import check_adapter_base
-
-    if adapter:
-        base = check_adapter_base(adapter, model_args.model_name_or_path)
-        model_args.model_name_or_path = model_args.model_name_or_path or base
-    model_args.model_name_or_path = model_args.model_name_or_path or DEFAULT_CHAT_MODEL
-    return model_args.model_name_or_path
-
-
-def load_chat_tokenizer(model_args: ModelArguments, adapter: str | None = None):
-    """``tokenizer_name``'s tokenizer if given, else the one saved with the adapter (a local directory
-    or a Hub repo) if it has one, else the model's.
-
-    The adapter's own tokenizer carries the chat format it was trained with, training date
-    included: with the base model's, an adapter trained on the base is prompted with today's
-    date (or with no template at all) instead.
-    """
-    from hfplug.loading import load_tokenizer
-
-    if adapter and not model_args.tokenizer_name:
-        folder = adapter_tokenizer_dir(adapter)
-        if folder:
-            logger.info("Using the tokenizer saved with the adapter %s (the chat format it was trained with).", adapter)
-            model_args = dataclasses.replace(model_args, tokenizer_name=folder)
-    return load_tokenizer(model_args)
-
-
-# The files a saved tokenizer may consist of (transformers 5 writes the template to chat_template.jinja).
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "additional_chat_templates/*", "tokenizer.model",
-                   "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt")
-
-
-def adapter_tokenizer_dir(adapter: str) -> str | None:
-    """The local folder holding the tokenizer saved with the adapter ``adapter``, or ``None`` if it has none.
-
-    ``adapter`` is a directory or a Hub repo. A repo is asked for ``tokenizer_config.json`` with
-    ``hf_hub_download`` (cached, so this works offline once the adapter has been downloaded);
-    one without it is ``None``, and so is one that cannot be checked (offline and not cached),
-    with a warning. A missing or gated repo is a ``ModelLoadError``.
-    """
-    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, snapshot_download, try_to_load_from_cache
-    from huggingface_hub import errors as hub_errors
-
-    from hfplug.loading import explain_load_error, is_hub_id
-
-    path = os.path.expanduser(adapter)
-    if not is_hub_id(adapter):
-        return path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None
-    try:
-        hf_hub_download(adapter, "tokenizer_config.json")
-        # The whole tokenizer, as a folder: AutoTokenizer given the repo id also asks for the repo's
-        # config.json, which an adapter repo lacks, and offline that fails unless the Hub's "no such
-        # file" answer happens to be cached.
-        return snapshot_download(adapter, allow_patterns=list(TOKENIZER_FILES))
-    except hub_errors.LocalEntryNotFoundError:  # offline (or no connection) and not in the cache
-        if try_to_load_from_cache(adapter, "tokenizer_config.json") is not _CACHED_NO_EXIST:  # not known to be absent
-            logger.warning("Could not check whether the adapter %s has its own tokenizer (offline and not cached); "
-                           "using the base model's, whose chat format may differ from the one it was trained with.",
-                           adapter)
-        return None
-    except hub_errors.EntryNotFoundError:  # the Hub says the repo has no such file
-        return None
-    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, hub_errors.OfflineModeIsEnabled) as err:
-        raise explain_load_error(adapter, err) from err
-
-
-def check_system_prompt(chat_format: ChatFormat, system: str | None) -> None:
-    """Encode the system prompt with a first user turn now, so that a template that refuses system
-    messages (Gemma-2's) is a ``ChatTemplateError`` (a ``ValueError``) with a hint when the prompt is
-    given, before the model is loaded, and not a failed first reply."""
-    if system:
-        chat_format.encode([{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
-                           add_generation_prompt=True)
-
-
-def context_limit(model, tokenizer, max_context: int | None = None) -> int:
-    """Tokens a chat may use (prompt + reply): the smallest of the model's, the tokenizer's and ``max_context``."""
-    from hfplug.loading import model_max_positions
-
-    limits = [n for n in (model_max_positions(model.config), getattr(tokenizer, "model_max_length", None), max_context)
-              if isinstance(n, int) and 0 < n < 10**8]  # transformers uses ~1e30 for "no limit"
-    return min(limits) if limits else 4096
-
-
-def memory_in_use(device_type: str) -> str:
-    """CUDA memory allocated on a GPU, the process's resident memory otherwise."""
-    if device_type == "cuda":
-        return f"{torch.cuda.memory_allocated() / GiB:.2f} GiB CUDA allocated"
-    import psutil
-
-    return f"{psutil.Process().memory_info().rss / GiB:.2f} GiB process RSS"
+from hfplug.chat.arguments import GenerationSettings
+from hfplug.chat.format import ChatFormat, check_system_prompt, visible_text
+from hfplug.chat.model import context_limit
 
 
 # --------------------------------------------------------------------------- generation
@@ -267,26 +62,6 @@ class Reply:
     def stats_line(self) -> str:
         return (f"[stats] {self.new_tokens} tokens in {self.total_s:.2f} s: first token after {self.first_token_s:.3f} s, "
                 f"{self.tokens_per_s:.1f} tokens/s; prompt {self.prompt_tokens} tokens")
-
-
-def visible_text(text: str, stop_strings: Iterable[str], *, final: bool) -> tuple[str, bool]:
-    """The part of a reply to show, and whether a stop string ended it.
-
-    Cuts at the first stop string. While the reply is still coming (``final=False``) it
-    also holds back what could still turn out to be one (``"\\nUs"``), a half-decoded
-    character, and trailing whitespace, so streamed text never has to be taken back.
-    """
-    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-    if cuts:
-        return text[: min(cuts)].strip(), True
-    if not final:
-        text = text.rstrip("\ufffd")
-        for stop in stop_strings:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if stop.startswith(text[-k:]):
-                    text = text[:-k]
-                    break
-    return text.strip(), False
 
 
 class _ReplyStreamer(BaseStreamer):

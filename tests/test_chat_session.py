@@ -27,13 +27,14 @@ import torch
 from conftest import REPO, run_command
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hfplug.chat import (HELP, ChatModelArguments, ChatSession, ContextError, GenerationSettings, load_chat_tokenizer,
-                         run_chat, visible_text)
-from hfplug.chat_template import ChatFormat, ChatTemplateError
+from hfplug.chat.arguments import ChatModelArguments, GenerationSettings
+from hfplug.chat.format import ChatFormat, ChatTemplateError, visible_text
+from hfplug.chat.model import load_chat_tokenizer
+from hfplug.chat.session import HELP, ChatSession, ContextError, run_chat
 from hfplug.config import ConfigError
 from hfplug.loading import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
-from test_chat_template import GEMMA2_TEMPLATE
+from test_chat_format import GEMMA2_TEMPLATE
 
 TEXTS = ["Hello world. Sure.\n\nUser: a patent claim about a device\nUser: and a method\n\nAssistant: Sure."] * 50
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]

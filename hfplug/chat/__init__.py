@@ -1,0 +1,11 @@
+"""Chatting with a causal LM, and the chat format that training shares.
+
+    hfplug.chat.format      ChatFormat: the template (own, or built-in llama3 / chatml / plain from
+                            templates/*.jinja), one BOS, stop tokens, the assistant mask, reply text
+    hfplug.chat.arguments   ChatModelArguments, GenerationSettings, ChatArguments (flags, YAML, /set)
+    hfplug.chat.model       what to chat with: the adapter's base, the tokenizer saved with it, context
+    hfplug.chat.session     ChatSession (history, trimming, streaming, Ctrl-C), /commands, run_chat
+
+Nothing is re-exported here: ``hfplug.chat.format`` is used by training (``hfplug.loading``,
+``hfplug.generation``) and must not pull in the session (torch, the generation streamer).
+"""

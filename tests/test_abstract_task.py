@@ -11,7 +11,7 @@ from conftest import finetune_command, run_command
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from hfplug import modeling
+from hfplug import loading
 from hfplug.arguments import HupdArguments
 from hfplug.chat.format import ChatFormat
 from hfplug.config import parse_args
@@ -153,7 +153,7 @@ def test_pad_equal_to_a_reply_end_is_replaced(tok, caplog):
 
 
 def test_no_pad_but_eos_is_a_clear_error(tok, monkeypatch):
-    monkeypatch.setattr(modeling, "PAD_CANDIDATES", ())  # a vocabulary without any pad-like token
+    monkeypatch.setattr(loading, "PAD_CANDIDATES", ())  # a vocabulary without any pad-like token
     with pytest.raises(ValueError, match="no token to pad with other than the ones a reply ends with.*add_special_tokens"):
         training_chat_format(tok)
 

@@ -1,5 +1,6 @@
-"""Surviving Colab and faults: a time budget, a clean stop on SIGTERM/SIGINT, atomic checkpoints,
-resuming only from complete checkpoints made with the same arguments.
+"""Surviving Colab and faults: a time budget, a clean stop on SIGTERM/SIGINT (also when only the
+launcher is signalled), one run per output_dir, atomic and verified checkpoints
+(``hfplug.checkpoints``), resuming only from complete checkpoints made with the same arguments.
 
 A free Colab session ends without warning (idle ~90 min, hard limit ~12 h), and a
 preemptible machine gets SIGTERM a few seconds before SIGKILL. The pieces here make
@@ -9,30 +10,33 @@ absent (never half-written), and resume from it as if nothing had happened.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import re
 import shlex
-import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainerCallback
+
+# Re-exported: hfplug.resilience stays the one import for surviving faults.
+from hfplug.checkpoints import (MANIFEST_FILE, STAGING_DIR, TRAINER_PRIVATE_API, CheckpointSaveError,  # noqa: F401
+                                FinishedRun, NoCompleteCheckpointError, SafeCheckpointTrainer, check_trainer_api,
+                                checkpoint_problems, clear_staging, find_resumable_checkpoint, finished_run,
+                                is_complete_checkpoint, write_manifest)
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = ".checkpoint-staging"  # checkpoints are written here, then renamed into place
 RUN_ARGS_FILE = "hfplug_run_args.json"
+LOCK_FILE = ".hfplug.lock"
 MIN_SAVE_RESERVE_S = 60.0  # kept free at the end of a time budget for the final checkpoint
 PUSH_RESERVE_S = 300.0  # ... and for the push, when --push_to_hub is set
-_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
@@ -111,6 +115,8 @@ class GracefulStopCallback(TrainerCallback):
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
                 pass
+        if signal.SIGTERM in self._previous:
+            follow_launcher()  # a launcher killed alone (or already gone) stops this process too, with a checkpoint
 
     def on_train_end(self, args, state, control, **kwargs):
         for sig, previous in self._previous.items():
@@ -158,97 +164,153 @@ class GracefulStopCallback(TrainerCallback):
         self._save_started = time.monotonic()
 
 
-# --------------------------------------------------------------------------- atomic checkpoints
+# --------------------------------------------------------------------------- the launcher's signals
+
+# A process started by `accelerate launch` (one process: its simple launcher, a plain Popen)
+# is a child that nobody signals when the launcher alone gets SIGTERM (`kill <launcher pid>`):
+# the launcher dies and the trainer trains on, unsupervised. Torch elastic (torchrun, and
+# accelerate's multi-GPU/FSDP launches) does forward SIGTERM/SIGINT/SIGHUP/SIGQUIT to its
+# workers and SIGKILLs them after --shutdown_timeout (30 s), but not when it is SIGKILLed
+# itself. On Linux, prctl(PR_SET_PDEATHSIG) makes the kernel send this process SIGTERM when
+# its parent dies, whatever the reason; GracefulStopCallback then saves and stops.
+_PARENT_AT_START = os.getppid()  # read at import, early in the recipe: the launcher
+_LAUNCHER_ENV = ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")  # set by accelerate's simple launcher / torch elastic
+_PR_SET_PDEATHSIG = 1
+_following = False
 
 
-class SafeCheckpointTrainer(Trainer):
-    """A ``Trainer`` whose checkpoints appear atomically: written under ``output_dir/.checkpoint-staging``,
-    then renamed to ``checkpoint-N``. A kill mid-save leaves only the staging folder (cleared on
-    the next start); a full disk leaves the previous checkpoint intact and says so.
+def launched_by_launcher() -> bool:
+    """True when ``accelerate launch`` or ``torchrun`` started this process."""
+    return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+def follow_launcher(sig: int = signal.SIGTERM) -> bool:
+    """Get ``sig`` when the launcher that started this process dies (Linux); True when that is arranged.
+
+    Call it early (the recipe does, in its Resume section; ``GracefulStopCallback`` does at the
+    start of training). Before training the signal simply ends the process (there is nothing
+    to save); during training the callback saves a checkpoint and stops. A launcher that died
+    before this call is noticed (the parent changed) and treated the same way. Elsewhere
+    (macOS, Windows), it logs how to stop the run properly: signal the whole process group.
+    Outside a launcher it does nothing.
+    """
+    global _following
+    if not launched_by_launcher():
+        return False
+    if not sys.platform.startswith("linux"):
+        if not _following:
+            _following = True
+            pgid = os.getpgid(0) if hasattr(os, "getpgid") else None
+            logger.info("To stop this run with a checkpoint, signal its whole process group (kill -TERM -%s), not the "
+                        "launcher alone: on %s the launcher does not pass signals on.", pgid or "<pgid>", sys.platform)
+        return False
+    if not _following:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed (%s): stop this run with kill -TERM -%d (its process group).",
+                           os.strerror(ctypes.get_errno()), os.getpgid(0))
+            return False
+        _following = True
+    if os.getppid() != _PARENT_AT_START or _PARENT_AT_START == 1:  # the launcher died before prctl took effect
+        logger.warning("The launcher (pid %d) is gone: stopping%s.", _PARENT_AT_START,
+                       " with a checkpoint" if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN) else "")
+        os.kill(os.getpid(), sig)
+    return True
+
+
+# --------------------------------------------------------------------------- one run per output_dir
+
+
+class OutputDirInUse(OSError):
+    """Another run holds ``output_dir`` (its pid and host are in the message)."""
+
+
+class OutputDirLock:
+    """An exclusive advisory lock (``fcntl.flock``) on ``output_dir/.hfplug.lock``, as a context manager.
+
+    The lock file says who holds it (pid, host, start time, command). The kernel drops the
+    lock when the holder exits, however it exits, so a crash leaves nothing stale. Only one
+    process of a multi-process run should take it (they share the folder legitimately).
+    Processes forked while it is held (e.g. data-loader workers) hold it until they exit.
+    Without ``fcntl`` (Windows), or on a file system without locks (some FUSE mounts), nothing
+    is locked and a warning says so; on NFS, Linux maps ``flock`` to NFS locks, seen by every host.
     """
 
-    _staging = False
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / LOCK_FILE
+        self._fd: int | None = None
 
-    def _get_output_dir(self, trial=None) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, GracefulStopCallback):
-                callback.mark_save_start()
-        run_dir = self._get_output_dir(trial)
-        staging = os.path.join(run_dir, STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging = True
+    def acquire(self) -> OutputDirLock:
         try:
-            super()._save_checkpoint(model, trial)
-        except OSError as err:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if err.errno == errno.ENOSPC:
-                previous = find_resumable_checkpoint(run_dir, log=False)
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No space left on the device while saving {name} in {run_dir}. "
-                    f"{'The previous checkpoint ' + previous + ' is intact. ' if previous else ''}"
-                    "Free some space (or lower save_total_limit), then rerun the same command to resume.",
-                ) from err
-            raise
-        finally:
-            self._staging = False
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)  # the atomic step
-            shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and STAGING_DIR in best:
-                self.state.best_model_checkpoint = best.replace(os.path.join(STAGING_DIR, ""), "")
-            # Rotation ran inside the staging folder; run it where the checkpoints live.
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
+            import fcntl
+        except ImportError:
+            return self
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
+            holder = os.read(fd, 4096).decode("utf-8", "replace")
+            os.close(fd)
+            raise OutputDirInUse(self._busy_message(holder)) from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, ...: a file system without locks (some FUSE/network mounts)
+            os.close(fd)
+            logger.warning("Cannot lock %s (%s): nothing stops a second run from using %s at the same time.",
+                           self.path, os.strerror(err.errno) if err.errno else err, self.output_dir)
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def _busy_message(self, holder: str) -> str:
+        try:
+            info = json.loads(holder)
+            who = (f"pid {info['pid']} on host {info['host']}, started {info['started']}: {info['command']}")
+            stop = f"stop it (kill -TERM {int(info['pid'])} on {info['host']})"
+        except (ValueError, KeyError, TypeError):
+            who, stop = "a process that is starting", "stop it"
+        return (f"{self.output_dir} is in use by another run ({who}). One run per output_dir: wait for it to end, "
+                f"{stop}, or use another output_dir.")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a checkpoint the Trainer can resume from: a readable trainer state and weights."""
-    path = Path(path)
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    weights = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin",
-               "model.safetensors.index.json", "pytorch_model.bin.index.json")
-    return any((path / name).is_file() for name in weights) or any(path.glob("pytorch_model_fsdp*"))
+_held_locks: dict[str, OutputDirLock] = {}
 
 
-def find_resumable_checkpoint(output_dir: str | os.PathLike, *, log: bool = True) -> str | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir``; incomplete ones are skipped (and said so)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
+def lock_output_dir(output_dir: str | os.PathLike, *, main_process: bool = True) -> OutputDirLock | None:
+    """Hold ``output_dir`` for this process until it exits (``OutputDirLock``); ``OutputDirInUse`` when taken.
+
+    Only the main process locks (``main_process=training_args.process_index == 0``); calling
+    it again for the same folder in the same process is a no-op.
+    """
+    if not main_process:
         return None
-    steps = sorted(
-        (int(m.group(1)), child) for child in output_dir.iterdir() if child.is_dir() and (m := _CHECKPOINT.match(child.name))
-    )
-    for _, child in reversed(steps):
-        if is_complete_checkpoint(child):
-            return str(child)
-        if log:
-            logger.warning("Skipping %s: it is incomplete (a save was interrupted).", child)
-    return None
-
-
-def clear_staging(output_dir: str | os.PathLike) -> None:
-    """Remove what an interrupted save left behind (main process, before training)."""
-    staging = Path(output_dir) / STAGING_DIR
-    if staging.exists():
-        logger.warning("Removing %s, left by a save that was interrupted.", staging)
-        shutil.rmtree(staging, ignore_errors=True)
+    key = os.path.realpath(output_dir)
+    if key not in _held_locks:
+        _held_locks[key] = OutputDirLock(output_dir).acquire()
+    return _held_locks[key]
 
 
 # --------------------------------------------------------------------------- same arguments on resume
@@ -282,11 +344,29 @@ def check_resume_args(output_dir: str | os.PathLike, *, ignore=(), **groups) -> 
         )
 
 
+def _launcher_argv() -> list[str] | None:
+    """The command line of the launcher that started this process (Linux), read while it is alive."""
+    try:
+        raw = Path(f"/proc/{_PARENT_AT_START}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+    if len(argv) >= 2 and Path(argv[0]).name.startswith("python") and Path(argv[1]).name in ("accelerate", "torchrun"):
+        argv = [Path(argv[1]).name, *argv[2:]]  # .../bin/python .../bin/accelerate launch ... -> accelerate launch ...
+    return argv if any(word in " ".join(argv[:3]) for word in ("accelerate", "torchrun", "torch.distributed")) else None
+
+
+_LAUNCHER_ARGV = _launcher_argv() if launched_by_launcher() else None
+
+
 def resume_command() -> str:
-    """How to run this process again: its own arguments, after ``accelerate launch`` when it was started so."""
-    args = " ".join(shlex.quote(a) for a in sys.argv)
+    """How to run this process again, every word quoted with ``shlex.quote``: the launcher's own command line
+    when ``accelerate launch``/``torchrun`` started it (as read at start), else ``python`` and its arguments."""
+    if _LAUNCHER_ARGV:
+        return shlex.join(_LAUNCHER_ARGV)
+    args = shlex.join(sys.argv)
     launched = any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "LOCAL_RANK"))
-    return f"accelerate launch <the same launch flags> {args}" if launched else f"python {args}"
+    return f"accelerate launch LAUNCH_FLAGS {args}" if launched else f"python {args}"
 
 
 # --------------------------------------------------------------------------- launch sanity

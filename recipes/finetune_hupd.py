@@ -129,7 +129,10 @@ def main(argv=None):
         deadline = started + budget
 
     # --- Resume ---------------------------------------------------------------
-    # Only a complete checkpoint made with the same model and data arguments is resumed.
+    # One run per output_dir; only a complete checkpoint made with the same model and data arguments is resumed.
+    from hfplug.resilience import finished_run, follow_launcher, lock_output_dir
+    follow_launcher()  # `kill <launcher pid>` reaches this process too: checkpoint, then stop (Linux)
+    lock_output_dir(training_args.output_dir, main_process=training_args.process_index == 0)  # held until exit
     checkpoint = training_args.resume_from_checkpoint
     if training_args.do_train:
         if training_args.should_save:
@@ -212,7 +215,10 @@ def main(argv=None):
     )
 
     # --- Train ----------------------------------------------------------------
-    if training_args.do_train:
+    finished = finished_run(trainer, checkpoint) if training_args.do_train else None  # a finished run trains nothing
+    if finished is not None and finished.evaluated:
+        training_args.do_eval = False  # eval_results.json is there; the push still runs
+    if training_args.do_train and finished is None:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # model (or adapter) + tokenizer
         metrics = dict(result.metrics)

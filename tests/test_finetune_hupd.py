@@ -1,6 +1,7 @@
 """recipes/finetune_hupd.py end to end on the embedded sample and tiny BERT: 1 and 2 processes, resume, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -266,3 +267,170 @@ def test_time_budget_too_short_to_save(tmp_path):
     proc = run_command(finetune_command(*_short(tmp_path / "out", "--time_budget", "30s")))
     assert proc.returncode != 0
     assert "leaves no time to train" in proc.stdout
+
+
+# --- issue 10: faults survived --------------------------------------------------------------------
+
+class _Lines:
+    """A child's merged output, read by a thread: wait for a line without blocking past a deadline."""
+
+    def __init__(self, stream):
+        import threading
+
+        self.lines, self.done = [], threading.Event()
+        self._new = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+        self.done.set()
+        with self._new:
+            self._new.notify_all()
+
+    def wait_for(self, predicate, timeout):
+        """Until ``predicate(lines so far)`` holds (asserting it does before the output ends or ``timeout`` s)."""
+        with self._new:
+            assert self._new.wait_for(lambda: predicate(self.lines) or self.done.is_set(), timeout), self.text[-3000:]
+            assert predicate(self.lines), self.text[-3000:]
+
+    @property
+    def text(self):
+        return "".join(self.lines)
+
+
+def _session_processes(sid):
+    """Live (not zombie) processes of session ``sid``."""
+    import os
+
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                alive.append(int(entry))
+    return alive
+
+
+def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint(tmp_path):
+    """`kill <pid of accelerate launch>`: the trainer saves a stop checkpoint and exits; nothing is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from hfplug.resilience import find_resumable_checkpoint
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux only")
+    out = tmp_path / "out"
+    command = finetune_command(*_short(out, "--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no",
+                                       "--eval_strategy", "no", "--disable_tqdm", "true"))
+    launcher = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = _Lines(launcher.stdout)
+        output.wait_for(lambda lines: any("'loss'" in x for x in lines), timeout=300)  # training has taken a step
+        launcher.send_signal(signal.SIGTERM)  # the launcher alone, as `kill <pid>` does
+        assert launcher.wait(timeout=60) == -signal.SIGTERM
+        assert output.done.wait(timeout=300), "the trainer is still running: " + output.text[-3000:]
+        deadline = time.monotonic() + 60
+        while _session_processes(launcher.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_processes(launcher.pid) == [], "an orphan is left running"
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = output.text
+    assert "Stopped by SIGTERM at step" in log, log[-3000:]
+    assert "run the same command again: " in log and "accelerate.commands.launch --config_file" in log
+    checkpoint = find_resumable_checkpoint(out)
+    assert checkpoint is not None and int(checkpoint.rsplit("-", 1)[1]) >= 1, log[-3000:]
+
+
+def test_the_best_model_survives_a_kill_and_resume(tmp_path):
+    """load_best_model_at_end: killed after a checkpoint and resumed, the run ends on the straight run's best model."""
+    import signal
+    import subprocess
+
+    from conftest import REPO
+
+    flags = ("--max_steps", "16", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+             "--save_strategy", "steps", "--save_steps", "2", "--load_best_model_at_end", "true",
+             "--metric_for_best_model", "loss", "--greater_is_better", "true",  # the best is an early checkpoint
+             "--hupd_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true")
+    straight = tmp_path / "straight"
+    proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    killed = tmp_path / "killed"
+    command = _direct_command(*flags, "--output_dir", str(killed))
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _Lines(child.stdout)
+    try:  # SIGKILL (no stop checkpoint) once step 3 has run: the newest checkpoint is then the best one, step 2
+        output.wait_for(lambda lines: sum("'loss'" in x for x in lines) >= 3, timeout=300)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert any(killed.glob("checkpoint-*")), output.text[-3000:]
+    proc = run_command(command)  # the same command again
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Resuming from" in proc.stdout
+    for state in [killed / "trainer_state.json", *killed.glob("checkpoint-*/trainer_state.json")]:
+        assert ".checkpoint-staging" not in state.read_text(), state
+    best = _results(killed, "trainer_state.json")["best_model_checkpoint"]
+    straight_best = _results(straight, "trainer_state.json")["best_model_checkpoint"]
+    assert best == str(killed / Path(straight_best).name) and Path(best).is_dir(), (best, straight_best)
+    assert _results(killed, "eval_results.json")["eval_loss"] == pytest.approx(
+        _results(straight, "eval_results.json")["eval_loss"], abs=1e-4)
+
+
+def test_rerunning_a_finished_run_trains_nothing(tmp_path):
+    import os
+
+    out = tmp_path / "done"
+    command = finetune_command(*_short(out, "--max_steps", "3"))
+    proc = run_command(command)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    evaluated = _results(out, "eval_results.json")["eval_loss"]
+
+    (out / "eval_results.json").unlink()  # as if the first run had been killed during evaluation
+    proc = run_command(command)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Training already finished at step 3" in proc.stdout
+    assert "'loss'" not in proc.stdout and "train_runtime" not in proc.stdout  # nothing trained
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert _results(out, "trainer_state.json")["global_step"] == 3
+    assert _results(out, "eval_results.json")["eval_loss"] == pytest.approx(evaluated, rel=1e-6)  # the final weights
+
+    before = os.stat(out / "eval_results.json").st_mtime_ns
+    proc = run_command(command)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Training already finished at step 3" in proc.stdout and "Evaluation already finished" in proc.stdout
+    assert os.stat(out / "eval_results.json").st_mtime_ns == before
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+
+
+def test_a_second_run_on_the_same_output_dir_fails_at_once(tmp_path):
+    import os
+
+    from hfplug.resilience import OutputDirLock
+
+    out = tmp_path / "busy"
+    with OutputDirLock(out):  # "another run" holds the folder
+        proc = run_command(finetune_command(*_short(out)))
+    assert proc.returncode != 0, proc.stdout[-3000:]  # 2 from the recipe; the launcher reports it as it does
+    assert f"error: {out} is in use by another run (pid {os.getpid()} on host " in proc.stdout, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and not any(out.glob("checkpoint-*"))

@@ -8,6 +8,7 @@ Its config names only <|end_of_text|> as eos, like older Llama 3 configs.
 """
 
 import hashlib
+import http.server
 import importlib.util
 import io
 import json
@@ -19,12 +20,12 @@ import signal
 import sys
 import threading
 import time
-import http.server
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import REPO, run_command
+from test_chat_format import GEMMA2_TEMPLATE
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hfplug.chat.arguments import ChatModelArguments, GenerationSettings
@@ -34,7 +35,6 @@ from hfplug.chat.session import HELP, ChatSession, ContextError, run_chat
 from hfplug.config import ConfigError
 from hfplug.loading import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
-from test_chat_format import GEMMA2_TEMPLATE
 
 TEXTS = ["Hello world. Sure.\n\nUser: a patent claim about a device\nUser: and a method\n\nAssistant: Sure."] * 50
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]

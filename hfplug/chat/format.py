@@ -27,10 +27,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterable, Iterator
 
 import jinja2
 

@@ -22,10 +22,11 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -34,7 +35,6 @@ from transformers.generation.streamers import BaseStreamer
 from hfplug.chat.arguments import GenerationSettings
 from hfplug.chat.format import ChatFormat, check_system_prompt, visible_text
 from hfplug.chat.model import context_limit
-
 
 # --------------------------------------------------------------------------- generation
 

@@ -10,7 +10,7 @@ weight goes through the same bitsandbytes quantization step as real loading (NF4
 double quantization, fp16 compute, embeddings/lm_head/norms left unquantized) without
 16 GB of random weights in host memory or on disk. The allocator is capped at 15 GiB
 (``torch.cuda.set_per_process_memory_fraction``) and everything computes in fp16, as on
-a T4 (no bf16). Training goes through ``hfplug.model_options.prepare_for_training`` and
+a T4 (no bf16). Training goes through ``hfplug.quantization.prepare_for_training`` and
 the ``paged_adamw_8bit`` optimizer, as ``finetune_hupd.py`` does.
 
 Cases:
@@ -21,7 +21,7 @@ Cases:
       found by doubling from 2048 and then bisecting (to 256 tokens), catching OOM.
 
 For each: peak allocated and reserved memory, tokens/s, the planner's prediction
-(hfplug.fit.estimate_memory) and measured / predicted ratios. Targets: (a) and (b) fit;
+(hfplug.memory.estimate_memory) and measured / predicted ratios. Targets: (a) and (b) fit;
 the planner within +-10 % of the measured peak; (c) >= 8,192 tokens.
 """
 
@@ -138,7 +138,7 @@ def build_model(config_dict: dict, task: str, *, device, quantization_config, dt
 
 def model_args(lora_r: int = 16):
     """The options the recipe's T4 config uses: 4-bit, LoRA on all linear layers, fp16."""
-    from hfplug.model_options import ModelArguments
+    from hfplug.quantization import ModelArguments
 
     return ModelArguments(quant="4bit", dtype="float16", lora=True, lora_r=lora_r, lora_alpha=2 * lora_r)
 
@@ -251,11 +251,11 @@ def train_steps(model, optimizer, scaler, batch: dict, *, steps: int, chunked_lo
 
 
 def planned(config, task: str, batch: int, seq_len: int, *, chunked: bool, offload: bool, lora_r: int):
-    from hfplug.fit import estimate_memory
+    from hfplug.memory import estimate_memory
 
     return estimate_memory(
         config, quant="4bit", lora_r=lora_r, task="decision" if task == "decision" else "causal_lm",
-        max_length=seq_len, batch_size=batch, gradient_checkpointing=True, optim="paged_adamw_8bit",
+        max_length=seq_len, batch_size=batch, activation_checkpointing=True, optim="paged_adamw_8bit",
         num_labels=2, dtype="float16", loss_chunk_size=1024 if chunked else 0, offload_activations=offload,
     )
 
@@ -330,7 +330,7 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
     """Load, quantize and prepare the model for one task; returns (model, optimizer, scaler)."""
     import bitsandbytes as bnb
 
-    from hfplug.model_options import get_quantization_config, prepare_for_training
+    from hfplug.quantization import get_quantization_config, prepare_for_training
 
     args = model_args(lora_r)
     t0 = time.perf_counter()
@@ -341,7 +341,7 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
     print(f"  loaded + quantized in {time.perf_counter() - t0:.0f} s; "
           f"allocated {torch.cuda.memory_allocated() / GiB:.2f} GiB, "
           f"reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB", flush=True)
-    model = prepare_for_training(model, args, gradient_checkpointing=True)
+    model = prepare_for_training(model, args, activation_checkpointing=True)
     if offload:
         model.get_base_model().activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}, offload=True
@@ -363,7 +363,7 @@ def print_table(results: list[Result]) -> None:
               f"{r.peak_allocated_gib:>8.2f}{r.planned_allocated_gib:>7.2f}{r.ratio_allocated:>7.2f}"
               f"{r.peak_reserved_gib:>10.2f}{r.planned_reserved_gib:>7.2f}{r.ratio_reserved:>7.2f}"
               f"{r.tokens_per_s:>9.0f}")
-    print("(GiB; alloc/reserved = torch peak allocated/reserved, plan = hfplug.fit prediction, ratio = measured/plan)")
+    print("(GiB; alloc/reserved = torch peak allocated/reserved, plan = hfplug.memory prediction, ratio = measured/plan)")
 
 
 def main(argv=None) -> int:
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
               "The planner runs anywhere: python -m hfplug.fit --help", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-    import hfplug.fit  # noqa: F401  (fail early if hfplug is not importable)
+    import hfplug.memory  # noqa: F401  (fail early if hfplug is not importable)
     from transformers import LlamaConfig
 
     props = torch.cuda.get_device_properties(0)

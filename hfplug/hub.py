@@ -949,7 +949,7 @@ def _quantized_refusal(what: str, quant: str) -> str:
 
 
 def _count_params(config) -> int:
-    from hfplug.fit import parameter_counts
+    from hfplug.param_counts import parameter_counts
 
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     return parameter_counts(config, task="causal_lm" if causal else "decision").total_params

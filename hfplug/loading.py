@@ -19,6 +19,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 
+from hfplug.memory import estimate_memory, suggest_settings
 from hfplug.quantization import default_optim, get_quantization_config, prepare_for_training, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
 
 def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int,
                      token: str | None = None) -> None:
-    """On a GPU, run the memory planner (``hfplug.fit``) before loading and warn with settings that fit.
+    """On a GPU, run the memory planner (``hfplug.memory``) before loading and warn with settings that fit.
 
     Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning
     before the first weight is loaded.
@@ -515,7 +516,7 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
         task=task,
         max_length=max_length,
         batch_size=training_args.per_device_train_batch_size,
-        gradient_checkpointing=bool(training_args.activation_checkpointing),
+        activation_checkpointing=bool(training_args.activation_checkpointing),
         optim=optim_name(training_args),
         num_labels=num_labels,
     )
@@ -526,8 +527,6 @@ def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, n
 
 def memory_plan_message(config, *, gpu_mem: int, model_name: str, **settings) -> tuple[bool, str]:
     """Whether a run fits ``gpu_mem`` bytes, and one line saying so (with settings that fit when it does not)."""
-    from hfplug.fit import estimate_memory, suggest_settings
-
     gib = 2**30
     total = estimate_memory(config, **settings).total
     if total <= gpu_mem:
@@ -535,7 +534,7 @@ def memory_plan_message(config, *, gpu_mem: int, model_name: str, **settings) ->
     return False, (
         f"This run is planned at ~{total / gib:.1f} GiB but the GPU has {gpu_mem / gib:.1f} GiB: it will likely run "
         f"out of memory. Settings that fit: {'; '.join(suggest_settings(config, gpu_mem=gpu_mem, **settings))}. "
-        f"(Details: python -m hfplug.fit --model {model_name} ...)"
+        f"(Details: python -m hfplug.fit --model_name_or_path {model_name} ...)"
     )
 
 

@@ -1,12 +1,10 @@
-"""Memory planner: will this fine-tuning run fit on the GPU, and if not, what will?
+"""The memory planner's arithmetic: the peak GPU memory of one fine-tuning step, and what fits.
 
-    python -m hfplug.fit --model meta-llama/Llama-3.1-8B --quant 4bit --lora_r 16 \\
-        --task decision --max_length 512 --batch_size 8 --gpu t4
-
-Reads only ``config.json`` (no weights are downloaded), builds the model on the meta
-device to count parameters exactly per kind of module, and prints a breakdown of the
-peak GPU memory of one training step with the largest batch size and sequence length
-that fit. ``finetune_hupd.py`` calls ``estimate_memory`` before loading on a GPU.
+``estimate_memory(config, ...)`` sizes a run from ``config.json`` alone (parameters counted
+exactly per kind of module by ``hfplug.param_counts``) and returns a ``MemoryEstimate``
+broken down by part; ``max_batch_size``, ``max_seq_len`` and ``suggest_settings`` search
+for settings that fit a GPU. The command line is ``python -m hfplug.fit`` (``hfplug/fit.py``);
+``finetune_hupd.py`` runs the planner before loading on a GPU (``hfplug.loading.warn_if_wont_fit``).
 
 What the estimate models (one CUDA training step with 16-bit autocast, as the Trainer's
 ``--fp16``/``--bf16`` run it, through ``hfplug.quantization.prepare_for_training``):
@@ -20,69 +18,34 @@ What the estimate models (one CUDA training step with 16-bit autocast, as the Tr
 - activations saved for backward, per layer and token, from the tensors each op keeps
   (LoRA dropout masks and inputs, SDPA's q/k/v/out/logsumexp — a memory-efficient kernel,
   never the full attention matrix — the gated MLP, the fp32 residual stream); with
-  gradient checkpointing only each layer's input is kept and one layer is recomputed.
+  activation checkpointing only each layer's input is kept and one layer is recomputed.
 - the loss: a causal LM's plain loss materialises batch x seq x vocab logits in 16-bit
   and fp32; ``hfplug.chunked_loss`` keeps one chunk at a time instead.
 - bitsandbytes dequantization buffers, cuBLAS workspace, allocator fragmentation and the
   CUDA context (outside PyTorch's counters, but it takes GPU memory).
 """
 
+
 from __future__ import annotations
 
-import argparse
-import copy
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from hfplug.loading import ConfigUnavailableError, load_config
-from hfplug.quantization import SKIP_MODULES, detect_head_modules
+from hfplug.param_counts import CLASSIFICATION_TASKS, Linear, ModelCounts, lora_targets, num_labels_for, parameter_counts
 
 GiB = 1024**3
 MiB = 1024**2
 
-# Memory the allocator can use. t4 is the issue's "15 GiB usable" (a 16 GB card, Colab
-# reports ~14.7 GB); the others are what torch reports as total_memory on those cards.
-GPU_MEMORY = {
-    "t4": 15.0 * GiB,
-    "l4": 22.0 * GiB,
-    "a100-40": 39.4 * GiB,
-    "a100-80": 79.1 * GiB,
-    "h100": 79.1 * GiB,
-}
-# GPUs without bf16: the planner assumes fp16 there (same size, noted for the user).
-_NO_BF16 = {"t4"}
-
-TASKS = ("decision", "ipc", "abstract", "causal_lm")
-# Classification tasks get a sequence-classification head; abstract generation and
-# language modelling get the LM head and vocab-sized logits.
-CLASSIFICATION_TASKS = ("decision", "ipc")
-DEFAULT_NUM_LABELS = {"decision": 2, "ipc": 637}  # accept/reject; IPC subclasses in HUPD
-
-# Bytes of optimizer state per trainable parameter. 8-bit optimizers keep two uint8
-# states for tensors of >= 4096 values (bitsandbytes' min_8bit_size) plus an fp32
-# absmax per 256 values; smaller tensors keep fp32 states.
-_ADAM_STATES = 2
+# Optimizer name (TrainingArguments.optim) -> (state precision, states per parameter).
+# 8-bit optimizers keep uint8 states for tensors of >= 4096 values (bitsandbytes'
+# min_8bit_size) plus an fp32 absmax per 256 values; smaller tensors keep fp32 states.
 OPTIMIZERS = {
-    "adamw_torch": ("32bit", _ADAM_STATES),
-    "adamw_torch_fused": ("32bit", _ADAM_STATES),
-    "adamw_hf": ("32bit", _ADAM_STATES),
-    "adamw_apex_fused": ("32bit", _ADAM_STATES),
-    "adamw_anyprecision": ("32bit", _ADAM_STATES),
-    "paged_adamw_32bit": ("32bit", _ADAM_STATES),
-    "adamw_8bit": ("8bit", _ADAM_STATES),
-    "adamw_bnb_8bit": ("8bit", _ADAM_STATES),
-    "paged_adamw_8bit": ("8bit", _ADAM_STATES),
-    "lion_32bit": ("32bit", 1),
-    "paged_lion_32bit": ("32bit", 1),
-    "lion_8bit": ("8bit", 1),
-    "paged_lion_8bit": ("8bit", 1),
-    "adagrad": ("32bit", 1),
-    "rmsprop": ("32bit", 1),
+    **dict.fromkeys(("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "adamw_anyprecision",
+                     "paged_adamw_32bit"), ("32bit", 2)),
+    **dict.fromkeys(("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"), ("8bit", 2)),
+    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "adagrad", "rmsprop"), ("32bit", 1)),
+    **dict.fromkeys(("lion_8bit", "paged_lion_8bit"), ("8bit", 1)),
     "sgd": ("32bit", 0),
     "adafactor": ("factored", 0),
 }
@@ -92,144 +55,6 @@ _BNB_OPTIM_BLOCK = 256
 CUDA_CONTEXT = 512 * MiB  # CUDA runtime + cuBLAS/bitsandbytes kernels; outside torch's counters
 CUBLAS_WORKSPACE = 32 * MiB  # allocated through the caching allocator
 FRAGMENTATION = 0.08  # share of the per-step (activation/logit) churn the allocator cannot reuse
-
-
-# --------------------------------------------------------------------------- counting
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One linear layer of the model: where it sits and its shape."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool
-    quantized: bool  # bitsandbytes would replace it
-    in_block: bool  # inside a repeated transformer layer
-
-
-@dataclass(frozen=True)
-class ModelCounts:
-    """Exact parameter counts of the model, from a meta-device instance."""
-
-    architecture: str
-    total_params: int
-    linears: tuple[Linear, ...]
-    other_params: int  # not in quantizable linear weights: embeddings, lm_head, norms, biases, head
-    head_tensors: tuple[int, ...]  # numel of each parameter of the task head (modules_to_save)
-    head_name: str | None
-    lm_head_params: int  # output embedding kept unquantized (0 for classification)
-    lm_head_name: str | None
-    num_layers: int
-
-    @property
-    def quantizable_params(self) -> int:
-        return sum(lin.in_features * lin.out_features for lin in self.linears if lin.quantized)
-
-
-def _model_class(config, task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if task in CLASSIFICATION_TASKS else AutoModelForCausalLM
-
-
-def _skip_modules(model) -> list[str]:
-    """Modules bitsandbytes leaves unquantized with hfplug's quantization config: its head
-    names (which replace transformers' default list) plus the model's fp32 modules."""
-    return list(SKIP_MODULES) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-
-
-def _should_quantize(name: str, skip: list[str]) -> bool:
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
-        return should_convert_module(name, skip)
-    except ImportError:
-        return not any(name == key or name.startswith(key + ".") or name.endswith(key) for key in skip)
-
-
-def _block_prefixes(model, num_layers: int) -> list[str]:
-    """Names of the repeated transformer layers (the ModuleList with one entry per layer)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0:
-            return [f"{name}.{i}" for i in range(num_layers)]
-    return []
-
-
-_COUNT_CACHE: dict[tuple, ModelCounts] = {}
-
-
-def parameter_counts(config, *, task: str, num_labels: int | None = None) -> ModelCounts:
-    """Instantiate the task model on the meta device and count its parameters by kind."""
-    num_labels = _num_labels(task, num_labels)
-    key = (config.to_json_string(use_diff=False), task, num_labels)
-    if key in _COUNT_CACHE:
-        return _COUNT_CACHE[key]
-    config = copy.deepcopy(config)  # num_labels is set on a copy, never on the caller's config
-    if num_labels is not None:
-        config.num_labels = num_labels
-    with torch.device("meta"):
-        model = _model_class(config, task).from_config(config)
-    num_layers = getattr(config, "num_hidden_layers", 0) or 0
-    blocks = tuple(p + "." for p in _block_prefixes(model, num_layers))
-    skip = _skip_modules(model)
-    linears = []
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear or type(module).__name__ == "Conv1D":
-            weight = module.weight
-            in_f, out_f = (weight.shape[1], weight.shape[0]) if type(module) is nn.Linear else tuple(weight.shape)
-            linears.append(
-                Linear(
-                    name,
-                    in_f,
-                    out_f,
-                    getattr(module, "bias", None) is not None,
-                    _should_quantize(name, skip),
-                    name.startswith(blocks),
-                )
-            )
-    total = sum(p.numel() for p in model.parameters())
-    quantizable = sum(lin.in_features * lin.out_features for lin in linears if lin.quantized)
-    head_name, head_tensors = None, ()
-    if task in CLASSIFICATION_TASKS:
-        heads = detect_head_modules(model)
-        head_name = ", ".join(heads) or None
-        head_tensors = tuple(p.numel() for h in heads for p in getattr(model, h).parameters())
-    out_emb = model.get_output_embeddings() if task not in CLASSIFICATION_TASKS else None
-    counts = ModelCounts(
-        architecture=type(model).__name__,
-        total_params=total,
-        linears=tuple(linears),
-        other_params=total - quantizable,
-        head_tensors=head_tensors,
-        head_name=head_name,
-        lm_head_params=out_emb.weight.numel() if out_emb is not None else 0,
-        lm_head_name=next((n for n, m in model.named_modules() if out_emb is not None and m is out_emb), None),
-        num_layers=num_layers,
-    )
-    _COUNT_CACHE[key] = counts
-    return counts
-
-
-def _num_labels(task: str, num_labels: int | None) -> int | None:
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not supported; choose one of {', '.join(TASKS)}.")
-    if task not in CLASSIFICATION_TASKS:
-        return None
-    return num_labels or DEFAULT_NUM_LABELS[task]
-
-
-def lora_targets(counts: ModelCounts, targets: tuple[str, ...] | list[str]) -> list[Linear]:
-    """The linear layers LoRA adapts: PEFT's all-linear (every linear but the heads) or name suffixes."""
-    excluded = tuple(h.strip() for h in (counts.head_name or "").split(",") if h.strip())
-    excluded += (counts.lm_head_name,) if counts.lm_head_name else ()
-    candidates = [
-        lin for lin in counts.linears if not any(lin.name == h or lin.name.startswith(h + ".") for h in excluded)
-    ]
-    if list(targets) == ["all-linear"]:
-        return candidates
-    return [lin for lin in candidates if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
 
 
 # --------------------------------------------------------------------------- sizes
@@ -252,7 +77,7 @@ def quantized_weight_bytes(numel: int, out_features: int, quant: str, *, double_
 
 def optimizer_state_bytes(tensor_sizes, optim: str) -> int:
     """Optimizer state for trainable tensors of the given sizes."""
-    kind, states = OPTIMIZERS.get(optim, ("32bit", _ADAM_STATES))
+    kind, states = OPTIMIZERS.get(optim, ("32bit", 2))
     total = 0
     for n in tensor_sizes:
         if kind == "8bit" and n >= _BNB_MIN_8BIT_SIZE:
@@ -296,18 +121,8 @@ class MemoryEstimate:
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
 
-    _PARTS = (
-        "quantized_weights",
-        "other_weights",
-        "trainable_params",
-        "gradients",
-        "optimizer_states",
-        "activations",
-        "logits",
-        "workspace",
-        "fragmentation",
-        "cuda_context",
-    )
+    _PARTS = ("quantized_weights", "other_weights", "trainable_params", "gradients", "optimizer_states",
+              "activations", "logits", "workspace", "fragmentation", "cuda_context")
 
     @property
     def total(self) -> int:
@@ -407,7 +222,7 @@ def estimate_memory(
     task: str = "decision",
     max_length: int = 512,
     batch_size: int = 8,
-    gradient_checkpointing: bool = True,
+    activation_checkpointing: bool = True,
     optim: str | None = None,
     num_labels: int | None = None,
     dtype: str = "float16",
@@ -524,8 +339,8 @@ def estimate_memory(
     stored_ckpt = (0 if offload_activations else layer_inputs) + extras
     act_ckpt = tokens * (stored_ckpt + saved_per_layer + transient)
     act_full = tokens * (layer_inputs + extras + shape.layers * saved_per_layer + transient)
-    stored_at_loss = tokens * (stored_ckpt if gradient_checkpointing else layer_inputs + extras + shape.layers * saved_per_layer)
-    layer_peak = act_ckpt if gradient_checkpointing else act_full
+    stored_at_loss = tokens * (stored_ckpt if activation_checkpointing else layer_inputs + extras + shape.layers * saved_per_layer)
+    layer_peak = act_ckpt if activation_checkpointing else act_full
 
     # ---- loss
     lm_cast = counts.lm_head_params * a if (quant != "none" or other_bytes_per != a) else 0
@@ -578,7 +393,7 @@ def _loss_bytes(shape: _Shape, *, task: str, num_labels: int | None, batch_size:
     """
     tokens = batch_size * max_length
     if task in CLASSIFICATION_TASKS:
-        return (tokens * (_num_labels(task, num_labels) or 2) * 4 * 3,) * 2 + ("",)
+        return (tokens * (num_labels_for(task, num_labels) or 2) * 4 * 3,) * 2 + ("",)
     if loss_chunk_size and loss_chunk_size > 0:
         chunk = min(loss_chunk_size, tokens)
         # one chunk at a time: its 16-bit logits, the fp32 logits turned into the gradient
@@ -656,8 +471,8 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
     longest = max_seq_len(config, gpu_mem=gpu_mem, **kwargs)
     if longest >= 1:
         out.append(f"--max_length {longest} (at batch size {batch})")
-    if not kwargs.get("gradient_checkpointing", True) and _fits(config, gpu_mem, **{**kwargs, "gradient_checkpointing": True}):
-        out.append("--gradient_checkpointing")
+    if not kwargs.get("activation_checkpointing", True) and _fits(config, gpu_mem, **{**kwargs, "activation_checkpointing": True}):
+        out.append("--activation_checkpointing true")
     if kwargs.get("quant", "4bit") != "4bit":
         trial = {**kwargs, "quant": "4bit", "lora_r": kwargs.get("lora_r") or 16}
         if _fits(config, gpu_mem, **trial):
@@ -668,142 +483,3 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
     if not out:
         out.append("nothing fits this GPU even at batch size 1 and 1 token: use a larger GPU or a smaller model")
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def parse_memory(text: str) -> int:
-    """``"15GiB"``, ``"16GB"``, ``"15"`` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|mib|mb|g|m)?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 15GiB, 16GB or 15000MiB")
-    value, unit = float(match.group(1)), match.group(2) or "gib"
-    scale = {"gib": GiB, "g": GiB, "gb": 1e9, "mib": MiB, "m": MiB, "mb": 1e6}[unit]
-    return int(value * scale)
-
-
-def format_report(est: MemoryEstimate, *, gpu_mem: int, gpu_name: str, header: str,
-                  no_ckpt_total: int | None, best_batch: int, best_len: int, batch: int, length: int) -> str:
-    """The table ``python -m hfplug.fit`` prints."""
-    def row(label: str, value: int, note: str = "") -> str:
-        return f"  {label:<48}{value / GiB:>8.2f}  {note}".rstrip()
-
-    lines = [header, ""]
-    lines.append(f"  {'part':<48}{'GiB':>8}")
-    lines.append(row("quantized linear weights", est.quantized_weights))
-    lines.append(row("other weights (embeddings, norms, heads, ...)", est.other_weights))
-    lines.append(row("  (all weights right after loading)", est.weights_at_load, f"{est.weights_at_load / 1e9:.2f} GB"))
-    lines.append(row("trainable parameters", est.trainable_params, f"{est.trainable_count:,} params"))
-    lines.append(row("gradients", est.gradients))
-    lines.append(row("optimizer states", est.optimizer_states))
-    lines.append(row("activations at the peak", est.activations, f"phase: {est.peak_phase}"))
-    lines.append(row("  with gradient checkpointing", est.activations_checkpointing, "(layer backward)"))
-    lines.append(row("  without gradient checkpointing", est.activations_no_checkpointing, "(layer backward)"))
-    lines.append(row("logits / loss at the peak", est.logits, f"loss peak alone {est.logits_peak / GiB:.2f} GiB"))
-    lines.append(row("workspace (dequantization, cuBLAS)", est.workspace))
-    lines.append(row("allocator fragmentation (est.)", est.fragmentation))
-    lines.append(row("CUDA context", est.cuda_context))
-    lines.append("  " + "-" * 56)
-    verdict = "fits" if est.total <= gpu_mem else "DOES NOT FIT"
-    lines.append(row("total", est.total, f"of {gpu_mem / GiB:.2f} GiB on {gpu_name}: {verdict}"))
-    lines.append(row("  predicted torch peak allocated", est.peak_allocated))
-    if no_ckpt_total is not None:
-        lines.append(row("  total without gradient checkpointing", no_ckpt_total))
-    lines.append("")
-    lines.append(f"  largest batch size at {length} tokens: {best_batch if best_batch > 0 else 'none fits'}")
-    lines.append(f"  largest sequence length at batch size {batch}: {best_len if best_len > 0 else 'none fits'}")
-    lines.append("  (indented rows are details, not added to the total)")
-    for note in est.notes:
-        lines.append(f"  note: {note}")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hfplug.fit",
-        description="Estimate the GPU memory of a fine-tuning run from config.json alone.",
-    )
-    parser.add_argument("--model", required=True, help="Hub id or local directory with config.json")
-    parser.add_argument("--task", choices=TASKS, default="decision")
-    parser.add_argument("--num_labels", type=int, default=None, help="classes (default: decision 2, ipc 637)")
-    parser.add_argument("--quant", choices=("none", "8bit", "4bit"), default="4bit")
-    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank; 0 = full fine-tuning")
-    parser.add_argument("--lora_target_modules", default="all-linear", help="comma-separated, or all-linear")
-    parser.add_argument("--lora_dropout", type=float, default=0.05)
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--optim", default=None, help="Trainer optim name (default: paged_adamw_8bit with 4bit)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="compute dtype (default: float16 on a T4, bfloat16 elsewhere)")
-    parser.add_argument("--loss_chunk_size", type=int, default=0, help="causal LM: chunked loss (0 = plain)")
-    parser.add_argument("--offload_activations", action="store_true", help="checkpointed inputs in host memory")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--gpu", choices=sorted(GPU_MEMORY), default="t4")
-    group.add_argument("--gpu_mem", type=parse_memory, default=None, help="memory of the GPU, e.g. 15GiB or 24GB")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.model, trust_remote_code=args.trust_remote_code)
-    except ConfigUnavailableError as err:
-        print(f"hfplug.fit: cannot read the config of {args.model}: {err}", file=sys.stderr)
-        return 2
-    gpu_name = args.gpu if args.gpu_mem is None else "custom GPU"
-    gpu_mem = args.gpu_mem if args.gpu_mem is not None else GPU_MEMORY[args.gpu]
-    dtype = args.dtype or ("float16" if args.gpu_mem is None and args.gpu in _NO_BF16 else "bfloat16")
-    kwargs = dict(
-        quant=args.quant,
-        lora_r=args.lora_r,
-        task=args.task,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing,
-        optim=args.optim,
-        num_labels=args.num_labels,
-        dtype=dtype,
-        lora_target_modules=tuple(t.strip() for t in args.lora_target_modules.split(",") if t.strip()),
-        lora_dropout=args.lora_dropout,
-        loss_chunk_size=args.loss_chunk_size,
-        offload_activations=args.offload_activations,
-    )
-    try:
-        est = estimate_memory(config, **kwargs)
-        no_ckpt = estimate_memory(config, **{**kwargs, "gradient_checkpointing": False}).total if args.gradient_checkpointing else None
-        best_batch = max_batch_size(config, gpu_mem=gpu_mem, **kwargs)
-        best_len = max_seq_len(config, gpu_mem=gpu_mem, **kwargs)
-    except ValueError as err:
-        print(f"hfplug.fit: {err}", file=sys.stderr)
-        return 2
-    counts = parameter_counts(config, task=args.task, num_labels=args.num_labels)
-    optim = args.optim or ("paged_adamw_8bit" if args.quant == "4bit" else "adamw_torch")
-    lora = f"LoRA r={args.lora_r} on {args.lora_target_modules}" if args.lora_r else "full fine-tuning"
-    header = (
-        f"hfplug.fit  {args.model}  ({counts.architecture}, task {args.task})\n"
-        f"  quant {args.quant}, {lora}, optim {optim}, {dtype} compute\n"
-        f"  batch {args.batch_size} x {args.max_length} tokens, gradient checkpointing "
-        f"{'on' if args.gradient_checkpointing else 'off'}\n"
-        f"  parameters: {counts.total_params:,} ({counts.quantizable_params:,} in quantizable linears); "
-        f"trainable {est.trainable_count:,}"
-        + (f" (LoRA {est.lora_count:,} + head {est.head_count:,})" if args.lora_r else "")
-    )
-    print(
-        format_report(
-            est, gpu_mem=gpu_mem, gpu_name=gpu_name, header=header, no_ckpt_total=no_ckpt,
-            best_batch=best_batch, best_len=best_len, batch=args.batch_size, length=args.max_length,
-        )
-    )
-    suggestions = suggest_settings(config, gpu_mem=gpu_mem, **kwargs)
-    if suggestions:
-        print("\n  suggested settings that fit:")
-        for s in suggestions:
-            print(f"    {s}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

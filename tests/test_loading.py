@@ -9,7 +9,8 @@ import threading
 import pytest
 from transformers import AutoConfig
 
-from hfplug.loading import ModelLoadError, check_max_length, ensure_pad_token, from_pretrained
+from hfplug.loading import (ConfigUnavailableError, ModelLoadError, check_max_length, ensure_pad_token, from_pretrained,
+                            is_hub_id, load_config)
 from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
 
 TEXT = ["a semiconductor device with a gate electrode", "a method of encoding data in a memory"] * 10
@@ -98,9 +99,60 @@ def test_memory_plan_message_warns_with_settings_that_fit():
     config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                                num_attention_heads=16, num_key_value_heads=4)
     settings = dict(quant="4bit", lora_r=16, task="decision", max_length=2048, batch_size=64,
-                    gradient_checkpointing=True, optim="paged_adamw_8bit", num_labels=2)
+                    activation_checkpointing=True, optim="paged_adamw_8bit", num_labels=2)
     fits, roomy = memory_plan_message(config, gpu_mem=80 * 2**30, model_name="m", **settings)
     assert fits and roomy.startswith("Memory plan: ~") and "of 80.0 GiB" in roomy
     fits, tight = memory_plan_message(config, gpu_mem=4 * 2**30, model_name="m", **settings)
     assert not fits and tight.startswith("This run is planned at ~") and "GPU has 4.0 GiB" in tight
     assert "--per_device_train_batch_size" in tight and "--gradient_accumulation_steps" in tight
+
+
+def test_unreadable_local_configs(tmp_path):
+    with pytest.raises(ConfigUnavailableError) as err:
+        load_config(str(tmp_path / "missing"))
+    assert err.value.reason == "no_such_path"
+    with pytest.raises(ConfigUnavailableError) as err:
+        load_config(str(tmp_path))  # exists, no config.json
+    assert err.value.reason == "no_config"
+
+
+def _hub_error(cls, message):
+    err = cls.__new__(cls)  # their __init__ wants an HTTP response; the message is what matters
+    Exception.__init__(err, message)
+    return err
+
+
+@pytest.mark.parametrize("error, offline, reason, words", [
+    ("GatedRepoError", False, "gated", ["gated", "license", "HF_TOKEN"]),
+    ("RepositoryNotFoundError", False, "no_such_repo", ["no such model repo"]),
+    ("LocalEntryNotFoundError", True, "offline_not_cached", ["HF_HUB_OFFLINE", "not in the local cache"]),
+    ("LocalEntryNotFoundError", False, "unreachable", ["could not be reached"]),
+])
+def test_unreadable_hub_configs_say_why(monkeypatch, error, offline, reason, words):
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    cls = getattr(errors, error)
+
+    def fake_download(*args, **kwargs):
+        raise cls("nope") if error == "LocalEntryNotFoundError" else _hub_error(cls, "nope")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    with pytest.raises(ConfigUnavailableError) as err:
+        load_config("meta-llama/Llama-3.1-8B")
+    assert err.value.reason == reason
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_one_hub_id_rule(tmp_path, monkeypatch):
+    """``name`` or ``namespace/name`` by the Hub's rules, and not a local path (nor under an existing folder)."""
+    for name in ("gpt2", "meta-llama/Llama-3.1-8B", "anferico/bert-for-patents", "Qwen/Qwen2.5-0.5B-Instruct"):
+        assert is_hub_id(name), name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "gpt2").mkdir()
+    for name in ("", "./x", "../x", "/x", "~/x", "a/b/c", "a//b", "my model", "a--b", "a..b", ".x", "x.git",
+                 "outputs", "outputs/run-1", "gpt2", "x" * 97):
+        assert not is_hub_id(name), name

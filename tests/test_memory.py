@@ -1,4 +1,4 @@
-"""hfplug.fit (memory planner), hfplug.chunked_loss, and benchmarks/t4_fit.py's model builder, on CPU."""
+"""hfplug.memory (the planner's arithmetic), hfplug.param_counts, and benchmarks/t4_fit.py's model builder, on CPU."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from transformers import (
     LlamaConfig,
 )
 
-from hfplug import fit
-from hfplug.chunked_loss import causal_lm_loss, chunked_cross_entropy
+from hfplug import memory
+from hfplug.chunked_loss import causal_lm_loss
+from hfplug.fit import GPU_MEMORY
+from hfplug.loading import load_config
+from hfplug.param_counts import CLASSIFICATION_TASKS, DEFAULT_NUM_LABELS, parameter_counts
 from hfplug.quantization import DeviceCapability, ModelArguments, get_quantization_config, prepare_for_training
 
 GiB = 1024**3
@@ -65,7 +68,7 @@ def llama8b_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama8b(llama8b_dir):
-    return fit.load_config(str(llama8b_dir))
+    return load_config(str(llama8b_dir))
 
 
 @pytest.fixture
@@ -82,10 +85,10 @@ def on_cpu(monkeypatch):
                                               (tiny_bert, "decision"), (tiny_bert, "ipc")])
 def test_parameter_counts_match_the_instantiated_model(config_fn, task):
     config = config_fn()
-    counts = fit.parameter_counts(config, task=task)
-    cls = AutoModelForSequenceClassification if task in fit.CLASSIFICATION_TASKS else AutoModelForCausalLM
-    if task in fit.CLASSIFICATION_TASKS:
-        config.num_labels = fit.DEFAULT_NUM_LABELS[task]
+    counts = parameter_counts(config, task=task)
+    cls = AutoModelForSequenceClassification if task in CLASSIFICATION_TASKS else AutoModelForCausalLM
+    if task in CLASSIFICATION_TASKS:
+        config.num_labels = DEFAULT_NUM_LABELS[task]
     model = cls.from_config(config)
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     heads = ("lm_head", "score", "classifier")
@@ -96,7 +99,7 @@ def test_parameter_counts_match_the_instantiated_model(config_fn, task):
 
 def test_quantized_sizes_match_bitsandbytes_exactly(llama_dir, on_cpu):
     """Packed weights + quantization constants of a really loaded model, byte for byte."""
-    config = fit.load_config(str(llama_dir))
+    config = load_config(str(llama_dir))
     for quant in ("4bit", "8bit"):
         args = ModelArguments(quant=quant, lora=True, dtype="float32")
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -111,18 +114,18 @@ def test_quantized_sizes_match_bitsandbytes_exactly(llama_dir, on_cpu):
                               if torch.is_tensor(t))
             elif type(weight).__name__ == "Int8Params":
                 actual += weight.numel() + module.weight.SCB.numel() * 4
-        est = fit.estimate_memory(config, quant=quant, lora_r=4, task="decision", max_length=8, batch_size=1)
+        est = memory.estimate_memory(config, quant=quant, lora_r=4, task="decision", max_length=8, batch_size=1)
         assert est.quantized_weights == actual, quant
 
 
 def test_trainable_counts_match_peft(llama_dir, on_cpu):
-    config = fit.load_config(str(llama_dir))
+    config = load_config(str(llama_dir))
     args = ModelArguments(quant="4bit", lora=True, lora_r=4, dtype="float32")
     model = AutoModelForSequenceClassification.from_pretrained(
         llama_dir, quantization_config=get_quantization_config(args, device_type="cpu"), dtype=torch.float32
     )
     model = prepare_for_training(model, args, activation_checkpointing=False)
-    est = fit.estimate_memory(config, quant="4bit", lora_r=4, task="decision", max_length=8, batch_size=1, num_labels=2)
+    est = memory.estimate_memory(config, quant="4bit", lora_r=4, task="decision", max_length=8, batch_size=1, num_labels=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.trainable_count == trainable
     assert est.head_count == 64 * 2 and est.lora_count == trainable - 64 * 2
@@ -132,13 +135,13 @@ def test_trainable_counts_match_peft(llama_dir, on_cpu):
 
 
 def test_llama31_8b_weights_and_lora_match_the_published_numbers(llama8b):
-    counts = fit.parameter_counts(llama8b, task="causal_lm")
+    counts = parameter_counts(llama8b, task="causal_lm")
     assert round(counts.total_params / 1e9, 2) == 8.03
     assert round(counts.quantizable_params / 1e9, 2) == 6.98
-    est = fit.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=2048, batch_size=1)
+    est = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=2048, batch_size=1)
     assert est.lora_count == 41_943_040
     assert abs(est.weights_at_load / 1e9 - 5.70) < 0.02  # NF4 + double quant, 16-bit embeddings/head
-    no_dq = sum(fit.quantized_weight_bytes(l.in_features * l.out_features, l.out_features, "4bit", double_quant=False)
+    no_dq = sum(memory.quantized_weight_bytes(l.in_features * l.out_features, l.out_features, "4bit", double_quant=False)
                 for l in counts.linears if l.quantized)
     assert abs((no_dq + counts.other_params * 2) / 1e9 - 6.03) < 0.02
     # prepare_model_for_kbit_training keeps embeddings and lm_head in fp32 for training.
@@ -146,16 +149,16 @@ def test_llama31_8b_weights_and_lora_match_the_published_numbers(llama8b):
 
 
 def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8b):
-    t4 = fit.GPU_MEMORY["t4"]
-    est = fit.estimate_memory(llama8b, quant="4bit", lora_r=16, task="decision", max_length=512, batch_size=8)
+    t4 = GPU_MEMORY["t4"]
+    est = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="decision", max_length=512, batch_size=8)
     assert est.total < t4
-    assert fit.estimate_memory(llama8b, quant="none", lora_r=16, task="decision", max_length=512,
+    assert memory.estimate_memory(llama8b, quant="none", lora_r=16, task="decision", max_length=512,
                                batch_size=8).total > t4  # 16 GB of bf16 weights never fit
-    plain = fit.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1)
-    chunked = fit.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192,
+    plain = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1)
+    chunked = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192,
                                   batch_size=1, loss_chunk_size=1024)
     assert plain.logits_peak > 8 * GiB > chunked.logits_peak
-    assert fit.max_seq_len(llama8b, gpu_mem=t4, quant="4bit", lora_r=16, task="causal_lm", batch_size=1,
+    assert memory.max_seq_len(llama8b, gpu_mem=t4, quant="4bit", lora_r=16, task="causal_lm", batch_size=1,
                            loss_chunk_size=1024, offload_activations=True) >= 8192
 
 
@@ -165,156 +168,46 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
 def test_activation_arithmetic_scales_with_tokens_and_checkpointing():
     config = tiny_llama(hidden_size=256, intermediate_size=896, num_attention_heads=8, vocab_size=1000)
     kw = dict(quant="4bit", lora_r=8, task="causal_lm", batch_size=2, loss_chunk_size=128)
-    one, two = (fit.estimate_memory(config, max_length=n, **kw) for n in (256, 512))
+    one, two = (memory.estimate_memory(config, max_length=n, **kw) for n in (256, 512))
     assert two.activations_checkpointing == 2 * one.activations_checkpointing
     assert two.activations_no_checkpointing == 2 * one.activations_no_checkpointing
     assert one.activations_checkpointing < one.activations_no_checkpointing
-    off = fit.estimate_memory(config, max_length=256, offload_activations=True, **kw)
+    off = memory.estimate_memory(config, max_length=256, offload_activations=True, **kw)
     assert off.activations_checkpointing < one.activations_checkpointing
     # the static parts do not depend on the batch
     assert (one.quantized_weights, one.optimizer_states) == (two.quantized_weights, two.optimizer_states)
-    assert one.total == sum(getattr(one, p) for p in fit.MemoryEstimate._PARTS)
+    assert one.total == sum(getattr(one, p) for p in memory.MemoryEstimate._PARTS)
 
 
 def test_optimizer_state_sizes():
     sizes = [4096, 100]  # one tensor large enough for 8-bit states, one kept in fp32
-    assert fit.optimizer_state_bytes(sizes, "adamw_torch") == 8 * 4196
-    assert fit.optimizer_state_bytes(sizes, "paged_adamw_8bit") == 2 * (4096 + 16 * 4) + 8 * 100
-    assert fit.optimizer_state_bytes(sizes, "sgd") == 0
+    assert memory.optimizer_state_bytes(sizes, "adamw_torch") == 8 * 4196
+    assert memory.optimizer_state_bytes(sizes, "paged_adamw_8bit") == 2 * (4096 + 16 * 4) + 8 * 100
+    assert memory.optimizer_state_bytes(sizes, "sgd") == 0
 
 
 def test_max_batch_and_length_are_the_largest_that_fit(llama8b):
-    kw = dict(quant="4bit", lora_r=16, task="decision", gradient_checkpointing=True)
-    gpu = fit.GPU_MEMORY["t4"]
-    best = fit.max_batch_size(llama8b, gpu_mem=gpu, max_length=512, **kw)
+    kw = dict(quant="4bit", lora_r=16, task="decision", activation_checkpointing=True)
+    gpu = GPU_MEMORY["t4"]
+    best = memory.max_batch_size(llama8b, gpu_mem=gpu, max_length=512, **kw)
     assert best >= 8
-    assert fit.estimate_memory(llama8b, max_length=512, batch_size=best, **kw).total <= gpu
-    assert fit.estimate_memory(llama8b, max_length=512, batch_size=best + 1, **kw).total > gpu
-    longest = fit.max_seq_len(llama8b, gpu_mem=gpu, batch_size=8, **kw)
-    assert fit.estimate_memory(llama8b, max_length=longest, batch_size=8, **kw).total <= gpu
-    assert fit.estimate_memory(llama8b, max_length=longest + 1, batch_size=8, **kw).total > gpu
-    assert fit.max_batch_size(llama8b, gpu_mem=1 * GiB, max_length=512, **kw) == 0
-    assert fit.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=8, **kw) == []
-    tips = fit.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=64, **kw)
+    assert memory.estimate_memory(llama8b, max_length=512, batch_size=best, **kw).total <= gpu
+    assert memory.estimate_memory(llama8b, max_length=512, batch_size=best + 1, **kw).total > gpu
+    longest = memory.max_seq_len(llama8b, gpu_mem=gpu, batch_size=8, **kw)
+    assert memory.estimate_memory(llama8b, max_length=longest, batch_size=8, **kw).total <= gpu
+    assert memory.estimate_memory(llama8b, max_length=longest + 1, batch_size=8, **kw).total > gpu
+    assert memory.max_batch_size(llama8b, gpu_mem=1 * GiB, max_length=512, **kw) == 0
+    assert memory.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=8, **kw) == []
+    tips = memory.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=64, **kw)
     assert any("--gradient_accumulation_steps" in t for t in tips)
 
 
 def test_bad_planner_inputs():
     config = tiny_llama()
     with pytest.raises(ValueError, match="cannot be fully fine-tuned"):
-        fit.estimate_memory(config, quant="4bit", lora_r=0)
+        memory.estimate_memory(config, quant="4bit", lora_r=0)
     with pytest.raises(ValueError, match="task="):
-        fit.estimate_memory(config, task="summarize")
-    assert fit.parse_memory("15GiB") == 15 * GiB and fit.parse_memory("16GB") == 16 * 10**9
-
-
-# --------------------------------------------------------------------------- CLI + config errors
-
-
-def test_cli_on_a_local_path(llama8b_dir, capsys):
-    code = fit.main(["--model", str(llama8b_dir), "--quant", "4bit", "--lora_r", "16", "--task", "decision",
-                     "--max_length", "512", "--batch_size", "8", "--gpu", "t4"])
-    out = capsys.readouterr().out
-    assert code == 0
-    for text in ("quantized linear weights", "optimizer states", "without gradient checkpointing",
-                 "CUDA context", "fits", "largest batch size at 512 tokens", "largest sequence length at batch size 8",
-                 "41,943,040"):
-        assert text in out, text
-
-
-def test_cli_gpu_mem_and_a_run_that_does_not_fit(llama8b_dir, capsys):
-    code = fit.main(["--model", str(llama8b_dir), "--task", "causal_lm", "--max_length", "4096",
-                     "--batch_size", "4", "--gpu_mem", "15GiB"])
-    out = capsys.readouterr().out
-    assert code == 0 and "DOES NOT FIT" in out and "suggested settings" in out and "chunked" in out
-
-
-def test_unreadable_local_configs(tmp_path, capsys):
-    with pytest.raises(fit.ConfigUnavailableError) as err:
-        fit.load_config(str(tmp_path / "missing"))
-    assert err.value.reason == "no_such_path"
-    with pytest.raises(fit.ConfigUnavailableError) as err:
-        fit.load_config(str(tmp_path))  # exists, no config.json
-    assert err.value.reason == "no_config"
-    assert fit.main(["--model", str(tmp_path / "missing")]) == 2
-    assert "No such local path" in capsys.readouterr().err
-
-
-def _hub_error(cls, message):
-    err = cls.__new__(cls)  # their __init__ wants an HTTP response; the message is what matters
-    Exception.__init__(err, message)
-    return err
-
-
-@pytest.mark.parametrize("error, offline, reason, words", [
-    ("GatedRepoError", False, "gated", ["gated", "license", "HF_TOKEN"]),
-    ("RepositoryNotFoundError", False, "no_such_repo", ["no such model repo"]),
-    ("LocalEntryNotFoundError", True, "offline_not_cached", ["HF_HUB_OFFLINE", "not in the local cache"]),
-    ("LocalEntryNotFoundError", False, "unreachable", ["could not be reached"]),
-])
-def test_unreadable_hub_configs_say_why(monkeypatch, error, offline, reason, words):
-    import huggingface_hub
-    from huggingface_hub import constants, errors
-
-    cls = getattr(errors, error)
-
-    def fake_download(*args, **kwargs):
-        raise cls("nope") if error == "LocalEntryNotFoundError" else _hub_error(cls, "nope")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
-    with pytest.raises(fit.ConfigUnavailableError) as err:
-        fit.load_config("meta-llama/Llama-3.1-8B")
-    assert err.value.reason == reason
-    for word in words:
-        assert word in str(err.value)
-
-
-# --------------------------------------------------------------------------- chunked loss
-
-
-def test_chunked_loss_matches_the_plain_loss_and_gradients():
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 11, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    bias = torch.randn(50, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 11))
-    labels[0, :4] = -100
-    labels[2, -3:] = -100
-    for num_items in (None, 17):
-        ref = ForCausalLMLoss(hidden @ weight.t() + bias, labels, 50, num_items_in_batch=num_items)
-        ref_grads = torch.autograd.grad(ref, (hidden, weight, bias))
-        for chunk in (1, 4, 7, 1000):
-            loss = chunked_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=chunk,
-                                         num_items_in_batch=num_items)
-            grads = torch.autograd.grad(loss, (hidden, weight, bias))
-            torch.testing.assert_close(loss, ref)
-            for got, want in zip(grads, ref_grads):
-                torch.testing.assert_close(got, want)
-
-
-def test_chunked_loss_through_a_lora_model_matches_the_model_loss(tmp_path, on_cpu):
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_llama()).save_pretrained(tmp_path)
-    args = ModelArguments(quant="4bit", lora=True, lora_r=4, lora_dropout=0.0, dtype="float32")
-    model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=get_quantization_config(args, device_type="cpu"), dtype=torch.float32
-    )
-    model = prepare_for_training(model, args, activation_checkpointing=True)
-    model.train()
-    ids = torch.randint(3, 300, (2, 16))
-    labels = ids.clone()
-    labels[1, :5] = -100
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref = model(input_ids=ids, labels=labels).loss
-    ref_grads = torch.autograd.grad(ref, params)
-    loss = causal_lm_loss(model, input_ids=ids, labels=labels, chunk_size=5)
-    grads = torch.autograd.grad(loss, params)
-    torch.testing.assert_close(loss, ref)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        memory.estimate_memory(config, task="summarize")
 
 
 # --------------------------------------------------------------------------- benchmark

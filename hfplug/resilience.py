@@ -26,10 +26,22 @@ import torch
 from transformers import TrainerCallback
 
 # Re-exported: hfplug.resilience stays the one import for surviving faults.
-from hfplug.checkpoints import (MANIFEST_FILE, STAGING_DIR, TRAINER_PRIVATE_API, CheckpointSaveError,  # noqa: F401
-                                FinishedRun, NoCompleteCheckpointError, SafeCheckpointTrainer, check_trainer_api,
-                                checkpoint_problems, clear_staging, find_resumable_checkpoint, finished_run,
-                                is_complete_checkpoint, write_manifest)
+from hfplug.checkpoints import (  # noqa: F401
+    MANIFEST_FILE,
+    STAGING_DIR,
+    TRAINER_PRIVATE_API,
+    CheckpointSaveError,
+    FinishedRun,
+    NoCompleteCheckpointError,
+    SafeCheckpointTrainer,
+    check_trainer_api,
+    checkpoint_problems,
+    clear_staging,
+    find_resumable_checkpoint,
+    finished_run,
+    is_complete_checkpoint,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 

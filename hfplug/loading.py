@@ -1,8 +1,11 @@
-"""Loading tokenizers and models for the recipes, with errors that say what to do.
+"""Loading tokenizers, models and configs for the recipes, with errors that say what to do.
 
-Wraps ``from_pretrained`` so that a missing model is reported as what it is
-(a local path that does not exist, offline and not cached, no such repo, gated),
-and so that decoder tokenizers without a pad token (Llama) just work. Classifiers
+One rule for "is this a Hub id or a local path" (:func:`is_hub_id`) and one translation of
+huggingface_hub's errors (:func:`explain_hub_error`) serve every loader here, including
+:func:`load_config`, which reads ``config.json`` alone (for the memory planner and the Hub
+merge check). ``from_pretrained`` is wrapped so that a missing model is reported as what it
+is (a local path that does not exist, offline and not cached, no such repo, gated), and so
+that decoder tokenizers without a pad token (Llama) just work. Classifiers
 (``load_classifier``) and causal LMs for training (``load_causal_lm_for_training``)
 share one loading path; ``training_chat_format`` readies a tokenizer for the
 generative ``abstract`` task (fixed date, a pad token that is not a stop token,
@@ -19,6 +22,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 
+from hfplug.chat.format import ChatFormat  # the format training shares with chat; it imports nothing of hfplug
 from hfplug.memory import estimate_memory, suggest_settings
 from hfplug.quantization import default_optim, get_quantization_config, prepare_for_training, resolve_dtype
 
@@ -366,7 +370,7 @@ def load_classifier(model_args, label_names, tokenizer, training_args, *, token:
 
     Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
     ``hfplug.quantization``; for training, the model is prepared there (k-bit
-    preparation, gradient checkpointing, LoRA with the classification head trainable).
+    preparation, activation checkpointing, LoRA with the classification head trainable).
     ``model_name_or_path`` may also be a directory with a trained LoRA adapter: its base
     model is loaded (quantized as asked) and the adapter, with its head, put on top.
     """
@@ -435,8 +439,6 @@ def training_chat_format(tokenizer, chat_template: str | None = None):
       the tokenizer saved with the model (or adapter) then makes ``recipes/chat.py``
       prompt exactly as training did.
     """
-    from hfplug.chat.format import ChatFormat
-
     chat_format = ChatFormat.from_tokenizer(tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING})
     ensure_pad_token(tokenizer, avoid=reply_end_ids(chat_format))
     tokenizer.chat_template = template_with_default_date(chat_format.template, TRAINING_DATE_STRING)

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 
 from hfplug.hub import HubError
-from hfplug.tokens import TokenError, exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
+from hfplug.hub.auth import TokenError
+from hfplug.hub.redaction import exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
 
 USER_ERRORS = (ValueError, OSError, HubError, TokenError)
 QUICKSTART_COMMAND = ("accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py "

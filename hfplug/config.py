@@ -21,7 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from hfplug.tokens import mask_tokens, refuse_token_flags
+from hfplug.hub.redaction import mask_tokens, refuse_token_flags
 
 
 class ConfigError(ValueError):

@@ -57,8 +57,11 @@ from hfplug.data.hupd import HUB_REPO_ID
 from hfplug.data.collate import causal_lm_collator
 from hfplug.data.tasks import is_generative, tokenize_abstract_splits
 from hfplug.generation import GenerationEval, GenerativeTrainer, generation_records
-from hfplug.hub import (HubArguments, check_model_access, hub_push_callback, hub_settings, preflight_push, push_run,
-                        take_hub_token)
+from hfplug.hub import HubArguments, hub_settings, take_hub_token
+from hfplug.hub.auth import resolve_token
+from hfplug.hub.preflight import check_model_access, preflight_push
+from hfplug.hub.push import hub_push_callback, push_run
+from hfplug.hub.redaction import install_token_redaction
 from hfplug.metrics import compute_metrics_for
 from hfplug.quantization import ModelArguments
 from hfplug.loading import (check_causal_lm, check_max_length, load_causal_lm_for_training, load_classifier,
@@ -66,7 +69,6 @@ from hfplug.loading import (check_causal_lm, check_max_length, load_causal_lm_fo
 from hfplug.resilience import (GracefulStopCallback, SafeCheckpointTrainer, check_launch_matches_machine,
                                check_resume_args, check_time_budget, clear_staging, find_resumable_checkpoint,
                                parse_duration, record_run_args, resume_command, save_reserve)
-from hfplug.tokens import install_token_redaction, resolve_token
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "hupd_bert_for_patents.yaml"  # used when no --config is given

@@ -64,6 +64,6 @@ def test_token_flag_is_refused_under_accelerate_launch_without_echo(tmp_path):
             assert short not in proc.stdout and long not in proc.stdout, proc.stdout[-4000:]
             assert "CalledProcessError" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-4000:]
             assert "HF_TOKEN" in proc.stdout and "hf auth login" in proc.stdout
-            assert proc.returncode == 0, proc.stdout[-4000:]  # on purpose: hfplug.tokens.exit_status_for
+            assert proc.returncode == 0, proc.stdout[-4000:]  # on purpose: hfplug.hub.redaction.exit_status_for
         assert not server.requests  # refused before any Hub call
     assert not (out / "train_results.json").exists()

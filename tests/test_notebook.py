@@ -89,7 +89,7 @@ def test_colab_commands_name_files_that_exist():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     source = "\n".join(cell.source for cell in code_cells(nb))
     for command in ("accelerate launch --config_file", "recipes/finetune_hupd.py", "recipes/chat.py --adapter",
-                    "recipes/push_adapter.py", "pip install -q -e .", 'userdata.get("HF_TOKEN")'):
+                    "recipes/push_run.py", "pip install -q -e .", 'userdata.get("HF_TOKEN")'):
         assert command in source, command
     paths = set(re.findall(r"\b((?:recipes|accelerate_configs)/[\w./-]+\.(?:py|yaml))", source))
     assert "recipes/configs/hupd_llama31_8b_abstract_qlora_t4.yaml" in paths  # the Colab default
@@ -117,7 +117,7 @@ def test_colab_only_cells_are_skipped(executed):
     nb, _ = executed
     assert "Install skipped" in output_text(cell_running(nb, "pip install -q -e ."))
     assert "Secrets skipped" in output_text(cell_running(nb, "userdata.get"))
-    assert "Push skipped: offline test" in output_text(cell_running(nb, "push_adapter.py"))
+    assert "Push skipped: offline test" in output_text(cell_running(nb, "push_run.py"))
 
 
 def test_fine_tune_wrote_results_and_the_results_cell_shows_them(executed):

@@ -3,7 +3,7 @@
 The four leak paths, each with a short canary (masked only by shape, never registered in this
 process) and a full-length one:
 
-1. a token flag on the command line of the real recipe (``recipes/push_adapter.py``), including
+1. a token flag on the command line of the real recipe (``recipes/push_run.py``), including
    flags the parser does not know (whose error would echo every argument);
 2. the same under ``accelerate launch``, whose simple launcher prints the child's whole argv
    when the child exits non-zero;
@@ -18,12 +18,17 @@ import sys
 import traceback
 
 import pytest
-
 from conftest import REPO, run_command
+
+# The loopback-Hub fixtures (no ambient token, client online to 127.0.0.1 only, a finished adapter run).
+from hub_fixtures import adapter_run, adapter_template, no_ambient_token, online  # noqa: F401
 from hub_server import HubServer, Token
-from hfplug import tokens as hftokens
-from hfplug.hub import PushError, preflight_push, push_run, retry_command
-from hfplug.tokens import (
+
+from hfplug.hub import redaction
+from hfplug.hub.errors import PushError
+from hfplug.hub.preflight import preflight_push
+from hfplug.hub.push import push_run, retry_command
+from hfplug.hub.redaction import (
     TokenOnCommandLineError,
     exit_status_for,
     install_token_redaction,
@@ -31,13 +36,11 @@ from hfplug.tokens import (
     mask_tokens,
     refuse_token_flags,
 )
-# The loopback-Hub fixtures of test_hub (no ambient token, client online to 127.0.0.1 only, a finished adapter run).
-from test_hub import adapter_run, adapter_template, no_ambient_token, online  # noqa: F401
 
 SHORT = "hf_CanaryTok3n"  # shorter than any real token: masked by shape only
 LONG = "hf_" + "CanaryLongToken0123456789abcdefghij"  # 37 characters, a real token's shape
 CANARIES = (SHORT, LONG)
-PUSH_SCRIPT = str(REPO / "recipes" / "push_adapter.py")
+PUSH_SCRIPT = str(REPO / "recipes" / "push_run.py")
 CPU_CONFIG = str(REPO / "accelerate_configs" / "cpu.yaml")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -81,7 +84,7 @@ def test_mask_tokens_masks_any_length_and_keeps_identifiers():
 ])
 def test_refuse_token_flags(argv, where, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    for name in hftokens.SIMPLE_LAUNCHER_ENV:
+    for name in redaction.SIMPLE_LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(TokenOnCommandLineError) as info:
         refuse_token_flags(argv)
@@ -93,7 +96,7 @@ def test_refuse_token_flags(argv, where, monkeypatch):
     assert info.value.exit_status == 2
     # The refused value is registered: a later log line cannot show it, shaped like a token or not.
     value = argv[-1].split("=", 1)[-1]
-    assert value not in hftokens.redact(f"value {value}.")
+    assert value not in redaction.redact(f"value {value}.")
 
 
 def test_ordinary_command_lines_pass():
@@ -118,9 +121,9 @@ def test_exit_status_is_zero_only_for_a_refused_token_under_the_simple_launcher(
 
 def test_retry_command_quotes_paths():
     command = retry_command("/content/drive/My Drive/runs/llama lora", "alice/hupd-lora", private=True)
-    assert command == ("python recipes/push_adapter.py '/content/drive/My Drive/runs/llama lora' "
-                       "--hub_model_id alice/hupd-lora --private")
-    assert retry_command("outputs/quick", "alice/x") == "python recipes/push_adapter.py outputs/quick --hub_model_id alice/x"
+    assert command == ("python recipes/push_run.py '/content/drive/My Drive/runs/llama lora' "
+                       "--hub_model_id alice/hupd-lora --hub_private_repo")
+    assert retry_command("outputs/quick", "alice/x") == "python recipes/push_run.py outputs/quick --hub_model_id alice/x"
 
 
 # --------------------------------------------------------------------------- 1. the recipe's command line
@@ -131,7 +134,7 @@ def test_retry_command_quotes_paths():
     [f"--hub_token={LONG}"],
     ["--hf_token", LONG],  # not a flag of the recipe: its "unknown argument" error would echo it
     ["--token", SHORT],
-    ["--private", LONG],  # a token where another value belongs
+    ["--hub_private_repo", LONG],  # a token where another value belongs
 ], ids=["hub_token", "hub_token=", "hf_token", "token", "stray"])
 def test_push_script_refuses_a_token_flag_without_echoing_it(flags, quiet_hub, adapter_run):
     server, env = quiet_hub
@@ -161,7 +164,7 @@ def test_accelerate_simple_launcher_prints_the_argv_of_a_failing_script(tmp_path
     """The leak exists: accelerate's simple launcher echoes a failing child's argv (this is what hfplug works around).
 
     If this fails, accelerate stopped printing the command: the status-0 exception in
-    ``hfplug.tokens.exit_status_for`` can then go.
+    ``hfplug.hub.redaction.exit_status_for`` can then go.
     """
     script = tmp_path / "fails.py"
     script.write_text("import sys\nsys.exit(3)\n")
@@ -175,7 +178,7 @@ def test_accelerate_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_
     launch = [*ACCELERATE, "--config_file", CPU_CONFIG, PUSH_SCRIPT, str(adapter_run), "--hub_model_id", "alice/leak"]
     out = run_command([*launch, "--hub_token", LONG], env=env, timeout=180)
     _assert_no_canary(out.stdout)
-    assert out.returncode == 0, out.stdout  # on purpose: see hfplug.tokens.exit_status_for
+    assert out.returncode == 0, out.stdout  # on purpose: see hfplug.hub.redaction.exit_status_for
     assert "error: " in out.stdout and "HF_TOKEN" in out.stdout and "status 0 on purpose" in out.stdout
     assert "CalledProcessError" not in out.stdout and "Traceback" not in out.stdout
     assert not server.requests
@@ -190,7 +193,7 @@ def test_accelerate_torchrun_launch_with_a_token_flag_prints_no_token(quiet_hub,
     out = run_command([*launch, "--hf_token", SHORT], env=env, timeout=180)
     _assert_no_canary(out.stdout)
     assert out.returncode != 0, out.stdout
-    assert "error: " in out.stdout and "push_adapter.py FAILED" in out.stdout
+    assert "error: " in out.stdout and "push_run.py FAILED" in out.stdout
     assert not server.requests
 
 
@@ -218,7 +221,7 @@ def test_failed_push_traceback_holds_no_token(canary, failure, online, adapter_r
     printed = "".join(traceback.format_exception(err))
     _assert_no_canary(printed + str(err) + repr(err))
     assert err.__cause__ is None and err.__suppress_context__
-    assert "PushError" in printed and "push_adapter.py" in printed
+    assert "PushError" in printed and "push_run.py" in printed
     assert err.reason == ("invalid_token" if failure == "revoked" else "hub_error")
 
 
@@ -227,7 +230,7 @@ def test_failed_push_traceback_holds_no_token(canary, failure, online, adapter_r
 
 def test_log_filter_masks_unregistered_short_tokens():
     short = "hf_NeverRegistered7"  # used nowhere else, so no code path registered it
-    assert short not in hftokens.redactor()._secrets
+    assert short not in redaction.redactor()._secrets
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(name)s %(message)s"))

@@ -1,42 +1,31 @@
-"""Hugging Face tokens: where hfplug finds one, and keeping it out of every log line.
+"""Keeping Hugging Face tokens out of every output: logs, messages, and the command line.
 
-Resolution order (first hit wins), see ``resolve_token``:
+- ``mask_tokens``: replaces anything shaped like a token, of any length, with ``hf_***``
+  (identifiers like ``hf_token`` and ``hf_hub_download`` stay);
+- ``TokenRedactingFilter`` / ``install_token_redaction``: the same in the log records of hfplug,
+  transformers and huggingface_hub, plus the exact value of every token hfplug resolved
+  (``hfplug.hub.auth`` registers each one with ``redactor()``);
+- ``refuse_token_flags``: a token on a recipe's command line is refused before anything runs:
+  a command line is visible in process lists and shell history, and ``accelerate launch``
+  prints it whole when the script exits non-zero. ``hfplug.cli.run`` prints the refusal
+  (masked) and picks the exit status (``exit_status_for``); see
+  ``launched_by_accelerate_simple_launcher`` for why it is 0 in one case.
 
-1. the ``token`` argument (e.g. ``hub_token`` from a ``--config`` file, taken out of ``TrainingArguments``;
-   ``--hub_token`` on the command line is refused by ``refuse_token_flags``);
-2. the ``HF_TOKEN`` environment variable (or the legacy ``HUGGING_FACE_HUB_TOKEN``);
-3. the Colab secret ``HF_TOKEN`` (only when running in Colab; ``google.colab`` is imported lazily);
-4. the token cached by ``hf auth login`` (``huggingface_hub.get_token()``: the token file under ``HF_HOME``);
-5. a hidden prompt (``getpass``), only when a token is *required* and stdin is a terminal.
-
-A token is never printed, logged, or written anywhere by hfplug. Every resolved token
-is registered with the redaction filter, which masks it (and anything shaped like a
-Hugging Face token, of any length: ``mask_tokens``) in log records;
-``install_token_redaction()`` puts that filter on hfplug's, transformers' and
-huggingface_hub's loggers and handlers.
-
-A token on a recipe's command line is refused (``refuse_token_flags``): a command line is
-visible in process lists and shell history, and ``accelerate launch`` prints it whole when
-the script exits non-zero. ``hfplug.cli.run`` prints the refusal (masked) and picks the
-exit status; see ``launched_by_accelerate_simple_launcher`` for why it is 0 in one case.
+A token is never printed, logged, or written anywhere by hfplug. This module imports
+nothing of hfplug: the config parser and the recipes' exit path (``hfplug.config``,
+``hfplug.cli``) use it before anything else is loaded.
 """
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import re
 import sys
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Sequence
 
-logger = logging.getLogger(__name__)
-
 TOKEN_SETTINGS_URL = "https://huggingface.co/settings/tokens"
-ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-COLAB_SECRET = "HF_TOKEN"
 MASK = "hf_***"
 # User access tokens: "hf_" + 34 alphanumerics today; 30+ leaves room for other lengths.
 # The strict shape: used to refuse pushing a *file* that holds one (a false positive there
@@ -53,16 +42,6 @@ TOKEN_FLAGS = ("hub_token", "hf_token", "token", "use_auth_token", "auth_token",
                "huggingface_token", "hugging_face_hub_token", "hf_hub_token")
 REDACTED_LOGGERS = ("hfplug", "transformers", "huggingface_hub")
 
-SOURCE_ARGUMENT = "the token argument (hub_token in a --config file, or token= in Python)"
-SOURCE_ENV = "the HF_TOKEN environment variable"
-SOURCE_COLAB = "the Colab secret HF_TOKEN"
-SOURCE_LOGIN = "the cached login (`hf auth login`)"
-SOURCE_PROMPT = "the token typed at the prompt"
-
-
-class TokenError(RuntimeError):
-    """No usable token where one is required; the message lists the ways to provide one."""
-
 
 class TokenOnCommandLineError(ValueError):
     """A Hugging Face token was passed on a recipe's command line. The message never holds the value.
@@ -78,6 +57,14 @@ class TokenOnCommandLineError(ValueError):
     @property
     def exit_status(self) -> int:
         return exit_status_for(self)
+
+
+def clean_token(value) -> str | None:
+    """Strip whitespace and newlines (pasted tokens often carry them); ``""`` means no token."""
+    if value is None:
+        return None
+    value = str(value).replace("\r", "").replace("\n", "").strip()
+    return value or None
 
 
 # --------------------------------------------------------------------------- masking
@@ -188,13 +175,13 @@ def refuse_token_flags(argv: Sequence[str] | None = None) -> None:
                 value, i = argv[i + 1], i + 1
             else:
                 value = ""
-            if _clean(value):
-                found.append((flag, _clean(value)))
+            if clean_token(value):
+                found.append((flag, clean_token(value)))
         else:
             value = arg.split("=", 1)[1] if "=" in arg else arg  # --flag=VALUE, NAME=VALUE
             if _is_token_shaped(arg) or _is_token_shaped(value):
                 label = f"the value of {mask_tokens(arg.split('=', 1)[0])}" if name and value != arg else f"argument {i + 1}"
-                found.append((label, _clean(value) or arg))
+                found.append((label, clean_token(value) or arg))
         i += 1
     if not found:
         return
@@ -246,135 +233,6 @@ def exit_status_for(err: BaseException) -> int:
     if isinstance(err, TokenOnCommandLineError) and launched_by_accelerate_simple_launcher():
         return 0
     return USAGE_ERROR_STATUS
-
-
-@dataclass(frozen=True)
-class ResolvedToken:
-    """A token and where it came from. ``repr`` and ``str`` never show the value."""
-
-    value: str = field(repr=False)
-    source: str
-
-    def __str__(self) -> str:
-        return f"<token from {self.source}>"
-
-
-def _clean(value) -> str | None:
-    """Strip whitespace and newlines (pasted tokens often carry them); ``""`` means no token."""
-    if value is None:
-        return None
-    value = str(value).replace("\r", "").replace("\n", "").strip()
-    return value or None
-
-
-def in_colab() -> bool:
-    """True inside a Colab notebook kernel (which imports ``google.colab`` at startup).
-
-    A script launched from a cell (``!python ...``) is not the kernel: Colab's secret store
-    answers only the kernel, so there the token must come from ``HF_TOKEN`` (see docs/tokens.md).
-    """
-    return "google.colab" in sys.modules
-
-
-def _token_from_env() -> str | None:
-    for name in ENV_VARS:
-        value = _clean(os.environ.get(name))
-        if value:
-            return value
-    return None
-
-
-def _token_from_colab() -> str | None:
-    """The Colab secret ``HF_TOKEN`` when this notebook was granted access to it, else ``None``."""
-    if not in_colab():
-        return None
-    try:
-        from google.colab import userdata  # only exists in Colab
-    except ImportError:
-        return None
-    try:
-        return _clean(userdata.get(COLAB_SECRET))
-    except Exception as err:  # SecretNotFoundError, NotebookAccessError, or Colab's own errors
-        # The class name says which (missing secret / access not granted); the value is never in it.
-        logger.info("Colab secret %s not available (%s); trying the cached login next.", COLAB_SECRET, type(err).__name__)
-        return None
-
-
-def _token_from_login() -> str | None:
-    """The token ``hf auth login`` cached (huggingface_hub's token file under ``HF_HOME``)."""
-    from huggingface_hub import constants, get_token
-
-    if in_colab():  # get_token() would ask Colab's secret store a second time (another access popup)
-        try:
-            return _clean(open(constants.HF_TOKEN_PATH, encoding="utf-8").read())
-        except FileNotFoundError:
-            return None
-    return _clean(get_token())
-
-
-def _stdin_is_tty() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty()
-    except (AttributeError, ValueError):  # closed or replaced stdin
-        return False
-
-
-def _token_from_prompt() -> str | None:
-    """Ask for a token with echo off (``getpass``)."""
-    value = getpass.getpass(f"Hugging Face token (input hidden; create one at {TOKEN_SETTINGS_URL}): ")
-    return _clean(value)
-
-
-def no_token_message(purpose: str = "this step") -> str:
-    """What to do when no token was found."""
-    return (
-        f"No Hugging Face token found, and {purpose} needs one. Provide it in one of these ways: "
-        "set the HF_TOKEN environment variable; in Colab, add a secret named HF_TOKEN (key icon in the left "
-        "panel) and grant this notebook access; or run `hf auth login` once on this machine. "
-        f"Create a token at {TOKEN_SETTINGS_URL} (read access to download gated models; write access, "
-        "or a fine-grained token with write access to the target repo, to push)."
-    )
-
-
-def resolve_token_with_source(
-    token: str | None = None, *, required: bool = False, prompt: bool = True, purpose: str = "this step"
-) -> ResolvedToken | None:
-    """The first token found in hfplug's order (see the module docstring), with its source.
-
-    ``required``: raise ``TokenError`` when none is found (after the prompt, which only
-    appears when ``prompt`` is true and stdin is a terminal). Otherwise return ``None``.
-    The token found is registered with the log redaction filter.
-    """
-    candidates = (
-        (SOURCE_ARGUMENT, lambda: _clean(token)),
-        (SOURCE_ENV, _token_from_env),
-        (SOURCE_COLAB, _token_from_colab),
-        (SOURCE_LOGIN, _token_from_login),
-    )
-    for source, lookup in candidates:
-        value = lookup()
-        if value:
-            return _found(value, source)
-    if required and prompt and _stdin_is_tty():
-        value = _token_from_prompt()
-        if value:
-            return _found(value, SOURCE_PROMPT)
-    if required:
-        raise TokenError(no_token_message(purpose))
-    return None
-
-
-def _found(value: str, source: str) -> ResolvedToken:
-    redactor().add_secret(value)
-    logger.debug("Using the Hugging Face token from %s.", source)
-    return ResolvedToken(value, source)
-
-
-def resolve_token(token: str | None = None, *, required: bool = False, prompt: bool = True,
-                  purpose: str = "this step") -> str | None:
-    """The token value from ``resolve_token_with_source`` (``None`` when none and not required)."""
-    found = resolve_token_with_source(token, required=required, prompt=prompt, purpose=purpose)
-    return found.value if found else None
 
 
 # --------------------------------------------------------------------------- redaction

@@ -1,9 +1,14 @@
 """Push a finished hfplug run to the Hugging Face Hub: the LoRA adapter (or a full fine-tune's
-weights), tokenizer, results JSON, training curves and a model card. Access is checked first.
+weights, or with --merge_adapter the base with the adapter merged in), tokenizer, results JSON,
+training curves and a model card. Access is checked first.
 
-    python recipes/push_adapter.py outputs/quickstart --hub_model_id alice/hupd-bert --private
+    python recipes/push_run.py outputs/quickstart --hub_model_id alice/hupd-bert --hub_private_repo
 
-    python recipes/push_adapter.py outputs/llama-lora --hub_model_id alice/hupd-llama --merge_adapter
+    python recipes/push_run.py outputs/llama-lora --hub_model_id alice/hupd-llama --merge_adapter
+
+The flags have the names finetune_hupd.py uses for the same settings (--hub_private_repo,
+--merge_adapter, --merge_base_model, --hub_license); push_adapter.py's old names (--private,
+--base_model, --license) are refused with the new name.
 
 The token comes from HF_TOKEN, the Colab secret HF_TOKEN, or `hf auth login` (a hidden prompt
 appears on a terminal when none is found); it is never a flag: `--hub_token hf_…` (or any
@@ -20,27 +25,25 @@ import sys
 from dataclasses import dataclass, field
 
 from hfplug.cli import run
-from hfplug.config import parse_args
-from hfplug.hub import preflight_push, push_run, run_kind
+from hfplug.config import ConfigError, parse_args
+from hfplug.hub import HubArguments
+from hfplug.hub.preflight import preflight_push
+from hfplug.hub.push import push_run, run_kind
+from hfplug.hub.redaction import install_token_redaction, refuse_token_flags
 from hfplug.loading import adapter_base_model
-from hfplug.tokens import install_token_redaction
 
-logger = logging.getLogger("hfplug.recipes.push_adapter")
+logger = logging.getLogger("hfplug.recipes.push_run")
+RENAMED_FLAGS = {"private": "hub_private_repo", "base_model": "merge_base_model", "license": "hub_license"}
 
 
 @dataclass
 class PushArguments:
-    """What to push where. The first positional argument is ``output_dir``."""
+    """What to push where. The first positional argument is ``output_dir``; the merge and license flags are ``HubArguments``."""
 
     output_dir: str = field(metadata={"help": "The run's output_dir (holds adapter_config.json or model.safetensors)."})
     hub_model_id: str = field(metadata={"help": "Target repo, namespace/name (or name, for your own namespace)."})
-    private: bool = field(default=False, metadata={
+    hub_private_repo: bool = field(default=False, metadata={
         "help": "Create the repo private (applies to a new repo only; without it the Hub's default applies)."})
-    merge_adapter: bool = field(default=False, metadata={
-        "help": "Push the base model with the adapter merged in (loaded in 16-bit, never 4-bit) instead of the adapter."})
-    base_model: str | None = field(default=None, metadata={
-        "help": "The 16-bit base to merge into and name in the card (default: the adapter's base_model_name_or_path)."})
-    license: str | None = field(default=None, metadata={"help": "Model card license (default: the base model's)."})
     task: str | None = field(default=None, metadata={"help": "decision or ipc (default: inferred from the metrics)."})
     hupd_config: str | None = field(default=None, metadata={"help": "HUPD config trained on (sample or all), for the card."})
 
@@ -53,9 +56,22 @@ def _with_output_dir_flag(argv):
     return argv
 
 
+def refuse_old_flag_names(argv) -> None:
+    """push_adapter.py's flag names are a ``ConfigError`` that gives the new name."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        new = RENAMED_FLAGS.get(name.lstrip("-").replace("-", "_")) if name.startswith("--") else None
+        if new:
+            raise ConfigError(f"{name} is now --{new}, the name finetune_hupd.py uses for the same setting; "
+                              f"run again with --{new}.")
+
+
 def main(argv=None):
     # --- Arguments ------------------------------------------------------------
-    (args,) = parse_args((PushArguments,), _with_output_dir_flag(argv))  # refuses a token flag first
+    argv = _with_output_dir_flag(argv)
+    refuse_token_flags(argv)  # first: no message below may echo a token
+    refuse_old_flag_names(argv)
+    args, hub_args = parse_args((PushArguments, HubArguments), argv)
 
     # --- Logging --------------------------------------------------------------
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -64,15 +80,16 @@ def main(argv=None):
 
     # --- Check the run, the token, the repo (before any model is loaded) ------
     kind = run_kind(args.output_dir)
-    base = args.base_model or (adapter_base_model(args.output_dir) if kind == "adapter" else None)
-    private = True if args.private else None  # no flag: the account's default visibility
-    target = preflight_push(args.hub_model_id, private=private, merge_adapter=args.merge_adapter,
+    base = hub_args.merge_base_model or (adapter_base_model(args.output_dir) if kind == "adapter" else None)
+    private = True if args.hub_private_repo else None  # no flag: the account's default visibility
+    target = preflight_push(args.hub_model_id, private=private, merge_adapter=hub_args.merge_adapter,
                             base_model=base, output_dir=args.output_dir)
 
     # --- Push -----------------------------------------------------------------
     result = push_run(args.output_dir, target.repo_id, token=target.token, private=private,
-                      merge_adapter=args.merge_adapter, base_model=args.base_model, license=args.license,
-                      task=args.task, hupd_config=args.hupd_config, endpoint=target.endpoint)
+                      merge_adapter=hub_args.merge_adapter, base_model=hub_args.merge_base_model,
+                      license=hub_args.hub_license, task=args.task, hupd_config=args.hupd_config,
+                      endpoint=target.endpoint)
     if result.commit_url:
         logger.info("Done: %s (%s)", target.url, result.commit_url)
     return 0

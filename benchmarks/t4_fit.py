@@ -380,8 +380,9 @@ def main(argv=None) -> int:
               "The planner runs anywhere: python -m hfplug.fit --help", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-    import hfplug.memory  # noqa: F401  (fail early if hfplug is not importable)
     from transformers import LlamaConfig
+
+    import hfplug.memory  # noqa: F401  (fail early if hfplug is not importable)
 
     props = torch.cuda.get_device_properties(0)
     cap = args.cap_gib * GiB

@@ -18,7 +18,7 @@ import sys
 from transformers.hf_argparser import string_to_bool
 
 from hfplug.loading import ConfigUnavailableError, load_config
-from hfplug.memory import GiB, MiB, MemoryEstimate, estimate_memory, max_batch_size, max_seq_len, suggest_settings
+from hfplug.memory import GiB, MemoryEstimate, MiB, estimate_memory, max_batch_size, max_seq_len, suggest_settings
 from hfplug.param_counts import PLANNER_TASKS, parameter_counts
 
 # Memory the allocator can use. t4 is the "15 GiB usable" (a 16 GB card, Colab

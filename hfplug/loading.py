@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors

@@ -32,7 +32,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from hfplug.param_counts import CLASSIFICATION_TASKS, Linear, ModelCounts, lora_targets, num_labels_for, parameter_counts
+from hfplug.param_counts import (
+    CLASSIFICATION_TASKS,
+    Linear,
+    ModelCounts,
+    lora_targets,
+    num_labels_for,
+    parameter_counts,
+)
 
 GiB = 1024**3
 MiB = 1024**2

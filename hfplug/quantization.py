@@ -30,8 +30,9 @@ import importlib
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import parse_flag_from_env

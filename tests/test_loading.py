@@ -9,8 +9,15 @@ import threading
 import pytest
 from transformers import AutoConfig
 
-from hfplug.loading import (ConfigUnavailableError, ModelLoadError, check_max_length, ensure_pad_token, from_pretrained,
-                            is_hub_id, load_config)
+from hfplug.loading import (
+    ConfigUnavailableError,
+    ModelLoadError,
+    check_max_length,
+    ensure_pad_token,
+    from_pretrained,
+    is_hub_id,
+    load_config,
+)
 from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
 
 TEXT = ["a semiconductor device with a gate electrode", "a method of encoding data in a memory"] * 10

@@ -141,8 +141,8 @@ def test_llama31_8b_weights_and_lora_match_the_published_numbers(llama8b):
     est = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=2048, batch_size=1)
     assert est.lora_count == 41_943_040
     assert abs(est.weights_at_load / 1e9 - 5.70) < 0.02  # NF4 + double quant, 16-bit embeddings/head
-    no_dq = sum(memory.quantized_weight_bytes(l.in_features * l.out_features, l.out_features, "4bit", double_quant=False)
-                for l in counts.linears if l.quantized)
+    no_dq = sum(memory.quantized_weight_bytes(lin.in_features * lin.out_features, lin.out_features, "4bit", double_quant=False)
+                for lin in counts.linears if lin.quantized)
     assert abs((no_dq + counts.other_params * 2) / 1e9 - 6.03) < 0.02
     # prepare_model_for_kbit_training keeps embeddings and lm_head in fp32 for training.
     assert est.other_weights == counts.other_params * 4

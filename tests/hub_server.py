@@ -2,7 +2,9 @@
 
 Listens on 127.0.0.1 (a free port) in a daemon thread; stops itself after ``lifetime``
 seconds and refuses requests beyond ``max_requests``, so a test can neither hang on it
-nor hammer it. Implements what hfplug's Hub code calls:
+nor hammer it. Implements what hfplug's Hub code sends through the real client (``HfApi.whoami``,
+``auth_check``, ``model_info``, ``create_repo``, ``upload_folder``; a fixture fails a test whose
+client asked for anything else):
 
 - ``GET  /api/whoami-v2`` (user, orgs with ``roleInOrg``, ``auth.accessToken.role`` and
   ``fineGrained.scoped`` like the Hub answers);
@@ -112,7 +114,7 @@ class HubServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         server = self
 
         class Handler(_Handler):
@@ -143,7 +145,7 @@ class HubServer:
             except OSError:
                 pass
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

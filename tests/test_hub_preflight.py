@@ -93,6 +93,21 @@ def test_preflight_offline_and_unreachable(hub, monkeypatch):
     assert info.value.reason == "unreachable" and time.monotonic() - start < 5
 
 
+def test_preflight_gives_up_on_a_hub_that_never_answers(online):
+    """huggingface_hub's client has no timeout: preflight's whoami is given up after ``timeout`` seconds."""
+    with socket.socket() as sock:  # accepts connections (the kernel's backlog) and never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        silent = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(PreflightError, match="Could not reach the Hub.*TimeoutError") as info:
+            preflight_push("alice/x", token=WRITE, endpoint=silent, timeout=1)
+        assert info.value.reason == "unreachable" and time.monotonic() - start < 5
+        with pytest.raises(ModelAccessError, match="Could not reach the Hub") as info:
+            check_model_access(LLAMA, WRITE, endpoint=silent, timeout=1)
+        assert info.value.reason == "unreachable" and time.monotonic() - start < 10
+
+
 # --------------------------------------------------------------------------- gated base models
 
 

@@ -7,7 +7,7 @@ Both Trainers get the same model (assets/tiny-bert, re-loaded with the same seed
 run), the same synthetic data and the same ``TrainingArguments``, shaped like the offline
 quickstart: logging every 5 steps with token counting, evaluation and a checkpoint each epoch,
 the best model reloaded at the end. The only difference is ``callbacks=``: none, or
-``hfplug.callbacks.default_callbacks(training_args, run_args)`` with early stopping on (a
+``hfplug.training.callbacks.default_callbacks(training_args, run_args)`` with early stopping on (a
 patience that cannot trigger within the run, so both runs do the same steps); that is
 throughput logging, the training-curves PNG written at the end, and early stopping.
 
@@ -120,7 +120,7 @@ def one_run(variant: str, data: tuple, args: argparse.Namespace) -> tuple[float,
     from transformers import Trainer
 
     from hfplug.arguments import RunArguments
-    from hfplug.callbacks import default_callbacks
+    from hfplug.training.callbacks import default_callbacks
 
     train, validation = data
     clock = CallbackClock()

@@ -1,4 +1,4 @@
-"""Why hfplug.metrics computes top-k itself and leaves the rest to scikit-learn, measured side by side.
+"""Why hfplug.training.metrics computes top-k itself and leaves the rest to scikit-learn, measured side by side.
 
     python benchmarks/metrics_speed.py            # IPC-sized: 20,000 rows x 637 classes
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 
-from hfplug.metrics import classification_scores, top_k_accuracies
+from hfplug.training.metrics import classification_scores, top_k_accuracies
 
 
 def best_of(fn, repeats=3):
@@ -46,7 +46,7 @@ def main(argv=None):
     print(f"{args.rows} rows x {args.classes} classes, seconds per call (best of 3)")
     for name, ours, theirs in rows:
         a, b = best_of(ours), best_of(theirs)
-        print(f"{name:26s} hfplug.metrics {a:.4f}  scikit-learn {b:.4f}  ratio {b / a:.1f}x")
+        print(f"{name:26s} hfplug.training.metrics {a:.4f}  scikit-learn {b:.4f}  ratio {b / a:.1f}x")
     return 0
 
 

@@ -8,12 +8,41 @@ command line is ``hupd_config: sample`` in a config file.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from hfplug.data.hupd import HUB_FILES
 from hfplug.data.hupd_splits import parse_filing_date
-from hfplug.data.tasks import (DEFAULT_TEXT_FIELDS, SECTIONS, TASKS, check_abstract_sources, check_task, is_generative,
-                               parse_text_fields)
+from hfplug.data.tasks import (
+    DEFAULT_TEXT_FIELDS,
+    SECTIONS,
+    TASKS,
+    check_abstract_sources,
+    check_task,
+    is_generative,
+    parse_text_fields,
+)
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """``"11h30m"``, ``"90m"``, ``"45s"``, ``"1.5h"`` or plain seconds (``3600``) -> seconds."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = _DURATION.match(text) if text else None
+        if text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif match and any(match.groups()):
+            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            raise ValueError(f"time_budget {value!r} is not a duration; write it like 11h30m, 90m, 45s or 3600 (seconds).")
+    if seconds <= 0:
+        raise ValueError(f"time_budget must be positive, got {value!r}.")
+    return seconds
 
 
 def check_positive_int(name: str, value, *, when_set: bool = False) -> None:
@@ -28,8 +57,9 @@ _POSITIVE_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size",
 _POSITIVE_IF_SET = ("eval_accumulation_steps", "save_total_limit", "logging_steps", "eval_steps", "save_steps")
 
 
-def check_training_args(args) -> None:
-    """Refuse ``TrainingArguments`` values that transformers lets through but that cannot work."""
+def check_training_args(args, data_args: HupdArguments | None = None) -> None:
+    """Refuse ``TrainingArguments`` values that transformers lets through but that cannot work, and apply
+    what ``data_args`` implies (``group_by_length`` -> ``train_sampling_strategy``)."""
     for name in _POSITIVE_COUNTS:
         check_positive_int(name, getattr(args, name))
     for name in _POSITIVE_IF_SET:
@@ -42,6 +72,10 @@ def check_training_args(args) -> None:
         raise ValueError(f"max_steps must be positive, or -1 to train for num_train_epochs, got {args.max_steps}.")
     if args.max_steps < 0 and args.num_train_epochs <= 0 and args.do_train:
         raise ValueError(f"num_train_epochs must be positive, got {args.num_train_epochs} (or set max_steps).")
+    if data_args is not None and data_args.streaming and args.do_train and args.max_steps <= 0:
+        raise ValueError("streaming=True has no dataset length to derive epochs from; set --max_steps (e.g. 1000).")
+    if data_args is not None and data_args.group_by_length:
+        args.train_sampling_strategy = "group_by_length"
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(f"output_dir {args.output_dir!r} is a file, not a folder. Pass a folder path (it is created "
                          "if missing), e.g. --output_dir outputs/my_run.")
@@ -147,8 +181,6 @@ class RunArguments:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}.")
         if self.time_budget is not None:
-            from hfplug.resilience import parse_duration
-
             parse_duration(self.time_budget)  # a clear error at parse time, not hours later
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer (e.g. 256), got {self.max_new_tokens!r}.")

@@ -15,6 +15,7 @@ printed. Multi-process launches (torchrun) print no command line and are left al
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,25 @@ QUICKSTART_COMMAND = ("accelerate launch --config_file accelerate_configs/cpu.ya
                       "--config recipes/configs/quickstart.yaml")
 
 _download_hint: str | None = None
+
+
+def setup_logging(training_args, *names: str) -> None:
+    """Log to stdout at the Trainer's process log level; hfplug (and ``names``) say what they decided at INFO.
+
+    ``log_level`` "passive" leaves the libraries at their own level (warning); on the main
+    process hfplug's choices (labels, pad token, resume, dropped records) are still shown.
+    """
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    log_level = training_args.get_process_log_level()
+    ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
+    for name in ("hfplug", *names):
+        logging.getLogger(name).setLevel(ours)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
 
 
 def set_download_hint(model: str | None = None, dataset: tuple[str, list[str]] | None = None) -> None:
@@ -90,7 +110,7 @@ def _simple_launcher_pid() -> int | None:
 
 
 def _end_launcher(pid: int) -> None:
-    try:  # hfplug.resilience may have asked for SIGTERM when the launcher dies: not now, we are ending anyway
+    try:  # hfplug.training.resilience may have asked for SIGTERM when the launcher dies: not now, we are ending anyway
         import ctypes
 
         ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG = 1

@@ -5,7 +5,7 @@ Every recipe is configured by dataclasses parsed with ``HfArgumentParser``.
 override them. A YAML key or a flag that no dataclass field knows is an error that
 names it (and the closest known one), never silently ignored; a YAML value of the
 wrong type is an error that names the key and the file. A token given as a flag is
-refused before anything else (``hfplug.tokens.refuse_token_flags``).
+refused before anything else (``hfplug.hub.redaction.refuse_token_flags``).
 """
 
 from __future__ import annotations

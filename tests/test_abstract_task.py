@@ -18,7 +18,7 @@ from hfplug.config import parse_args
 from hfplug.data.collate import causal_lm_collator
 from hfplug.data.tasks import (IGNORE_INDEX, abstract_prompt, encode_abstract_example, prepare_task,
                                tokenize_abstract_splits)
-from hfplug.generation import generate_batch, generation_records, plan_batches
+from hfplug.training.generation import generate_batch, generation_records, plan_batches
 from hfplug.quantization import ModelArguments
 from hfplug.loading import TRAINING_DATE_STRING, check_causal_lm, reply_end_ids, training_chat_format
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama

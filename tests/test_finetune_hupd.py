@@ -327,7 +327,7 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint(tmp_p
 
     from conftest import REPO
 
-    from hfplug.resilience import find_resumable_checkpoint
+    from hfplug.training.checkpoints import find_resumable_checkpoint
 
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux only")
@@ -425,7 +425,7 @@ def test_rerunning_a_finished_run_trains_nothing(tmp_path):
 def test_a_second_run_on_the_same_output_dir_fails_at_once(tmp_path):
     import os
 
-    from hfplug.resilience import OutputDirLock
+    from hfplug.training.resilience import OutputDirLock
 
     out = tmp_path / "busy"
     with OutputDirLock(out):  # "another run" holds the folder

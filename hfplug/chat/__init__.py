@@ -7,5 +7,5 @@
     hfplug.chat.session     ChatSession (history, trimming, streaming, Ctrl-C), /commands, run_chat
 
 Nothing is re-exported here: ``hfplug.chat.format`` is used by training (``hfplug.loading``,
-``hfplug.generation``) and must not pull in the session (torch, the generation streamer).
+``hfplug.training.generation``) and must not pull in the session (torch, the generation streamer).
 """

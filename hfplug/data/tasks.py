@@ -10,7 +10,7 @@
   task) as a chat: the user turn is an instruction and the claims (or the sections in
   ``text_fields``), the assistant turn is the abstract. Records with an empty abstract
   or an empty source section are dropped and counted. Examples are encoded through
-  ``hfplug.chat_template.ChatFormat`` with the loss on the reply only; claims are cut
+  ``hfplug.chat.format.ChatFormat`` with the loss on the reply only; claims are cut
   to fit ``max_length`` so the abstract and its end-of-turn token stay whole.
 """
 
@@ -89,6 +89,14 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def limit(self, max_train_samples: int | None = None, max_eval_samples: int | None = None) -> None:
+        """Keep only the first N records of the train / validation splits (quick runs)."""
+        for name, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+            if limit is not None and name in self.splits:
+                split = self.splits[name]
+                self.splits[name] = (split.take(limit) if isinstance(split, IterableDataset)
+                                     else split.select(range(min(limit, len(split)))))
 
     def add_dropped(self, counts: dict[str, int]) -> None:
         """Add records dropped at a later stage (e.g. too long to tokenize) to ``dropped``."""
@@ -286,7 +294,7 @@ def tokenize_abstract_splits(
     Labels are computed here, in ``map``, so the collator only pads. Returns the encoded
     splits and, per split, how many records were dropped because their abstract alone
     fills ``max_length`` (not counted when streaming). ``chat_format`` is a
-    ``hfplug.chat_template.ChatFormat``; give it a fixed ``date_string`` (see
+    ``hfplug.chat.format.ChatFormat``; give it a fixed ``date_string`` (see
     ``hfplug.loading.training_chat_format``) so the same records encode the same every day.
     """
     sources = check_abstract_sources(text_fields)

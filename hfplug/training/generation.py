@@ -23,8 +23,8 @@ import torch
 from transformers import GenerationConfig
 
 from hfplug.data.tasks import IGNORE_INDEX
-from hfplug.metrics import perplexity, rouge_scores
-from hfplug.resilience import SafeCheckpointTrainer
+from hfplug.training.checkpoints import SafeCheckpointTrainer
+from hfplug.training.metrics import perplexity, rouge_scores
 
 # generate() fills every setting left unset from the model's own generation_config: Llama
 # Instruct's sampling temperature/top_p would only draw warnings, but a repetition penalty
@@ -108,7 +108,7 @@ class GenerativeTrainer(SafeCheckpointTrainer):
 
     Every evaluation adds ``{prefix}_perplexity`` (``exp`` of the eval loss) and, when
     ``generation.records`` is not empty, generates a reply per record and adds
-    ``{prefix}_rouge1``, ``_rouge2``, ``_rougeL`` (mean F1, ``hfplug.metrics.rouge_scores``)
+    ``{prefix}_rouge1``, ``_rouge2``, ``_rougeL`` (mean F1, ``hfplug.training.metrics.rouge_scores``)
     and ``{prefix}_generated_samples`` (how many replies were scored). The metrics are in the
     logs, in ``evaluate()``'s result, and usable as ``metric_for_best_model`` (e.g. ``rougeL``).
     """

@@ -10,14 +10,11 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
-from hfplug.resilience import (
-    STAGING_DIR,
+from hfplug.training.checkpoints import STAGING_DIR, SafeCheckpointTrainer, clear_staging, find_resumable_checkpoint
+from hfplug.training.resilience import (
     GracefulStopCallback,
-    SafeCheckpointTrainer,
     check_resume_args,
     check_time_budget,
-    clear_staging,
-    find_resumable_checkpoint,
     parse_duration,
     record_run_args,
 )
@@ -165,7 +162,7 @@ def test_signal_stops_at_step_boundary_with_a_checkpoint(tmp_path):
 def test_more_processes_than_gpus_is_refused(monkeypatch):
     from types import SimpleNamespace
 
-    from hfplug.resilience import check_launch_matches_machine
+    from hfplug.training.resilience import check_launch_matches_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -184,12 +181,12 @@ def test_private_trainer_methods_hfplug_relies_on_still_exist():
     """Fails with the method's name when a transformers upgrade drops or changes one of them."""
     from transformers import Trainer
 
-    from hfplug.generation import GenerativeTrainer
-    from hfplug.resilience import TRAINER_PRIVATE_API, check_trainer_api
+    from hfplug.training.checkpoints import TRAINER_PRIVATE_API, check_trainer_api
+    from hfplug.training.generation import GenerativeTrainer
 
     for name in TRAINER_PRIVATE_API:
         assert callable(getattr(Trainer, name, None)), (
-            f"transformers.Trainer has no {name} any more; SafeCheckpointTrainer relies on it (hfplug.checkpoints)")
+            f"transformers.Trainer has no {name} any more; SafeCheckpointTrainer relies on it (hfplug.training.checkpoints)")
     check_trainer_api()  # the same check SafeCheckpointTrainer makes when it is built
     # Every private Trainer method hfplug overrides is listed (so the check above covers it).
     for cls in (SafeCheckpointTrainer, GenerativeTrainer):
@@ -229,7 +226,7 @@ def _copy(src, dst):
 
 
 def test_a_checkpoint_has_a_manifest_of_every_file(two_checkpoints):
-    from hfplug.resilience import MANIFEST_FILE, checkpoint_problems
+    from hfplug.training.checkpoints import MANIFEST_FILE, checkpoint_problems
 
     checkpoint = two_checkpoints / "checkpoint-8"
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
@@ -278,7 +275,7 @@ def test_resuming_after_a_damaged_checkpoint_continues_from_the_previous_one(two
 
 
 def test_no_complete_checkpoint_left_says_what_to_do(two_checkpoints, tmp_path):
-    from hfplug.resilience import NoCompleteCheckpointError
+    from hfplug.training.checkpoints import NoCompleteCheckpointError
 
     out = _copy(two_checkpoints, tmp_path / "my out")
     _truncate(out / "checkpoint-8" / "optimizer.pt")
@@ -314,7 +311,7 @@ def _tokenizers_disk_full():
     ("save_model", _tokenizers_disk_full, r"No space left on the device while saving checkpoint-8"),
 ])
 def test_a_failure_while_saving_is_one_clear_error(tmp_path, monkeypatch, where, exc, expected):
-    from hfplug.resilience import CheckpointSaveError
+    from hfplug.training.checkpoints import CheckpointSaveError
 
     trainer = _trainer(tmp_path)
     if where == "save_model":
@@ -428,7 +425,7 @@ def test_a_best_checkpoint_recorded_under_the_staging_folder_is_repaired_on_resu
 # --- issue 10.3: a finished run trains nothing ---------------------------------------------------
 
 def test_finished_run_is_recognised_and_its_final_weights_loaded(two_checkpoints, tmp_path, caplog):
-    from hfplug.resilience import finished_run
+    from hfplug.training.checkpoints import finished_run
 
     out = _copy(two_checkpoints, tmp_path / "out")
     checkpoint = find_resumable_checkpoint(out)
@@ -460,7 +457,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_pa
     import os
     import socket
 
-    from hfplug.resilience import OutputDirInUse, OutputDirLock, lock_output_dir
+    from hfplug.training.resilience import OutputDirInUse, OutputDirLock, lock_output_dir
 
     with OutputDirLock(tmp_path / "out") as lock:
         assert lock.held
@@ -481,9 +478,9 @@ def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
     import subprocess
     import sys
 
-    from hfplug.resilience import OutputDirInUse, OutputDirLock
+    from hfplug.training.resilience import OutputDirInUse, OutputDirLock
 
-    code = ("import sys, time; from hfplug.resilience import OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from hfplug.training.resilience import OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -503,7 +500,7 @@ def test_under_a_launcher_the_parent_death_signal_is_sigterm(tmp_path):
     import subprocess
     import sys
 
-    code = ("import ctypes, signal; from hfplug.resilience import follow_launcher; print(follow_launcher()); "
+    code = ("import ctypes, signal; from hfplug.training.resilience import follow_launcher; print(follow_launcher()); "
             "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")}
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -525,7 +522,7 @@ def test_a_launcher_gone_before_follow_launcher_is_noticed(monkeypatch):
     import os
     import signal
 
-    from hfplug import resilience
+    from hfplug.training import resilience
 
     received = []
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
@@ -540,7 +537,7 @@ def test_a_launcher_gone_before_follow_launcher_is_noticed(monkeypatch):
 
 
 def test_resume_command_quotes_every_word(monkeypatch):
-    from hfplug import resilience
+    from hfplug.training import resilience
 
     monkeypatch.setattr(resilience, "_LAUNCHER_ARGV", ["accelerate", "launch", "--config_file", "my configs/cpu.yaml",
                                                        "recipes/finetune_hupd.py", "--output_dir", "out dir;rm"])

@@ -1,4 +1,4 @@
-"""hfplug.callbacks: real Trainer runs on a tiny randomly initialised BERT (CPU, no network)."""
+"""hfplug.training.callbacks: real Trainer runs on a tiny randomly initialised BERT (CPU, no network)."""
 
 import json
 import logging
@@ -18,14 +18,14 @@ from transformers import (
 )
 
 from hfplug.arguments import RunArguments
-from hfplug.callbacks import (
+from hfplug.training.callbacks import (
     ThroughputCallback,
     TrainingCurvesCallback,
     default_callbacks,
     early_stopping_callback,
     plot_training_curves,
 )
-from hfplug.metrics import compute_metrics_for
+from hfplug.training.metrics import compute_metrics_for
 from hfplug.tiny import tiny_bert_config
 
 NUM_LABELS = 7
@@ -153,7 +153,7 @@ def test_tokens_per_second_only_when_counting_tokens(tmp_path, tiny_data):
 def test_warns_once_without_token_counting(caplog):
     callback = ThroughputCallback()
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
-    with caplog.at_level(logging.WARNING, logger="hfplug.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="hfplug.training.callbacks"):
         for _ in range(2):
             callback.on_train_begin(args, TrainerState(), TrainerControl())
     messages = [r.getMessage() for r in caplog.records if "include_num_input_tokens_seen" in r.getMessage()]
@@ -192,7 +192,7 @@ def test_peak_memory_on_cuda(tmp_path, tiny_data):
 
 
 def test_no_png_and_no_crash_without_logged_points(tmp_path, tiny_data, caplog):
-    with caplog.at_level(logging.WARNING, logger="hfplug.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="hfplug.training.callbacks"):
         trainer = run(tmp_path, tiny_data, [TrainingCurvesCallback()], logging_strategy="no", max_steps=2)
     assert not (tmp_path / "training_curves.png").exists()
     assert "train_loss" in trainer.state.log_history[-1]  # only the end-of-training summary
@@ -318,7 +318,7 @@ def test_default_callbacks(tmp_path):
 def llama_parts():
     """A tiny Llama-3-style model, its training chat format and two generation records."""
     from hfplug.data.tasks import encode_abstract_example
-    from hfplug.generation import generation_records
+    from hfplug.training.generation import generation_records
     from hfplug.loading import training_chat_format
     from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
 
@@ -331,12 +331,12 @@ def llama_parts():
 
 
 def test_sample_callback_appends_generations_with_step(tmp_path, llama_parts, caplog):
-    from hfplug.callbacks import SampleGenerationCallback
+    from hfplug.training.callbacks import SampleGenerationCallback
 
     model, chat_format, records = llama_parts
     callback = SampleGenerationCallback(chat_format, records, max_new_tokens=4)
     args = make_args(tmp_path, per_device_eval_batch_size=1)
-    with caplog.at_level(logging.INFO, logger="hfplug.callbacks"):
+    with caplog.at_level(logging.INFO, logger="hfplug.training.callbacks"):
         for step in (3, 6):
             callback.on_evaluate(args, TrainerState(global_step=step), TrainerControl(), model=model)
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -347,7 +347,7 @@ def test_sample_callback_appends_generations_with_step(tmp_path, llama_parts, ca
 
 
 def test_sample_callback_writes_on_the_main_process_only(tmp_path, llama_parts):
-    from hfplug.callbacks import SampleGenerationCallback
+    from hfplug.training.callbacks import SampleGenerationCallback
 
     model, chat_format, records = llama_parts
     state = TrainerState(global_step=1)
@@ -357,7 +357,7 @@ def test_sample_callback_writes_on_the_main_process_only(tmp_path, llama_parts):
 
 
 def test_sample_callback_checks_settings_when_built(llama_parts):
-    from hfplug.callbacks import SampleGenerationCallback, sample_generation_callback
+    from hfplug.training.callbacks import SampleGenerationCallback, sample_generation_callback
 
     _, chat_format, records = llama_parts
     with pytest.raises(ValueError, match="at least one record"):

@@ -76,7 +76,7 @@ def check_trainer_api(cls=Trainer) -> None:
                 f"transformers {_transformers_version()} has "
                 + (f"{name}({', '.join(found)})" if found is not None else f"no Trainer.{name}")
                 + f"; hfplug's SafeCheckpointTrainer needs Trainer.{name}({', '.join(params)}) to write checkpoints "
-                "atomically. Install the transformers version in hfplug's requirements, or update hfplug.checkpoints."
+                "atomically. Install the transformers version in hfplug's requirements, or update hfplug.training.checkpoints."
             )
 
 
@@ -355,7 +355,7 @@ class SafeCheckpointTrainer(Trainer):
             try:
                 if not (staging / name).is_dir():
                     raise RuntimeError(f"transformers {_transformers_version()}'s Trainer._save_checkpoint did not "
-                                       f"write {staging / name}: hfplug.checkpoints needs updating for it.")
+                                       f"write {staging / name}: hfplug.training.checkpoints needs updating for it.")
                 self._finish_staged(run_dir, staging / name)
                 if final.is_dir():  # a checkpoint of the same step from an earlier attempt
                     shutil.rmtree(final)

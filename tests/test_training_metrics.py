@@ -1,4 +1,4 @@
-"""hfplug.metrics: exact hand-computed cases, agreement with scikit-learn, the Trainer hook."""
+"""hfplug.training.metrics: exact hand-computed cases, agreement with scikit-learn, the Trainer hook."""
 
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 from transformers import EvalPrediction
 
-from hfplug.metrics import classification_scores, compute_metrics_for, top_k_accuracies
+from hfplug.training.metrics import classification_scores, compute_metrics_for, top_k_accuracies
 
 
 def sklearn_scores(preds, refs, labels=None):
@@ -180,7 +180,7 @@ def test_bad_top_k_fails_when_building_the_hook():
 
 
 def test_rouge_hand_computed():
-    from hfplug.metrics import rouge_scores
+    from hfplug.training.metrics import rouge_scores
 
     # 1-grams: P 3/3, R 3/4 -> F1 6/7; 2-grams: P 2/2, R 2/3 -> F1 4/5; LCS 3 -> F1 6/7.
     expected = {"rouge1": 6 / 7, "rouge2": 4 / 5, "rougeL": 6 / 7}
@@ -191,7 +191,7 @@ def test_rouge_hand_computed():
 
 
 def test_rouge_tokenization_and_order():
-    from hfplug.metrics import rouge_scores
+    from hfplug.training.metrics import rouge_scores
 
     # rouge_score's tokenizer: lower-case, anything but a-z0-9 splits (non-ASCII letters too).
     assert rouge_scores(["dog s caf 42 a"], ["Dog's café-42!  A"]) == pytest.approx(dict.fromkeys(("rouge1", "rouge2", "rougeL"), 1.0))
@@ -200,7 +200,7 @@ def test_rouge_tokenization_and_order():
 
 
 def test_rouge_bad_inputs():
-    from hfplug.metrics import rouge_scores
+    from hfplug.training.metrics import rouge_scores
 
     with pytest.raises(ValueError, match="differ in length: 1 vs 2"):
         rouge_scores(["a"], ["a", "b"])
@@ -209,7 +209,7 @@ def test_rouge_bad_inputs():
 
 
 def test_perplexity():
-    from hfplug.metrics import perplexity
+    from hfplug.training.metrics import perplexity
 
     assert perplexity(0.0) == 1.0
     assert perplexity(2.0) == pytest.approx(np.exp(2.0))

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from transformers import EvalPrediction
 
-from hfplug.data.tasks import GENERATIVE_TASKS, TASKS  # generative ones are scored by hfplug.generation
+from hfplug.data.tasks import GENERATIVE_TASKS, TASKS  # generative ones are scored by hfplug.training.generation
 
 # Tasks with many classes also get top-k accuracy.
 TOP_K_TASKS = ("ipc",)
@@ -139,7 +139,7 @@ def compute_metrics_for(task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K) -> C
     "decision": accuracy, f1, precision, recall (macro). "ipc": the same plus
     ``top{k}_accuracy`` for each k in ``top_k``. "abstract" has nothing to compute from
     logits (and gathering batch x sequence x vocabulary logits would take gigabytes):
-    its perplexity and ROUGE come from ``hfplug.generation.GenerativeTrainer``.
+    its perplexity and ROUGE come from ``hfplug.training.generation.GenerativeTrainer``.
 
     """
     if task not in TASKS:

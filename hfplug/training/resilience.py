@@ -1,6 +1,6 @@
 """Surviving Colab and faults: a time budget, a clean stop on SIGTERM/SIGINT (also when only the
 launcher is signalled), one run per output_dir, atomic and verified checkpoints
-(``hfplug.checkpoints``), resuming only from complete checkpoints made with the same arguments.
+(``hfplug.training.checkpoints``), resuming only from complete checkpoints made with the same arguments.
 
 A free Colab session ends without warning (idle ~90 min, hard limit ~12 h), and a
 preemptible machine gets SIGTERM a few seconds before SIGKILL. The pieces here make
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import socket
@@ -25,23 +24,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-# Re-exported: hfplug.resilience stays the one import for surviving faults.
-from hfplug.checkpoints import (  # noqa: F401
-    MANIFEST_FILE,
-    STAGING_DIR,
-    TRAINER_PRIVATE_API,
-    CheckpointSaveError,
-    FinishedRun,
-    NoCompleteCheckpointError,
-    SafeCheckpointTrainer,
-    check_trainer_api,
-    checkpoint_problems,
-    clear_staging,
-    find_resumable_checkpoint,
-    finished_run,
-    is_complete_checkpoint,
-    write_manifest,
-)
+# Re-exported: hfplug.training.resilience stays the one import for surviving faults.
+from hfplug.arguments import parse_duration  # noqa: F401  (the time budget's syntax lives with the argument)
+from hfplug.training.checkpoints import clear_staging, find_resumable_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +34,9 @@ RUN_ARGS_FILE = "hfplug_run_args.json"
 LOCK_FILE = ".hfplug.lock"
 MIN_SAVE_RESERVE_S = 60.0  # kept free at the end of a time budget for the final checkpoint
 PUSH_RESERVE_S = 300.0  # ... and for the push, when --push_to_hub is set
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
 # --------------------------------------------------------------------------- time budget
-
-
-def parse_duration(value: str | float | int) -> float:
-    """``"11h30m"``, ``"90m"``, ``"45s"``, ``"1.5h"`` or plain seconds (``3600``) -> seconds."""
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        match = _DURATION.match(text) if text else None
-        if text.replace(".", "", 1).isdigit():
-            seconds = float(text)
-        elif match and any(match.groups()):
-            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-            seconds = hours * 3600 + minutes * 60 + secs
-        else:
-            raise ValueError(f"time_budget {value!r} is not a duration; write it like 11h30m, 90m, 45s or 3600 (seconds).")
-    if seconds <= 0:
-        raise ValueError(f"time_budget must be positive, got {value!r}.")
-    return seconds
 
 
 def save_reserve(*, pushing: bool) -> float:
@@ -395,3 +360,48 @@ def check_launch_matches_machine(training_args) -> None:
             f"accelerate started {local} processes on this machine but it has {gpus} GPU(s). Use --num_processes "
             f"{gpus} (or an accelerate config whose num_processes matches the GPU count)."
         )
+
+
+# --------------------------------------------------------------------------- what the recipe calls
+
+# Arguments that may change between a run and its resumption (paths of caches, evaluation size, ...).
+RESUMABLE_CHANGES = ("hupd_cache_dir", "preprocessing_num_workers", "max_eval_samples", "max_generate_samples",
+                     "log_samples", "max_new_tokens", "time_budget", "early_stopping_patience",
+                     "early_stopping_threshold")
+
+
+def prepare_resume(training_args, **groups) -> str | None:
+    """Take ``output_dir`` for this run and return the checkpoint to resume from (``None``: start fresh).
+
+    The launcher's death reaches this process (``follow_launcher``); one run per output_dir
+    (``lock_output_dir``, held until exit); staging a killed save left behind is cleared; only
+    a complete checkpoint made with the same ``groups`` of arguments (e.g. ``model=``,
+    ``data=``; ``RESUMABLE_CHANGES`` excepted) is resumed, and a fresh run records them.
+    """
+    follow_launcher()  # `kill <launcher pid>` reaches this process too: checkpoint, then stop (Linux)
+    lock_output_dir(training_args.output_dir, main_process=training_args.process_index == 0)
+    checkpoint = training_args.resume_from_checkpoint
+    if not training_args.do_train:
+        return checkpoint
+    if training_args.should_save:
+        clear_staging(training_args.output_dir)  # what a killed save left behind
+    if checkpoint is None:
+        checkpoint = find_resumable_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        check_resume_args(training_args.output_dir, ignore=RESUMABLE_CHANGES, **groups)
+        logger.warning("Resuming from %s (found in output_dir). Use a new output_dir to start over.", checkpoint)
+    elif training_args.should_save:
+        record_run_args(training_args.output_dir, **groups)
+    return checkpoint
+
+
+def report_stop(stop: GracefulStopCallback, step: int) -> int | None:
+    """Say why training stopped early and how to go on; the exit status for a signal (128 + its number)."""
+    if stop.stop_reason in ("SIGTERM", "SIGINT"):
+        logger.warning("Stopped by %s at step %d; the checkpoint is saved. To resume, run the same command again: %s",
+                       stop.stop_reason, step, resume_command())
+        return 128 + signal.Signals[stop.stop_reason].value
+    if stop.stop_reason == "time_budget":
+        logger.warning("Time budget reached at step %d; the checkpoint is saved (evaluation skipped). "
+                       "To continue, run the same command again: %s", step, resume_command())
+    return None

@@ -21,7 +21,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainerControl,
 
 if TYPE_CHECKING:
     from hfplug.arguments import RunArguments
-    from hfplug.generation import GenerationRecord
+    from hfplug.training.generation import GenerationRecord
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class SampleGenerationCallback(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
-        from hfplug.generation import generate_batch
+        from hfplug.training.generation import generate_batch
 
         pad_token_id = self.chat_format.tokenizer.pad_token_id
         replies = []

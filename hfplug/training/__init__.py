@@ -1,0 +1,1 @@
+"""Training pieces: the task objects, the checkpoint-safe Trainers, resilience, callbacks and metrics."""

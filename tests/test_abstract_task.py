@@ -16,12 +16,17 @@ from hfplug.arguments import HupdArguments
 from hfplug.chat.format import ChatFormat
 from hfplug.config import parse_args
 from hfplug.data.collate import causal_lm_collator
-from hfplug.data.tasks import (IGNORE_INDEX, abstract_prompt, encode_abstract_example, prepare_task,
-                               tokenize_abstract_splits)
-from hfplug.training.generation import generate_batch, generation_records, plan_batches
-from hfplug.quantization import ModelArguments
+from hfplug.data.tasks import (
+    IGNORE_INDEX,
+    abstract_prompt,
+    encode_abstract_example,
+    prepare_task,
+    tokenize_abstract_splits,
+)
 from hfplug.loading import TRAINING_DATE_STRING, check_causal_lm, reply_end_ids, training_chat_format
+from hfplug.quantization import ModelArguments
 from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+from hfplug.training.generation import generate_batch, generation_records, plan_batches
 
 TEXTS = ["A widget comprising a wheel and a battery. The widget turns the wheel.",
          "1. A widget comprising a wheel. 2. The widget of claim 1, wherein the wheel turns.",
@@ -249,6 +254,7 @@ def trained(tmp_path_factory, tiny_llama_dir):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_abstract_run_reports_loss_perplexity_rouge_and_counts(trained):
     out, log = trained
     results = json.loads((out / "all_results.json").read_text())
@@ -263,6 +269,7 @@ def test_abstract_run_reports_loss_perplexity_rouge_and_counts(trained):
     assert [e["step"] for e in history if "eval_rougeL" in e] == [2, 3]  # trainer_state.json is saved before the final one
 
 
+@pytest.mark.slow
 def test_abstract_run_saves_a_lora_adapter_on_all_linear_layers_and_no_head(trained):
     out, _ = trained
     config = json.loads((out / "adapter_config.json").read_text())
@@ -277,6 +284,7 @@ def test_abstract_run_saves_a_lora_adapter_on_all_linear_layers_and_no_head(trai
     assert names and all("lora_" in n for n in names), names  # no lm_head or embeddings
 
 
+@pytest.mark.slow
 def test_abstract_run_saves_the_tokenizer_with_its_chat_template(trained):
     out, _ = trained
     saved = AutoTokenizer.from_pretrained(out)
@@ -284,6 +292,7 @@ def test_abstract_run_saves_the_tokenizer_with_its_chat_template(trained):
     assert saved.chat_template is not None and f'date_string = "{TRAINING_DATE_STRING}"' in saved.chat_template
 
 
+@pytest.mark.slow
 def test_sample_generations_are_written_at_each_evaluation(trained):
     out, log = trained
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -293,6 +302,7 @@ def test_sample_generations_are_written_at_each_evaluation(trained):
     assert "Sample generation, step 2, validation record 0" in log
 
 
+@pytest.mark.slow
 def test_chat_with_the_trained_adapter(trained):
     out, _ = trained
     prompt = abstract_prompt({"claims": "1. A widget comprising a wheel."})
@@ -303,6 +313,7 @@ def test_chat_with_the_trained_adapter(trained):
     assert "has no chat template" not in proc.stdout  # the saved tokenizer carries the training format
 
 
+@pytest.mark.slow
 def test_two_processes_score_every_generated_record_once(trained, tmp_path):
     out, _ = trained
     again = tmp_path / "eval2"
@@ -319,6 +330,7 @@ def test_two_processes_score_every_generated_record_once(trained, tmp_path):
     assert not (again / "samples.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_abstract_with_an_encoder_model_is_a_clear_error(tmp_path):
     proc = run_command(finetune_command(*_flags(tmp_path / "out")))  # quickstart's model: tiny BERT
     assert proc.returncode != 0

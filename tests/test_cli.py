@@ -3,8 +3,8 @@
 import sys
 
 import pytest
-
 from conftest import REPO, finetune_command, run_command
+
 from hfplug.cli import error_message, set_download_hint
 
 
@@ -21,12 +21,14 @@ def _assert_one_error(proc, message):
     assert "CalledProcessError" not in proc.stdout  # the launcher printed nothing of its own
 
 
+@pytest.mark.slow
 def test_bad_flag_under_accelerate_launch_is_one_error_with_a_suggestion(tmp_path):
     proc = run_command(finetune_command("--output_dir", str(tmp_path / "out"), "--learnin_rate", "0.1"))
     _assert_one_error(proc, "Unknown flag(s): '--learnin_rate' (did you mean '--learning_rate'?)")
     assert not (tmp_path / "out").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_card_command_without_flags_runs_the_default_job_and_explains_offline(tmp_path):
     # `accelerate launch recipes/finetune_hupd.py` as on the card: bert-for-patents on HUPD's sample.
     # Offline with an empty cache it cannot start; it says what to do instead of a traceback.

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import finetune_command, run_command
 
+pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
+
 
 def _results(out, name):
     return json.loads((out / name).read_text())

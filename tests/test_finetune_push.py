@@ -1,9 +1,14 @@
+import pytest
+
 """finetune_hupd with --push_to_hub against a loopback Hub: checked before training, pushed after, no token anywhere."""
 
 import os
 
 from conftest import finetune_command, run_command
 from hub_server import HubServer, Token
+
+pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
+
 
 WRITE = "hf_" + "RecipeWriteToken0123456789abcdefghij"
 READ = "hf_" + "RecipeReadOnlyToken0123456789abcdefg"

@@ -18,6 +18,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
+pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
+
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "recipes" / "colab_quickstart.ipynb"
 TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}")

@@ -160,6 +160,7 @@ def test_push_script_user_errors_exit_2_without_traceback(quiet_hub, tmp_path):
 # --------------------------------------------------------------------------- 2. under accelerate launch
 
 
+@pytest.mark.slow
 def test_accelerate_simple_launcher_prints_the_argv_of_a_failing_script(tmp_path):
     """The leak exists: accelerate's simple launcher echoes a failing child's argv (this is what hfplug works around).
 
@@ -172,6 +173,7 @@ def test_accelerate_simple_launcher_prints_the_argv_of_a_failing_script(tmp_path
     assert out.returncode != 0 and SHORT in out.stdout and "CalledProcessError" in out.stdout
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_run):
     """Simple launcher (CPU, one process): the recipe refuses and exits 0, so the launcher prints nothing."""
     server, env = quiet_hub
@@ -184,6 +186,7 @@ def test_accelerate_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_
     assert not server.requests
 
 
+@pytest.mark.slow
 def test_accelerate_torchrun_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_run):
     """torchrun-based launch (--multi_gpu; the script refuses before touching a device): non-zero, no token."""
     server, env = quiet_hub

@@ -14,8 +14,9 @@ import argparse
 import difflib
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser

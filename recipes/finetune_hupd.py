@@ -59,8 +59,15 @@ from hfplug.loading import check_max_length, load_tokenizer, prepare_training_ar
 from hfplug.quantization import ModelArguments
 from hfplug.training.callbacks import default_callbacks
 from hfplug.training.checkpoints import finished_run
-from hfplug.training.resilience import (GracefulStopCallback, check_launch_matches_machine, check_time_budget,
-                                        parse_duration, prepare_resume, report_stop, save_reserve)
+from hfplug.training.resilience import (
+    GracefulStopCallback,
+    check_launch_matches_machine,
+    check_time_budget,
+    parse_duration,
+    prepare_resume,
+    report_stop,
+    save_reserve,
+)
 from hfplug.training.tasks import task_for
 
 logger = logging.getLogger("hfplug.recipes.finetune_hupd")

@@ -1,9 +1,8 @@
-import pytest
-
 """finetune_hupd with --push_to_hub against a loopback Hub: checked before training, pushed after, no token anywhere."""
 
 import os
 
+import pytest
 from conftest import finetune_command, run_command
 from hub_server import HubServer, Token
 

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from hfplug.arguments import RunArguments
+from hfplug.tiny import tiny_bert_config
 from hfplug.training.callbacks import (
     ThroughputCallback,
     TrainingCurvesCallback,
@@ -26,7 +27,6 @@ from hfplug.training.callbacks import (
     plot_training_curves,
 )
 from hfplug.training.metrics import compute_metrics_for
-from hfplug.tiny import tiny_bert_config
 
 NUM_LABELS = 7
 SEQ_LEN = 16
@@ -318,9 +318,9 @@ def test_default_callbacks(tmp_path):
 def llama_parts():
     """A tiny Llama-3-style model, its training chat format and two generation records."""
     from hfplug.data.tasks import encode_abstract_example
-    from hfplug.training.generation import generation_records
     from hfplug.loading import training_chat_format
     from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+    from hfplug.training.generation import generation_records
 
     tok = build_llama3_tokenizer(["A widget comprising a wheel. 1. A widget."] * 20, vocab_size=300)
     chat_format = training_chat_format(tok)

@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 

@@ -15,9 +15,9 @@ scores do not depend on the number of processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Sequence
 
 import torch
 from transformers import GenerationConfig

@@ -47,7 +47,7 @@ def pseudo_text(n_words: int, seed: int) -> str:
 
 def build_tokenizer(vocab_size: int):
     """A Llama-3-style byte-level BPE tokenizer trained on pseudo-words, so it reaches ``vocab_size``."""
-    from hfplug.tiny import build_llama3_tokenizer
+    from hfplug.testing.tiny import build_llama3_tokenizer
 
     texts = [pseudo_text(40, seed) for seed in range(2000)]
     return build_llama3_tokenizer(texts, vocab_size=vocab_size, model_max_length=131072)

@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 from hfplug.data.hupd_synthetic import write_hupd_sample
-from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, build_tiny_bert, build_tiny_llama
+from hfplug.testing.tiny import build_bert_tokenizer, build_llama3_tokenizer, build_tiny_bert, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_RECORDS = 600

@@ -54,7 +54,7 @@ def sample_texts(n=200):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama-3-style causal LM + tokenizer (no pad token, like Llama 3.1), saved like a Hub checkpoint."""
-    from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+    from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_llama3_tokenizer(sample_texts(), vocab_size=600, model_max_length=512)

@@ -25,7 +25,7 @@ from hfplug.data.tasks import (
 )
 from hfplug.loading import TRAINING_DATE_STRING, check_causal_lm, reply_end_ids, training_chat_format
 from hfplug.quantization import ModelArguments
-from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 from hfplug.training.generation import generate_batch, generation_records, plan_batches
 
 TEXTS = ["A widget comprising a wheel and a battery. The widget turns the wheel.",

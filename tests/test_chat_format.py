@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from hfplug.chat.format import BUILTIN_TEMPLATES, ChatFormat, ChatTemplateError, builtin_template
-from hfplug.tiny import build_llama3_tokenizer
+from hfplug.testing.tiny import build_llama3_tokenizer
 
 TEXTS = ["Hello world. A patent claim about a semiconductor device and a method of making it.",
          "System: be brief.\n\nUser: What is claimed?\n\nAssistant: A device."] * 20

@@ -34,7 +34,7 @@ from hfplug.chat.model import load_chat_tokenizer
 from hfplug.chat.session import HELP, ChatSession, ContextError, run_chat
 from hfplug.config import ConfigError
 from hfplug.loading import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
-from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 
 TEXTS = ["Hello world. Sure.\n\nUser: a patent claim about a device\nUser: and a method\n\nAssistant: Sure."] * 50
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]

@@ -30,7 +30,7 @@ def test_push_full_finetune_sends_the_weights(hub, tmp_path):
 def test_causal_lm_adapter_card_says_how_to_chat(hub, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from hfplug.tiny import build_llama3_tokenizer, build_tiny_llama
+    from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 
     tokenizer = build_llama3_tokenizer(["a patent claim about a gate electrode"] * 20, vocab_size=300)
     model = get_peft_model(build_tiny_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))

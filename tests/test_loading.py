@@ -18,7 +18,7 @@ from hfplug.loading import (
     is_hub_id,
     load_config,
 )
-from hfplug.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
+from hfplug.testing.tiny import build_bert_tokenizer, build_llama3_tokenizer, tiny_bert_config
 
 TEXT = ["a semiconductor device with a gate electrode", "a method of encoding data in a memory"] * 10
 
@@ -101,7 +101,7 @@ def test_max_length_above_model_limit():
 
 def test_memory_plan_message_warns_with_settings_that_fit():
     from hfplug.loading import memory_plan_message
-    from hfplug.tiny import tiny_llama_config
+    from hfplug.testing.tiny import tiny_llama_config
 
     config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                                num_attention_heads=16, num_key_value_heads=4)

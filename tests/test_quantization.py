@@ -17,7 +17,6 @@ from transformers import (
 )
 
 from hfplug import quantization as mo
-from hfplug import tiny
 from hfplug.quantization import (
     DeviceCapability,
     ModelArguments,
@@ -27,6 +26,7 @@ from hfplug.quantization import (
     prepare_for_training,
     resolve_dtype,
 )
+from hfplug.testing import tiny
 
 R = 4  # LoRA rank used throughout
 NUM_LABELS = 3

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hfplug.data import padding_collator, parse_text_fields, prepare_task, tokenize_splits
-from hfplug.tiny import build_bert_tokenizer
+from hfplug.testing.tiny import build_bert_tokenizer
 
 DECISIONS = ["ACCEPTED", "REJECTED", "CONT-ACCEPTED", "PENDING", "CONT-REJECTED", "CONT-PENDING"]
 

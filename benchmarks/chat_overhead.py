@@ -70,7 +70,8 @@ def gpu_model():
     """Llama-3.1-8B's exact shape, random weights quantized to NF4 on load (``benchmarks/t4_fit.py``'s builder)."""
     from t4_fit import LLAMA31_8B, build_model
 
-    from hfplug.quantization import ModelArguments, get_quantization_config
+    from hfplug.model_args import ModelArguments
+    from hfplug.quantization import get_quantization_config
 
     args = ModelArguments(quant="4bit", dtype="float16")
     return build_model(LLAMA31_8B, "causal_lm", device="cuda",

@@ -138,7 +138,7 @@ def build_model(config_dict: dict, task: str, *, device, quantization_config, dt
 
 def model_args(lora_r: int = 16):
     """The options the recipe's T4 config uses: 4-bit, LoRA on all linear layers, fp16."""
-    from hfplug.quantization import ModelArguments
+    from hfplug.model_args import ModelArguments
 
     return ModelArguments(quant="4bit", dtype="float16", lora=True, lora_r=lora_r, lora_alpha=2 * lora_r)
 

@@ -1,5 +1,5 @@
 """Dataclass arguments shared by the recipes (beside ``transformers.TrainingArguments``
-and ``hfplug.quantization.ModelArguments``).
+and ``hfplug.model_args.ModelArguments``).
 
 Field names are the flag names and the YAML keys: ``--hupd_config sample`` on the
 command line is ``hupd_config: sample`` in a config file.

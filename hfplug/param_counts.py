@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from hfplug.quantization import SKIP_MODULES, detect_head_modules
+from hfplug.lora import detect_head_modules
+from hfplug.quantization import SKIP_MODULES
 
 # What the planner can size: the recipe's tasks (hfplug.data.tasks.TASKS) and plain causal
 # language modelling. Classification tasks get a sequence-classification head; abstract

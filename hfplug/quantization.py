@@ -1,8 +1,9 @@
-"""Model options for every recipe: which model, its dtype, bitsandbytes quantization and LoRA.
+"""What the model options do: the dtype, bitsandbytes quantization, 4-bit storage, preparation for training.
 
-``ModelArguments`` (``--quant``, ``--dtype``, ``--lora``...) is parsed by ``HfArgumentParser`` next to ``TrainingArguments``.
-The helpers turn it into what ``from_pretrained`` and PEFT want, and return
-``None`` when a feature is off so that a recipe reads straight down::
+``hfplug.model_args.ModelArguments`` (``--quant``, ``--dtype``, ``--lora``...) is parsed by ``HfArgumentParser``
+next to ``TrainingArguments``; LoRA's own pieces are in :mod:`hfplug.lora`. The helpers here turn
+it into what ``from_pretrained`` and PEFT want, and return ``None`` when a feature is off so
+that a recipe reads straight down::
 
     dtype = resolve_dtype(model_args.dtype, device_type="cpu" if training_args.use_cpu else None)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -30,125 +31,27 @@ import importlib
 import logging
 import os
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
-if TYPE_CHECKING:  # imported lazily at run time: peft and bitsandbytes are heavy
-    from peft import LoraConfig
+from hfplug.lora import check_target_modules, count_parameters, detect_head_modules, get_peft_config, infer_task_type
+from hfplug.model_args import DTYPE_CHOICES, ModelArguments
+
+if TYPE_CHECKING:  # imported lazily at run time: bitsandbytes is heavy
     from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
-QUANT_CHOICES = ("none", "8bit", "4bit")
-DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-QUANT_STORAGE_CHOICES = ("auto", "uint8", "float16", "bfloat16", "float32")
-# PEFT's shorthand for "every linear layer except the output/classification head".
-ALL_LINEAR = "all-linear"
 # Output and task heads bitsandbytes must leave in 16/32-bit (matched as a name, a
 # "name." prefix or a suffix, so "classifier" also covers "pre_classifier" and RoBERTa's
 # "classifier.dense"). transformers' own default misses a head with a bias (BERT's
 # "classifier" gets quantized and then cannot train), and passing a list replaces that
 # default, so the LM head is listed too.
 SKIP_MODULES = ("lm_head", "score", "classifier", "qa_outputs")
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-def _split_commas(values: Iterable[str] | str) -> list[str]:
-    """``"q_proj,v_proj"`` or ``["q_proj,v_proj", "o_proj"]`` -> ``["q_proj", "v_proj", "o_proj"]``."""
-    if isinstance(values, str):
-        values = [values]
-    return [part.strip() for value in values for part in str(value).split(",") if part.strip()]
-
-
-@dataclass
-class ModelArguments:
-    """Which model to load, how to quantize it, and whether to train LoRA adapters on it."""
-
-    model_name_or_path: str = field(
-        default="anferico/bert-for-patents",
-        metadata={"help": "Hub model id or local directory of the base model."},
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Hub id or directory of the tokenizer, if not the model's own."},
-    )
-    quant: str = field(
-        default="none",
-        metadata={
-            "help": "Weight quantization at load time: none, 8bit (LLM.int8) or 4bit (NF4 + double quantization). "
-            "A quantized base trains only with --lora.",
-            "choices": list(QUANT_CHOICES),
-        },
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Weight/compute dtype. auto = bfloat16 where the GPU supports it, float16 on GPUs without "
-            "bf16 (T4, V100), float32 on CPU.",
-            "choices": list(DTYPE_CHOICES),
-        },
-    )
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (+ the task head) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: [ALL_LINEAR],
-        metadata={
-            "help": "Module names to adapt, space- or comma-separated (e.g. q_proj,v_proj); "
-            "'all-linear' = every linear layer except the head."
-        },
-    )
-    quant_storage: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage; values are unchanged, "
-            "only the container). auto = uint8, or the model's --dtype under FSDP, which shards only float "
-            "tensors of one dtype. With --quant 4bit only.",
-            "choices": list(QUANT_STORAGE_CHOICES),
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow model code from the Hub repository (only for repos you trust)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.quant not in QUANT_CHOICES:
-            raise ValueError(f"quant={self.quant!r} is not supported; choose one of {', '.join(QUANT_CHOICES)}.")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}.")
-        if self.quant_storage not in QUANT_STORAGE_CHOICES:
-            raise ValueError(f"quant_storage={self.quant_storage!r} is not supported; "
-                             f"choose one of {', '.join(QUANT_STORAGE_CHOICES)}.")
-        if self.quant_storage != "auto" and self.quant != "4bit":
-            raise ValueError(
-                f"quant_storage={self.quant_storage!r} applies to 4-bit weights only, but quant={self.quant!r}; "
-                "add --quant 4bit or leave quant_storage at auto."
-            )
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
-            raise ValueError(f"lora_r={self.lora_r!r} must be a positive integer (typical: 8, 16, 64).")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int) or self.lora_alpha < 1:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive integer (typical: 2 * lora_r).")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1).")
-        # YAML and the CLI may hand over "q_proj,v_proj" as one string.
-        self.lora_target_modules = _split_commas(self.lora_target_modules)
-        if not self.lora_target_modules:
-            raise ValueError(
-                "lora_target_modules is empty; give module names (e.g. q_proj,v_proj) or 'all-linear'."
-            )
-        if ALL_LINEAR in self.lora_target_modules and len(self.lora_target_modules) > 1:
-            raise ValueError(
-                f"lora_target_modules={self.lora_target_modules!r} mixes 'all-linear' with names; "
-                "use either 'all-linear' or a list of module names."
-            )
 
 
 # --------------------------------------------------------------------------- dtype
@@ -332,103 +235,6 @@ def get_quantization_config(args: ModelArguments, *, device_type: str | None = N
     )
 
 
-# --------------------------------------------------------------------------- LoRA
-
-
-def get_peft_config(args: ModelArguments, *, task_type, modules_to_save: list[str] | None = None) -> LoraConfig | None:
-    """``LoraConfig`` from the arguments, or ``None`` when ``--lora`` is off.
-
-    ``task_type``: a ``peft.TaskType`` or its name ("SEQ_CLS", "CAUSAL_LM", ...).
-    ``modules_to_save``: modules trained in full and saved with the adapter (the task head).
-    """
-    if not args.lora:
-        return None
-    from peft import LoraConfig
-
-    targets = args.lora_target_modules
-    return LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        # PEFT expands the shorthand only when it is given as a plain string.
-        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
-        bias="none",
-        task_type=task_type,
-        modules_to_save=list(modules_to_save) if modules_to_save else None,
-    )
-
-
-def infer_task_type(model: nn.Module) -> str:
-    """PEFT task type from the model class name (``LlamaForSequenceClassification`` -> ``SEQ_CLS``)."""
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION"
-
-
-def detect_head_modules(model: nn.Module) -> list[str]:
-    """Names of the task-head modules that a classification model adds on top of its base model.
-
-    These are the top-level children other than the base model that hold parameters:
-    ``score`` for decoders, ``classifier`` for BERT, ``pre_classifier`` + ``classifier``
-    for DistilBERT. A generation model's ``lm_head`` is *not* a head to train: it is
-    pretrained and large, so causal LMs get ``[]``.
-    """
-    if infer_task_type(model) not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
-        return []
-    prefix = getattr(model, "base_model_prefix", "")
-    return [
-        name
-        for name, child in model.named_children()
-        if name != prefix and any(True for _ in child.parameters())
-    ]
-
-
-def linear_module_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
-    """Sorted short names (``q_proj``, ``dense``, ...) of the model's linear layers, bitsandbytes ones included."""
-    excluded = tuple(exclude)
-    names = set()
-    for full_name, module in model.named_modules():
-        # bnb's Linear4bit / Linear8bitLt subclass nn.Linear, so quantized layers count too.
-        if isinstance(module, nn.Linear) and not any(
-            full_name == head or full_name.startswith(head + ".") for head in excluded
-        ):
-            names.add(full_name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def check_target_modules(model: nn.Module, targets: list[str], exclude: Iterable[str] = ()) -> None:
-    """Raise ``ValueError`` listing the model's linear layers if a target matches no module.
-
-    Matching follows PEFT: a target matches a module whose full name equals it or ends
-    with ``"." + target``. PEFT itself only complains when *no* target matches, so a
-    typo next to a valid name would silently train less than asked.
-    """
-    if targets == [ALL_LINEAR]:
-        if not linear_module_names(model, exclude):
-            raise ValueError(f"{type(model).__name__} has no linear layers for lora_target_modules='all-linear'.")
-        return
-    module_names = [name for name, _ in model.named_modules() if name]
-    missing = [
-        target
-        for target in targets
-        if not any(name == target or name.endswith("." + target) for name in module_names)
-    ]
-    if missing:
-        raise ValueError(
-            f"lora_target_modules {missing} not found in {type(model).__name__}. "
-            f"Its linear layers are: {', '.join(linear_module_names(model, exclude))} "
-            f"(or use 'all-linear')."
-        )
-
-
 # --------------------------------------------------------------------------- preparation
 
 
@@ -459,20 +265,6 @@ def _upcast_trainable_fp16(model: nn.Module) -> int:
             param.data = param.data.float()
             cast += 1
     return cast
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a packed 4-bit weight counts as its unpacked size.
-
-    PEFT's ``get_nb_trainable_parameters`` for a ``PeftModel``, transformers' ``num_parameters``
-    for a plain model (both unpack 4-bit weights whatever their storage dtype).
-    """
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    if hasattr(model, "num_parameters"):
-        return model.num_parameters(only_trainable=True), model.num_parameters()
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def prepare_for_training(

@@ -24,7 +24,7 @@ from hfplug.data.tasks import (
     tokenize_abstract_splits,
 )
 from hfplug.loading import TRAINING_DATE_STRING, check_causal_lm, reply_end_ids, training_chat_format
-from hfplug.quantization import ModelArguments
+from hfplug.model_args import ModelArguments
 from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 from hfplug.training.generation import generate_batch, generation_records, plan_batches
 

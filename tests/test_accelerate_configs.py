@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from hfplug import quantization as mo
 from hfplug.config import parse_args
-from hfplug.quantization import ModelArguments
+from hfplug.model_args import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))

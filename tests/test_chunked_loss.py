@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from hfplug import quantization
 from hfplug.chunked_loss import causal_lm_loss, chunked_cross_entropy
-from hfplug.quantization import DeviceCapability, ModelArguments, get_quantization_config, prepare_for_training
+from hfplug.model_args import ModelArguments
+from hfplug.quantization import DeviceCapability, get_quantization_config, prepare_for_training
 from hfplug.testing.tiny import tiny_llama_config
 
 

@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 from hfplug.arguments import HupdArguments, RunArguments
 from hfplug.config import parse_args
 from hfplug.hub import HubArguments
-from hfplug.quantization import ModelArguments
+from hfplug.model_args import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_ARGS = (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments)

@@ -20,8 +20,9 @@ from hfplug import memory
 from hfplug.chunked_loss import causal_lm_loss
 from hfplug.fit import GPU_MEMORY
 from hfplug.loading import load_config
+from hfplug.model_args import ModelArguments
 from hfplug.param_counts import CLASSIFICATION_TASKS, DEFAULT_NUM_LABELS, parameter_counts
-from hfplug.quantization import DeviceCapability, ModelArguments, get_quantization_config, prepare_for_training
+from hfplug.quantization import DeviceCapability, get_quantization_config, prepare_for_training
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[1]

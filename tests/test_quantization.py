@@ -17,11 +17,11 @@ from transformers import (
 )
 
 from hfplug import quantization as mo
+from hfplug.lora import get_peft_config
+from hfplug.model_args import ModelArguments
 from hfplug.quantization import (
     DeviceCapability,
-    ModelArguments,
     default_optim,
-    get_peft_config,
     get_quantization_config,
     prepare_for_training,
     resolve_dtype,

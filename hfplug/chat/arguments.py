@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from hfplug.quantization import ModelArguments
+from hfplug.model_args import ModelArguments
 
 DEFAULT_CHAT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # A chat reply's token budget. Not the same concept as finetune_hupd's --max_new_tokens (RunArguments,

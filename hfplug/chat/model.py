@@ -15,7 +15,7 @@ import torch
 
 from hfplug.chat.arguments import DEFAULT_CHAT_MODEL, ChatModelArguments
 from hfplug.loading import check_adapter_base, explain_load_error, is_hub_id, load_tokenizer, model_max_positions
-from hfplug.quantization import ModelArguments
+from hfplug.model_args import ModelArguments
 
 GiB = 1024**3
 # The files a saved tokenizer may consist of (transformers 5 writes the template to chat_template.jinja).

@@ -8,13 +8,14 @@ HUPD ones, ~60 KB of JSON each), the second twice the size of the first, and tim
 side, each in a fresh process:
 
 * ``hfplug``: ``load_hupd(uniform_split=True)`` into an empty cache dir (metadata, selection,
-  one streaming pass, Arrow files);
+  one streaming pass, then each split's Arrow file in the official row order);
 * ``official``: what the official loading script does: ``tarfile.extractall`` of the whole
   archive to disk, then ``json.load`` of each selected record (timed without the Arrow
   writing upstream also does, so the baseline is if anything too fast);
 * ``gunzip``: ``gzip -dc archive > /dev/null``, the floor for any reader of the file.
 
 All records are selected (the worst case for hfplug, which skips unselected ones unparsed).
+Both must yield the same rows in the same order (checked by a digest of the application numbers).
 Each timing is the best of ``--repeat`` runs (the machine may be shared). Peak RSS is each
 worker's own ``ru_maxrss``. Targets: hfplug >= 2x faster than ``official``, <= 3x the time of
 ``gunzip``, and its peak RSS grows < 20% when the archive doubles.
@@ -23,6 +24,7 @@ worker's own ``ru_maxrss``. Targets: hfplug >= 2x faster than ``official``, <= 3
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import shutil
@@ -68,7 +70,13 @@ def work_hfplug(metadata: str, archive: str, scratch: str) -> dict:
     start = time.perf_counter()
     result = load_hupd(metadata_path=metadata, archive_path=archive, uniform_split=True, cache_dir=scratch)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": sum(split.num_rows for split in result.values())}
+    order = {split: list(result[split]["application_number"]) for split in result}
+    return {"seconds": seconds, "rows": sum(split.num_rows for split in result.values()), "order": _digest(order)}
+
+
+def _digest(order: dict[str, list[str]]) -> str:
+    """One hash of each split's application numbers, in order."""
+    return hashlib.sha256(json.dumps(order, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def work_official(metadata: str, archive: str, scratch: str) -> dict:
@@ -83,13 +91,14 @@ def work_official(metadata: str, archive: str, scratch: str) -> dict:
     with tarfile.open(archive) as tar:
         tar.extractall(scratch, filter="data")
     json_dir = Path(scratch) / "sample"
-    rows = 0
-    for _, df in selection.items():
+    order: dict[str, list[str]] = {}
+    for split, df in selection.items():
         for row in df.itertuples():
             with open(json_dir / str(row.filing_date.year) / f"{row.application_number}.json") as handle:
-                record_to_example(row.application_number, json.load(handle))
-            rows += 1
-    return {"seconds": time.perf_counter() - start, "rows": rows}
+                example = record_to_example(row.application_number, json.load(handle))
+            order.setdefault(split, []).append(example["application_number"])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows": sum(map(len, order.values())), "order": _digest(order)}
 
 
 def work_imports(metadata: str, archive: str, scratch: str) -> dict:
@@ -150,6 +159,8 @@ def measure(files, workdir: Path, repeat: int) -> dict:
     best["imports"] = run_worker("imports", files.metadata_path, files.archive_path, workdir)
     if best["hfplug"]["rows"] != best["official"]["rows"]:
         raise SystemExit(f"row counts differ: hfplug {best['hfplug']['rows']}, official {best['official']['rows']}")
+    if best["hfplug"]["order"] != best["official"]["order"]:
+        raise SystemExit("hfplug's rows are not in the official loader's order")
     return best
 
 

@@ -48,15 +48,25 @@ def month() -> pd.DataFrame:
 # --- dates -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["2016/01/01", "2016-1-1", "16-01-01", "2016-01-01T00:00", "", "20160101"])
+@pytest.mark.parametrize("bad", ["2016/01/01", "2016-1-1", "16-01-01", "2016-01-01T00:00", "", "2016011", "201601011",
+                                 "2016-0101", "201601-01", "01/02/2016"])
 def test_malformed_date_names_value_and_format(bad):
-    with pytest.raises(ValueError, match=r"train_filing_start_date=.*YYYY-MM-DD"):
+    with pytest.raises(ValueError, match=r"train_filing_start_date=.*YYYY-MM-DD or YYYYMMDD"):
         parse_filing_date(bad, "train_filing_start_date")
 
 
-def test_impossible_calendar_date():
-    with pytest.raises(ValueError, match="'2016-02-30'.*valid calendar date"):
-        parse_filing_date("2016-02-30", "val_filing_end_date")
+@pytest.mark.parametrize("value", ["2016-01-21", "20160121"])
+def test_both_date_forms_parse_as_upstream_compares_them(value):
+    """Upstream compares the raw string with datetime64 filing dates; pandas reads both forms as the same day."""
+    assert parse_filing_date(value, "train_filing_start_date") == pd.Timestamp("2016-01-21")
+    dates = pd.Series(pd.to_datetime(["2016-01-20", "2016-01-21", "2016-01-22"]))
+    assert list(dates >= value) == [False, True, True]  # what the official script does with the string
+
+
+@pytest.mark.parametrize("value", ["2016-02-30", "20160230", "2016-13-01", "20161301"])
+def test_impossible_calendar_date(value):
+    with pytest.raises(ValueError, match=f"'{value}'.*valid calendar date"):
+        parse_filing_date(value, "val_filing_end_date")
 
 
 def test_non_string_date_rejected():
@@ -104,13 +114,19 @@ def test_overlapping_windows_put_a_row_in_both():
     assert numbers(train) == numbers(val) == ["1"]
 
 
-def test_date_split_matches_upstream_string_comparison(month):
-    # upstream compares the datetime column with the raw date strings
-    selection = select_splits(month, **DATE_SPLIT)
-    upstream_train = month[(month["filing_date"] >= "2016-01-01") & (month["filing_date"] < "2016-01-20")]
-    upstream_val = month[(month["filing_date"] >= "2016-01-20") & (month["filing_date"] < "2016-02-01")]
+@pytest.mark.parametrize("compact", [False, True], ids=["iso", "yyyymmdd"])
+def test_date_split_matches_upstream_string_comparison(month, compact):
+    # upstream compares the datetime column with the raw date strings, and keeps the metadata order
+    dates = {k: v.replace("-", "") if compact else v for k, v in DATE_SPLIT.items()}
+    selection = select_splits(month, **dates)
+    upstream_train = month[(month["filing_date"] >= dates["train_filing_start_date"])
+                           & (month["filing_date"] < dates["train_filing_end_date"])]
+    upstream_val = month[(month["filing_date"] >= dates["val_filing_start_date"])
+                         & (month["filing_date"] < dates["val_filing_end_date"])]
     assert numbers(selection.train) == numbers(upstream_train)
     assert numbers(selection.validation) == numbers(upstream_val)
+    assert numbers(selection.train) != sorted(numbers(selection.train), key=lambda n: month.set_index(
+        "application_number").loc[n, "filing_date"])  # metadata order, not date order
 
 
 # --- uniform split -----------------------------------------------------------------------
@@ -158,6 +174,16 @@ def test_uniform_split_ignores_inner_dates_with_a_warning(month, caplog):
     train, val = upstream_uniform(month, None, None)
     assert numbers(selection.train) == numbers(train)
     assert "ignores train_filing_end_date" in caplog.text
+
+
+def test_repeated_metadata_rows_stay_repeated_in_upstream_order(month):
+    doubled = pd.concat([month, month.iloc[[3, 10, 3]]], ignore_index=True)  # row 3 three times in all
+    selection = select_splits(doubled, uniform_split=True)
+    train, val = upstream_uniform(doubled, None, None)
+    assert numbers(selection.train) == numbers(train) and numbers(selection.validation) == numbers(val)
+    dated = select_splits(doubled, **DATE_SPLIT)
+    kept = numbers(dated.train) + numbers(dated.validation)
+    assert kept.count(month["application_number"].iloc[3]) == 3 and len(kept) == len(doubled)
 
 
 @settings(max_examples=40, deadline=None)

@@ -17,6 +17,7 @@ from hfplug.data.hupd_synthetic import (
     DECISIONS,
     IPC_SUBCLASSES,
     REJECT_MARKERS,
+    HardLink,
     make_records,
     write_hupd_files,
     write_hupd_sample,
@@ -156,9 +157,9 @@ def test_all_layout_members(tmp_path):
     records = make_records(12, seed=2, start_date="2015-12-20", end_date="2016-01-10", **SMALL)
     write_hupd_files(records, tmp_path / "m.feather", tmp_path / "all.tar", layout="all",
                      extra_members=[("README", b"x"), ("2016/notes.txt", b"y")])
-    with tarfile.open(tmp_path / "all.tar", "r:") as outer:  # uncompressed outer tar
-        assert outer.getnames() == ["2015.tar.gz", "2016.tar.gz", "README"]
-        inner = outer.extractfile("2016.tar.gz").read()
+    with tarfile.open(tmp_path / "all.tar", "r:") as outer:  # uncompressed outer tar, years under data/ as on the Hub
+        assert outer.getnames() == ["README", "data", "data/2015.tar.gz", "data/2016.tar.gz"]
+        inner = outer.extractfile("data/2016.tar.gz").read()
     assert gzip.decompress(inner)  # each year is a gzip
     with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as year:
         names = year.getnames()
@@ -166,3 +167,17 @@ def test_all_layout_members(tmp_path):
     counts = collections.Counter(r["filing_date"][:4] for r in records)
     assert len([n for n in names if n.endswith(".json")]) == counts["2016"]
     assert all(n == "2016" or n.startswith("2016/") for n in names)
+
+
+def test_repeated_names_keep_their_order_and_hard_links(tmp_path):
+    records = make_records(2, seed=4, **SMALL)
+    number = records[0]["application_number"]
+    write_hupd_files(records, tmp_path / "m.feather", tmp_path / "a.tar.gz", extra_members=[
+        (f"sample/2016/{number}.json", b"second"), (f"sample/2016/{number}.json", b"third"),
+        ("sample/2016/link.json", HardLink(f"sample/2016/{number}.json"))])
+    with tarfile.open(tmp_path / "a.tar.gz", "r:gz") as tar:
+        copies = [m for m in tar.getmembers() if m.name == f"sample/2016/{number}.json"]
+        assert [tar.extractfile(m).read()[:6] for m in copies] == [b'{"appl', b"second", b"third"]
+        link = tar.getmember("sample/2016/link.json")
+        assert link.islnk() and link.linkname == f"sample/2016/{number}.json"
+        assert tar.extractfile(link).read() == b"third"  # tarfile reads a link as its target's last copy before it

@@ -11,8 +11,14 @@ script exactly, in its order:
 3. split: by filing dates (default, end dates exclusive) or ``uniform_split``;
 4. ``val_set_balancer`` on the validation part.
 
-Upstream compares dates loosely and fails late; here dates are checked up front and an empty
-selection is an error that says what the metadata holds.
+Upstream compares the date strings with the datetime column, so pandas parses them: both
+``YYYY-MM-DD`` and ``YYYYMMDD`` work there, and here. Upstream fails late on a bad date; here
+dates are checked up front and an empty selection is an error that says what the metadata holds.
+
+The frames returned are in upstream's row order (the order its loader yields examples in):
+metadata order for a date split, ``df.sample(frac=1.0, random_state=1729)`` order for
+``uniform_split``, and rejected-then-accepted for ``val_set_balancer``; a repeated metadata
+row stays repeated.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 RANDOM_STATE = 1729  # the official loader's seed, for both the uniform split and the balancer
 TRAIN_FRACTION = 0.85  # uniform split: share of shuffled rows that go to train
-DATE_FORMAT = "YYYY-MM-DD"
-_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+DATE_FORMAT = "YYYY-MM-DD or YYYYMMDD"
+_DATE_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})|(\d{4})(\d{2})(\d{2})")
 _DAY_PREFIX_RE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})(?!\d)")  # YYYY-MM-DD or YYYYMMDD, then no digit
 
 
@@ -65,16 +71,21 @@ class HupdSelection:
 
 
 def parse_filing_date(value: str | None, name: str) -> pd.Timestamp | None:
-    """Parse a ``YYYY-MM-DD`` date argument; ``None`` stays ``None``.
+    """Parse a ``YYYY-MM-DD`` or ``YYYYMMDD`` date argument; ``None`` stays ``None``.
 
+    Both forms work upstream (pandas parses the string it compares with the dates), and
+    ``YYYYMMDD`` is how the JSON records write dates. Nothing else is accepted: pandas would
+    also take e.g. ``01/02/2016``, whose day and month are ambiguous.
     Raises ValueError naming the argument, the bad value and the expected format.
     """
     if value is None:
         return None
-    if not isinstance(value, str) or not _DATE_RE.fullmatch(value):
+    match = _DATE_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
         raise ValueError(f"{name}={value!r} is not a date in {DATE_FORMAT} format (e.g. '2016-01-21')")
+    year, month, day = (int(part) for part in match.groups() if part is not None)
     try:
-        return pd.Timestamp(dt.datetime.strptime(value, "%Y-%m-%d"))
+        return pd.Timestamp(dt.datetime(year, month, day))
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a valid calendar date ({DATE_FORMAT})") from None
 

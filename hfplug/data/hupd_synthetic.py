@@ -6,8 +6,8 @@ as the files on the ``HUPD/hupd`` Hub repo:
 
 * a feather metadata file (one row per application; ``filing_date`` is datetime64);
 * layout ``"sample"``: a ``.tar.gz`` whose members are ``sample/<year>/<application_number>.json``;
-* layout ``"all"``: an uncompressed ``.tar`` holding one ``<year>.tar.gz`` per year, whose
-  members are ``<year>/<application_number>.json``.
+* layout ``"all"``: an uncompressed ``.tar`` holding one ``data/<year>.tar.gz`` per year, whose
+  members are ``<year>/<application_number>.json`` (so they unpack into ``data/<year>/``).
 
 Every JSON record has the full real schema. The text carries a learnable signal so a tiny
 model trained on it visibly learns: marker words from two disjoint vocabularies predict
@@ -46,6 +46,7 @@ from hfplug.data.hupd_splits import to_filing_dates
 __all__ = [
     "DECISIONS",
     "FILE_NAMES",
+    "HardLink",
     "HupdSampleFiles",
     "IPC_SUBCLASSES",
     "make_records",
@@ -150,6 +151,13 @@ _CITIES = (("San Jose", "CA", "US"), ("Austin", "TX", "US"), ("Boston", "MA", "U
 # date of the real HUPD files.
 _MEMBER_MTIME = 1645488000
 _TOPIC_COPIES = 2  # 70 filler words + 2 x 16 topic words: ~30% of prose is topic words
+
+
+@dataclasses.dataclass(frozen=True)
+class HardLink:
+    """An ``extra_members`` payload that makes a hard link member pointing at ``target`` (a member name)."""
+
+    target: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +433,7 @@ def write_hupd_files(
     layout: str = "sample",
     year_dir: str | None = None,
     omit_json_for: Iterable[str] = (),
-    extra_members: Iterable[tuple[str, bytes | None]] = (),
+    extra_members: Iterable[tuple[str, bytes | HardLink | None]] = (),
     metadata_extra_rows: Iterable[Mapping[str, Any]] = (),
 ) -> None:
     """Write ``records`` as a HUPD metadata feather plus archive (low level; tests craft edge cases).
@@ -433,13 +441,15 @@ def write_hupd_files(
     Args:
         records: JSON-able dicts; each needs ``application_number`` and ``filing_date`` (``YYYYMMDD``).
         layout: ``"sample"`` (``.tar.gz`` of ``sample/<year>/<number>.json``) or ``"all"``
-            (uncompressed ``.tar`` of ``<year>.tar.gz``, each holding ``<year>/<number>.json``).
+            (uncompressed ``.tar`` of ``data/<year>.tar.gz``, each holding ``<year>/<number>.json``).
         year_dir: folder name used for every record instead of its filing year (to place
             records where the official loader would not look).
         omit_json_for: application numbers that stay in the metadata but get no JSON member.
         extra_members: ``(name, data)`` junk to add: ``data`` bytes makes a file, ``None`` a
-            directory. With layout ``"all"`` a name under ``<year>/`` of a written year goes
-            into that year's tarball, any other name into the outer tar.
+            directory, a :class:`HardLink` a hard link. With layout ``"all"`` a name under
+            ``<year>/`` of a written year goes into that year's tarball, any other name into
+            the outer tar. Members are written sorted by name; members of the same name keep
+            their order (a later one is a second copy of that path).
         metadata_extra_rows: metadata rows (dicts, missing columns are null) with no record.
     """
     if layout not in ("sample", "all"):
@@ -458,7 +468,7 @@ def write_hupd_files(
         year = year_dir or str(record["filing_date"])[:4]
         payload = json.dumps(record, ensure_ascii=False).encode("utf-8")
         by_year.setdefault(year, []).append((f"{year}/{number}.json", payload))
-    outer_extras = []  # with layout "sample" every extra goes into the one tarball
+    outer_extras: list[tuple[str, bytes | HardLink | None]] = []  # layout "sample": all go into the one tarball
     for name, data in extra_members:
         year = name.split("/", 1)[0]
         if layout == "all" and "/" in name and year in by_year:
@@ -478,11 +488,11 @@ def write_hupd_files(
         _write_all_years(archive_path, by_year, outer_extras)
 
 
-def _write_all_years(archive_path: Path, by_year: Mapping[str, list[tuple[str, bytes | None]]],
-                     outer_extras: list[tuple[str, bytes | None]]) -> None:
-    """The ``all-years.tar`` layout; each year's tarball is spooled to a temp file, not RAM."""
+def _write_all_years(archive_path: Path, by_year: Mapping[str, list[tuple[str, bytes | HardLink | None]]],
+                     outer_extras: list[tuple[str, bytes | HardLink | None]]) -> None:
+    """The ``all-years.tar`` layout (``data/<year>.tar.gz``); each year is spooled to a temp file, not RAM."""
     with open(archive_path, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.GNU_FORMAT) as outer:
-        entries = [(f"{year}.tar.gz", year) for year in by_year] + [(n, d) for n, d in outer_extras]
+        entries = [("data", None)] + [(f"data/{year}.tar.gz", year) for year in by_year] + list(outer_extras)
         for name, item in sorted(entries, key=lambda e: e[0]):
             if name.endswith(".tar.gz") and isinstance(item, str) and item in by_year:
                 year = item
@@ -495,7 +505,7 @@ def _write_all_years(archive_path: Path, by_year: Mapping[str, list[tuple[str, b
                 _add_member(outer, name, item)
 
 
-def _write_tar_gz(raw: io.RawIOBase | Any, members: Sequence[tuple[str, bytes | None]]) -> None:
+def _write_tar_gz(raw: io.RawIOBase | Any, members: Sequence[tuple[str, bytes | HardLink | None]]) -> None:
     """Write a gzipped tar of ``members`` sorted by name (gzip mtime 0, no file name: reproducible)."""
     with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w|", format=tarfile.GNU_FORMAT) as tar:
@@ -503,9 +513,13 @@ def _write_tar_gz(raw: io.RawIOBase | Any, members: Sequence[tuple[str, bytes | 
                 _add_member(tar, name, data)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes | HardLink | None) -> None:
     if data is None:
         tar.addfile(_tarinfo(name, 0, directory=True))
+    elif isinstance(data, HardLink):
+        info = _tarinfo(name, 0)
+        info.type, info.linkname = tarfile.LNKTYPE, data.target
+        tar.addfile(info)
     else:
         tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 

@@ -88,6 +88,19 @@ def format_report(est: MemoryEstimate, *, gpu_mem: int, gpu_name: str, header: s
     return "\n".join(lines)
 
 
+def memory_plan_message(config, *, gpu_mem: int, model_name: str, **settings) -> tuple[bool, str]:
+    """Whether a run fits ``gpu_mem`` bytes, and one line saying so (with settings that fit when it does not)."""
+    gib = 2**30
+    total = estimate_memory(config, **settings).total
+    if total <= gpu_mem:
+        return True, f"Memory plan: ~{total / gib:.1f} GiB of {gpu_mem / gib:.1f} GiB on this GPU."
+    return False, (
+        f"This run is planned at ~{total / gib:.1f} GiB but the GPU has {gpu_mem / gib:.1f} GiB: it will likely run "
+        f"out of memory. Settings that fit: {'; '.join(suggest_settings(config, gpu_mem=gpu_mem, **settings))}. "
+        f"(Details: python -m hfplug.fit --model_name_or_path {model_name} ...)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hfplug.fit",

@@ -1,15 +1,14 @@
-"""Loading tokenizers, models and configs for the recipes, with errors that say what to do.
+"""Loading tokenizers, models, configs and adapters, with errors that say what to do.
 
 One rule for "is this a Hub id or a local path" (:func:`is_hub_id`) and one translation of
 huggingface_hub's errors (:func:`explain_hub_error`) serve every loader here, including
 :func:`load_config`, which reads ``config.json`` alone (for the memory planner and the Hub
 merge check). ``from_pretrained`` is wrapped so that a missing model is reported as what it
 is (a local path that does not exist, offline and not cached, no such repo, gated), and so
-that decoder tokenizers without a pad token (Llama) just work. Classifiers
-(``load_classifier``) and causal LMs for training (``load_causal_lm_for_training``)
-share one loading path; ``training_chat_format`` readies a tokenizer for the
-generative ``abstract`` task (fixed date, a pad token that is not a stop token,
-the chat template saved with it).
+that decoder tokenizers without a pad token (Llama) just work. :func:`model_load_kwargs`
+turns hfplug's model options into ``from_pretrained`` arguments; :func:`load_causal_lm`
+loads a model (and a LoRA adapter, checked against its base) for generation. Loading a
+model for the Trainer is ``hfplug.training.model_setup``.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 
-from hfplug.chat.format import ChatFormat  # the format training shares with chat; it imports nothing of hfplug
-from hfplug.memory import estimate_memory, suggest_settings
-from hfplug.quantization import default_optim, get_quantization_config, prepare_for_training, resolve_dtype
+from hfplug.quantization import get_quantization_config, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -276,46 +273,6 @@ def load_tokenizer(model_args, *, token: str | None = None):
     ensure_pad_token(tokenizer)
     return tokenizer
 
-
-def device_type_for(training_args) -> str:
-    """The device the Trainer will use: ``cpu`` when ``use_cpu`` is set or no GPU is present."""
-    return training_args.device.type
-
-
-def optim_name(training_args) -> str:
-    """``training_args.optim`` as its plain name (``TrainingArguments`` holds an ``OptimizerNames`` enum)."""
-    return getattr(training_args.optim, "value", training_args.optim)
-
-
-def prepare_training_args(training_args, model_args) -> None:
-    """Settings the model options imply, applied before the Trainer is built (each change logged).
-
-    - checkpointing runs non-reentrant (needed for LoRA on a frozen or 4-bit base);
-    - 4-bit runs default to the paged 8-bit AdamW of QLoRA when ``optim`` was left at its default;
-    - a 16-bit model on a GPU trains under the matching mixed precision (fp16 on a T4).
-    """
-    from transformers import TrainingArguments
-    from transformers.training_args import OptimizerNames
-
-    if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
-        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
-    optim = default_optim(model_args)
-    if optim and optim_name(training_args) == TrainingArguments.optim:
-        logger.info("--quant %s: using optim=%s (QLoRA's paged 8-bit AdamW); set --optim to choose another.", model_args.quant, optim)
-        training_args.optim = OptimizerNames(optim)
-    device_type = device_type_for(training_args)
-    dtype = resolve_dtype(model_args.dtype, device_type=device_type)
-    if device_type == "cuda" and training_args.mixed_precision == "no":
-        import torch
-
-        if dtype in (torch.float16, torch.bfloat16):
-            precision = "fp16" if dtype == torch.float16 else "bf16"
-            logger.warning("dtype %s on a GPU: enabling %s mixed precision (set --%s or mixed_precision in the accelerate config to be explicit).",
-                           dtype, precision, precision)
-            training_args.mixed_precision = precision
-            setattr(training_args, precision, True)
-
-
 def model_load_kwargs(model_args, *, device_type: str, full_finetune: bool = False) -> dict:
     """``from_pretrained`` keyword arguments for hfplug's model options: dtype, quantization, remote code.
 
@@ -330,145 +287,6 @@ def model_load_kwargs(model_args, *, device_type: str, full_finetune: bool = Fal
     if full_finetune and quantization_config is None:
         dtype = torch.float32
     return dict(dtype=dtype, quantization_config=quantization_config, trust_remote_code=model_args.trust_remote_code)
-
-
-def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token: str | None, **config_kwargs):
-    """``auto_class`` from ``model_name_or_path`` with the model options, ready for the Trainer.
-
-    Shared by :func:`load_classifier` and :func:`load_causal_lm_for_training`. A directory
-    with a trained LoRA adapter loads its base model (quantized as asked) and the adapter on
-    top, for evaluation; otherwise, for training, the model goes through
-    ``hfplug.quantization.prepare_for_training`` (k-bit preparation, checkpointing, LoRA).
-    """
-    adapter = adapter_base_model(model_args.model_name_or_path)
-    full_finetune = training_args.do_train and not model_args.lora
-    model = from_pretrained(
-        auto_class,
-        adapter or model_args.model_name_or_path,
-        token=token,
-        **model_load_kwargs(model_args, device_type=device_type_for(training_args), full_finetune=full_finetune),
-        **config_kwargs,
-    )
-    # Decoders find the last real token (classification) and pad batches (generation) through
-    # pad_token_id; keep config, generation config and tokenizer in agreement.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if adapter:
-        from peft import PeftModel
-
-        logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
-        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
-    if training_args.do_train:
-        model = prepare_for_training(model, model_args,
-                                     activation_checkpointing=bool(training_args.activation_checkpointing))
-    return model
-
-
-def load_classifier(model_args, label_names, tokenizer, training_args, *, token: str | None = None):
-    """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
-
-    Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
-    ``hfplug.quantization``; for training, the model is prepared there (k-bit
-    preparation, activation checkpointing, LoRA with the classification head trainable).
-    ``model_name_or_path`` may also be a directory with a trained LoRA adapter: its base
-    model is loaded (quantized as asked) and the adapter, with its head, put on top.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    return _load_for_trainer(
-        AutoModelForSequenceClassification, model_args, tokenizer, training_args, token=token,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-
-
-def load_causal_lm_for_training(model_args, tokenizer, training_args, *, token: str | None = None):
-    """``AutoModelForCausalLM`` for a generative task (``--task abstract``), with hfplug's model options.
-
-    As :func:`load_classifier`, without a task head: LoRA adapts every linear layer
-    but the LM head (``all-linear``), and nothing goes to ``modules_to_save``. Check the
-    model with :func:`check_causal_lm` first, before any data is loaded.
-    """
-    from transformers import AutoModelForCausalLM
-
-    return _load_for_trainer(AutoModelForCausalLM, model_args, tokenizer, training_args, token=token)
-
-
-# Class-name endings of models that generate text left to right (ForConditionalGeneration:
-# multimodal decoders such as Gemma 3; encoder-decoders are refused on their config flag).
-CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-
-
-def check_causal_lm(model_args, *, token: str | None = None) -> None:
-    """Refuse a model that cannot be fine-tuned to write text (BERT, T5), reading only its config.
-
-    A config without ``architectures`` passes: nothing there says what the model is.
-    """
-    from transformers import AutoConfig
-
-    name = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
-    config = from_pretrained(AutoConfig, name, trust_remote_code=model_args.trust_remote_code, token=token)
-    architectures = list(getattr(config, "architectures", None) or [])
-    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    if encoder_decoder or (architectures and not any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in architectures)):
-        what = "an encoder-decoder" if encoder_decoder else f"a {', '.join(architectures)} ({config.model_type})"
-        raise ValueError(
-            f"--task abstract writes text, so it needs a causal (decoder-only) language model such as "
-            f"meta-llama/Llama-3.1-8B-Instruct; {name!r} is {what} model. Pass a causal LM with "
-            "--model_name_or_path, or use --task decision or --task ipc with this model."
-        )
-
-
-# Llama 3.1's release date, and the date Meta's own template falls back to. Fixed for training,
-# so that the Llama 3 system block ("Today Date: ...") does not change the tokens every day.
-TRAINING_DATE_STRING = "26 Jul 2024"
-
-
-def training_chat_format(tokenizer, chat_template: str | None = None):
-    """The chat format of a generative task's examples, with ``tokenizer`` made ready for it.
-
-    - the format is ``ChatFormat.from_tokenizer(tokenizer, chat_template)`` with a fixed
-      ``date_string``, so the same records encode to the same tokens on any day;
-    - the pad token is neither eos nor the token that ends a reply (:func:`reply_end_ids`).
-      The labels here are computed before padding, so padding cannot mask them; the distinct
-      pad keeps the saved tokenizer safe for tools that derive labels from ``input_ids != pad``
-      (``DataCollatorForLanguageModeling``), which would otherwise drop the stop token;
-    - ``tokenizer.chat_template`` becomes this format, with the training date as its default:
-      the tokenizer saved with the model (or adapter) then makes ``recipes/chat.py``
-      prompt exactly as training did.
-    """
-    chat_format = ChatFormat.from_tokenizer(tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING})
-    ensure_pad_token(tokenizer, avoid=reply_end_ids(chat_format))
-    tokenizer.chat_template = template_with_default_date(chat_format.template, TRAINING_DATE_STRING)
-    return chat_format
-
-
-def reply_end_ids(chat_format) -> list[int]:
-    """The tokens a model must learn to emit to end a reply: eos, and the stop tokens the format puts after a reply.
-
-    ``<|eot_id|>`` for Llama 3, ``<|im_end|>`` for ChatML, eos for the plain format. A pad
-    token must be none of these. Other stop tokens may pad (Qwen pads with ``<|endoftext|>``,
-    which its ChatML replies never contain).
-    """
-    ids, mask = chat_format.encode_with_assistant_mask(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    stops = set(chat_format.stop_token_ids)
-    ends = [token for token, m in zip(ids, mask) if m and token in stops]
-    eos = chat_format.tokenizer.eos_token_id
-    return list(dict.fromkeys(ends + ([eos] if eos is not None else [])))
-
-
-def template_with_default_date(template: str, date_string: str) -> str:
-    """``template`` with ``date_string`` as the value of its ``date_string`` variable unless one is passed.
-
-    Templates without the variable come back unchanged; so does one that already has this default.
-    """
-    if "date_string" not in template:
-        return template
-    default = '{%- if date_string is not defined %}{%- set date_string = "' + date_string + '" %}{%- endif -%}\n'
-    return template if template.startswith(default) else default + template
 
 
 def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
@@ -497,47 +315,6 @@ def adapter_base_model(path: str, *, hub: bool = False) -> str | None:
             raise explain_load_error(path, err) from err
     with open(config) as f:
         return json.load(f)["base_model_name_or_path"]
-
-
-def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int,
-                     token: str | None = None) -> None:
-    """On a GPU, run the memory planner (``hfplug.memory``) before loading and warn with settings that fit.
-
-    Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning
-    before the first weight is loaded.
-    """
-    if device_type_for(training_args) != "cuda":
-        return
-    import torch
-
-    base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
-    config = load_config(base, token=token, trust_remote_code=model_args.trust_remote_code)
-    settings = dict(
-        quant=model_args.quant,
-        lora_r=model_args.lora_r if model_args.lora else 0,
-        task=task,
-        max_length=max_length,
-        batch_size=training_args.per_device_train_batch_size,
-        activation_checkpointing=bool(training_args.activation_checkpointing),
-        optim=optim_name(training_args),
-        num_labels=num_labels,
-    )
-    gpu_mem = torch.cuda.get_device_properties(training_args.device).total_memory
-    fits, message = memory_plan_message(config, gpu_mem=gpu_mem, model_name=base, **settings)
-    logger.log(logging.INFO if fits else logging.WARNING, message)
-
-
-def memory_plan_message(config, *, gpu_mem: int, model_name: str, **settings) -> tuple[bool, str]:
-    """Whether a run fits ``gpu_mem`` bytes, and one line saying so (with settings that fit when it does not)."""
-    gib = 2**30
-    total = estimate_memory(config, **settings).total
-    if total <= gpu_mem:
-        return True, f"Memory plan: ~{total / gib:.1f} GiB of {gpu_mem / gib:.1f} GiB on this GPU."
-    return False, (
-        f"This run is planned at ~{total / gib:.1f} GiB but the GPU has {gpu_mem / gib:.1f} GiB: it will likely run "
-        f"out of memory. Settings that fit: {'; '.join(suggest_settings(config, gpu_mem=gpu_mem, **settings))}. "
-        f"(Details: python -m hfplug.fit --model_name_or_path {model_name} ...)"
-    )
 
 
 def check_adapter_base(adapter: str, model_name_or_path: str | None) -> str:

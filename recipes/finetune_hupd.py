@@ -55,10 +55,11 @@ from hfplug.hub.auth import resolve_token
 from hfplug.hub.preflight import check_model_access, preflight_push
 from hfplug.hub.push import hub_push_callback, push_run
 from hfplug.hub.redaction import install_token_redaction
-from hfplug.loading import check_max_length, load_tokenizer, prepare_training_args, warn_if_wont_fit
+from hfplug.loading import check_max_length, load_tokenizer
 from hfplug.model_args import ModelArguments
 from hfplug.training.callbacks import default_callbacks
 from hfplug.training.checkpoints import finished_run
+from hfplug.training.model_setup import prepare_training_args, warn_if_wont_fit
 from hfplug.training.resilience import (
     GracefulStopCallback,
     check_launch_matches_machine,

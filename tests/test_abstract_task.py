@@ -23,10 +23,11 @@ from hfplug.data.tasks import (
     prepare_task,
     tokenize_abstract_splits,
 )
-from hfplug.loading import TRAINING_DATE_STRING, check_causal_lm, reply_end_ids, training_chat_format
 from hfplug.model_args import ModelArguments
 from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
+from hfplug.training.chat_setup import TRAINING_DATE_STRING, reply_end_ids, training_chat_format
 from hfplug.training.generation import generate_batch, generation_records, plan_batches
+from hfplug.training.model_setup import check_causal_lm
 
 TEXTS = ["A widget comprising a wheel and a battery. The widget turns the wheel.",
          "1. A widget comprising a wheel. 2. The widget of claim 1, wherein the wheel turns.",

@@ -33,8 +33,9 @@ from hfplug.chat.format import ChatFormat, ChatTemplateError, visible_text
 from hfplug.chat.model import load_chat_tokenizer
 from hfplug.chat.session import HELP, ChatSession, ContextError, run_chat
 from hfplug.config import ConfigError
-from hfplug.loading import TRAINING_DATE_STRING, ModelLoadError, load_causal_lm, training_chat_format
+from hfplug.loading import ModelLoadError, load_causal_lm
 from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
+from hfplug.training.chat_setup import TRAINING_DATE_STRING, training_chat_format
 
 TEXTS = ["Hello world. Sure.\n\nUser: a patent claim about a device\nUser: and a method\n\nAssistant: Sure."] * 50
 GREEDY = ["--do_sample", "false", "--max_new_tokens", "12"]

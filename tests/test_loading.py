@@ -100,7 +100,7 @@ def test_max_length_above_model_limit():
 
 
 def test_memory_plan_message_warns_with_settings_that_fit():
-    from hfplug.loading import memory_plan_message
+    from hfplug.fit import memory_plan_message
     from hfplug.testing.tiny import tiny_llama_config
 
     config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,

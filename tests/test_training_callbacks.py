@@ -318,8 +318,8 @@ def test_default_callbacks(tmp_path):
 def llama_parts():
     """A tiny Llama-3-style model, its training chat format and two generation records."""
     from hfplug.data.tasks import encode_abstract_example
-    from hfplug.loading import training_chat_format
     from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
+    from hfplug.training.chat_setup import training_chat_format
     from hfplug.training.generation import generation_records
 
     tok = build_llama3_tokenizer(["A widget comprising a wheel. 1. A widget."] * 20, vocab_size=300)

@@ -6,6 +6,6 @@
     hfplug.chat.model       what to chat with: the adapter's base, the tokenizer saved with it, context
     hfplug.chat.session     ChatSession (history, trimming, streaming, Ctrl-C), /commands, run_chat
 
-Nothing is re-exported here: ``hfplug.chat.format`` is used by training (``hfplug.loading``,
+Nothing is re-exported here: ``hfplug.chat.format`` is used by training (``hfplug.training.chat_setup``,
 ``hfplug.training.generation``) and must not pull in the session (torch, the generation streamer).
 """

@@ -1,7 +1,7 @@
 """One chat format for chatting and for training: the template, the stop tokens, the assistant mask.
 
 Used by the chat session (``hfplug.chat.session``) and by training and evaluation on chats
-(``hfplug.loading.training_chat_format``, ``hfplug.training.generation``); it imports nothing of hfplug.
+(``hfplug.training.chat_setup.training_chat_format``, ``hfplug.training.generation``); it imports nothing of hfplug.
 
     fmt = ChatFormat.from_tokenizer(tokenizer)                  # the tokenizer's own template, or a fallback
     ids = fmt.encode(messages, add_generation_prompt=True)      # exactly one BOS

@@ -295,7 +295,7 @@ def tokenize_abstract_splits(
     splits and, per split, how many records were dropped because their abstract alone
     fills ``max_length`` (not counted when streaming). ``chat_format`` is a
     ``hfplug.chat.format.ChatFormat``; give it a fixed ``date_string`` (see
-    ``hfplug.loading.training_chat_format``) so the same records encode the same every day.
+    ``hfplug.training.chat_setup.training_chat_format``) so the same records encode the same every day.
     """
     sources = check_abstract_sources(text_fields)
 

@@ -4,7 +4,8 @@
 exactly per kind of module by ``hfplug.param_counts``) and returns a ``MemoryEstimate``
 broken down by part; ``max_batch_size``, ``max_seq_len`` and ``suggest_settings`` search
 for settings that fit a GPU. The command line is ``python -m hfplug.fit`` (``hfplug/fit.py``);
-``finetune_hupd.py`` runs the planner before loading on a GPU (``hfplug.loading.warn_if_wont_fit``).
+``finetune_hupd.py`` runs the planner before loading on a GPU (``hfplug.training.model_setup.warn_if_wont_fit``).
+The per-token formulas for a layer's activations and the loss are ``hfplug.activations``.
 
 What the estimate models (one CUDA training step with 16-bit autocast, as the Trainer's
 ``--fp16``/``--bf16`` run it, through ``hfplug.quantization.prepare_for_training``):
@@ -29,20 +30,18 @@ What the estimate models (one CUDA training step with 16-bit autocast, as the Tr
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
-from hfplug.param_counts import (
-    CLASSIFICATION_TASKS,
-    Linear,
-    ModelCounts,
-    lora_targets,
-    num_labels_for,
-    parameter_counts,
+from hfplug.activations import (
+    GiB,
+    MiB,
+    group_by_layer,
+    layer_backward_transient_per_token,
+    layer_saved_per_token,
+    loss_bytes,
+    model_shape,
 )
-
-GiB = 1024**3
-MiB = 1024**2
+from hfplug.param_counts import CLASSIFICATION_TASKS, lora_targets, parameter_counts
 
 # Optimizer name (TrainingArguments.optim) -> (state precision, states per parameter).
 # 8-bit optimizers keep uint8 states for tensors of >= 4096 values (bitsandbytes'
@@ -147,80 +146,6 @@ class MemoryEstimate:
         return self.total - self.cuda_context
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """The config numbers the activation formulas need."""
-
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    layers: int
-    vocab: int
-    gated: bool  # SwiGLU-style MLP (Llama, Mistral, Qwen): gate * up
-    hidden_dropout: float  # BERT-style dropout on the residual branches
-
-
-def _shape(config, counts: ModelCounts) -> _Shape:
-    text = getattr(config, "get_text_config", lambda: config)()
-    hidden = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    block_names = {lin.name.rsplit(".", 1)[-1] for lin in counts.linears if lin.in_block}
-    return _Shape(
-        hidden=hidden,
-        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        layers=counts.num_layers,
-        vocab=text.vocab_size,
-        gated=bool(block_names & {"gate_proj", "w1", "gate_up_proj", "w3"}),
-        hidden_dropout=float(getattr(text, "hidden_dropout_prob", 0.0) or 0.0),
-    )
-
-
-def _layer_saved_per_token(
-    shape: _Shape, block_linears: list[Linear], lora_names: set[str], *, a: int, rb: int, r: int,
-    lora_dropout: float, full_ft: bool, repeat_kv: bool,
-) -> int:
-    """Bytes one transformer layer saves for backward per token, its input excluded.
-
-    a: compute bytes (2 under fp16/bf16 autocast); rb: bytes of the residual stream
-    (fp32 when the embeddings are fp32, as after prepare_model_for_kbit_training).
-    """
-    h, i = shape.hidden, shape.intermediate
-    saved = 0
-    # LoRA: dropout mask (1 byte) + lora_A input in compute dtype + lora_B input (rank r).
-    # A frozen 4-bit/8-bit base matmul saves only its packed weight (no activation).
-    for lin in block_linears:
-        if lin.name in lora_names:
-            saved += lin.in_features * (a + (1 if lora_dropout > 0 else 0)) + r * a
-        elif full_ft:
-            saved += lin.in_features * a  # a trainable linear keeps its (cast) input
-    # Attention through SDPA's memory-efficient/flash kernel: q, k, v, output, logsumexp.
-    kv_heads = shape.heads if repeat_kv else shape.kv_heads
-    saved += (2 * shape.heads + 2 * kv_heads) * shape.head_dim * a + shape.heads * 4
-    if shape.gated:
-        # pre-norm decoder: the mid-layer residual kept by the second RMSNorm, rsqrt of both
-        # norms, and their fp32 upcasts when the residual is 16-bit.
-        saved += rb * h + 2 * 4 + (2 * 4 * h if rb < 4 else 0)
-        saved += 3 * i * a  # SiLU input, SiLU output, up projection (both kept by the product)
-    else:
-        # post-LN encoder (BERT): two LayerNorm inputs in fp32 + mean/rstd, GELU input,
-        # dropout masks on both residual branches.
-        saved += 2 * (4 * h + 8) + i * a + (2 * h if shape.hidden_dropout > 0 else 0)
-    if full_ft:
-        saved += 2 * 4 * h  # trainable norm weights also keep the normalized input
-    return saved
-
-
-def _layer_backward_transient_per_token(shape: _Shape, *, a: int, rb: int) -> int:
-    """Gradient buffers alive while one layer runs backward (residual grads + MLP grads)."""
-    return 2 * rb * shape.hidden + 3 * shape.intermediate * a
-
-
 def estimate_memory(
     config,
     *,
@@ -257,7 +182,7 @@ def estimate_memory(
     optim = optim or ("paged_adamw_8bit" if quant == "4bit" else "adamw_torch")
     a = _dtype_bytes(dtype)
     counts = parameter_counts(config, task=task, num_labels=num_labels)
-    shape = _shape(config, counts)
+    shape = model_shape(config, counts)
     tokens = batch_size * max_length
     notes: list[str] = []
     classification = task in CLASSIFICATION_TASKS
@@ -322,10 +247,10 @@ def estimate_memory(
     # transformers repeats k/v to all heads. Unpadded causal-LM batches keep GQA.
     repeat_kv = classification and shape.kv_heads != shape.heads
     block_linears = [lin for lin in counts.linears if lin.in_block]
-    layer_lists = _group_by_layer(block_linears, shape.layers)
+    layer_lists = group_by_layer(block_linears, shape.layers)
     saved_per_layer = max(
         (
-            _layer_saved_per_token(
+            layer_saved_per_token(
                 shape, lins, lora_names, a=a, rb=rb, r=lora_r, lora_dropout=lora_dropout,
                 full_ft=full_ft, repeat_kv=repeat_kv,
             )
@@ -340,7 +265,7 @@ def estimate_memory(
         extras += shape.hidden * a  # decoders score every position, then pool the last token
     if not shape.gated:
         extras += 4 * shape.hidden + 8 + (shape.hidden if shape.hidden_dropout > 0 else 0)  # embedding LayerNorm + dropout
-    transient = _layer_backward_transient_per_token(shape, a=a, rb=rb)
+    transient = layer_backward_transient_per_token(shape, a=a, rb=rb)
     dequant = max((lin.in_features * lin.out_features for lin in quantized_linears), default=0) * a * 2
 
     stored_ckpt = (0 if offload_activations else layer_inputs) + extras
@@ -351,7 +276,7 @@ def estimate_memory(
 
     # ---- loss
     lm_cast = counts.lm_head_params * a if (quant != "none" or other_bytes_per != a) else 0
-    loss_fwd, loss_bwd, note = _loss_bytes(
+    loss_fwd, loss_bwd, note = loss_bytes(
         shape, task=task, num_labels=num_labels, batch_size=batch_size, max_length=max_length, a=a, rb=rb,
         lm_cast=lm_cast, loss_chunk_size=loss_chunk_size,
     )
@@ -390,41 +315,6 @@ def estimate_memory(
         tokens=tokens,
         notes=notes,
     )
-
-
-def _loss_bytes(shape: _Shape, *, task: str, num_labels: int | None, batch_size: int, max_length: int, a: int,
-                rb: int, lm_cast: int, loss_chunk_size: int) -> tuple[int, int, str]:
-    """(forward peak, backward peak, note) of the loss, beyond what the layers keep.
-
-    ``lm_cast``: the 16-bit copy autocast makes of an fp32 LM head for its matmul.
-    """
-    tokens = batch_size * max_length
-    if task in CLASSIFICATION_TASKS:
-        return (tokens * (num_labels_for(task, num_labels) or 2) * 4 * 3,) * 2 + ("",)
-    if loss_chunk_size and loss_chunk_size > 0:
-        chunk = min(loss_chunk_size, tokens)
-        # one chunk at a time: its 16-bit logits, the fp32 logits turned into the gradient
-        # in place, logsumexp's scratch; the 16-bit copy of an fp32 head; the gradient of
-        # the hidden states, computed in forward and kept for backward.
-        fwd = chunk * shape.vocab * (a + 4 + 4) + lm_cast + tokens * shape.hidden * rb
-        return fwd, 2 * tokens * shape.hidden * rb, f"loss computed in chunks of {chunk} tokens (hfplug.chunked_loss)"
-    # forward: 16-bit logits, their fp32 upcast, the log-softmax output (kept for backward);
-    # backward: two fp32 gradient-sized buffers next to the kept output.
-    note = (
-        f"plain loss materialises {batch_size} x {max_length} x {shape.vocab} logits "
-        f"({tokens * shape.vocab * (a + 8) / GiB:.2f} GiB in 16-bit + fp32): "
-        "--loss_chunk_size 1024 (hfplug.chunked_loss) avoids it"
-    )
-    return tokens * shape.vocab * (a + 4 + 4) + lm_cast, tokens * shape.vocab * (4 + 4 + 4) + lm_cast, note
-
-
-def _group_by_layer(block_linears: list[Linear], num_layers: int) -> list[list[Linear]]:
-    """Split the in-block linears by layer index (the first integer in their name)."""
-    groups: dict[str, list[Linear]] = {}
-    for lin in block_linears:
-        match = re.search(r"\.(\d+)\.", "." + lin.name + ".")
-        groups.setdefault(match.group(1) if match else "", []).append(lin)
-    return list(groups.values())
 
 
 # --------------------------------------------------------------------------- search

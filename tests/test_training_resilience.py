@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, TrainingArguments
 
-from hfplug.training.checkpoints import STAGING_DIR, SafeCheckpointTrainer, clear_staging, find_resumable_checkpoint
+from hfplug.training.checkpoints import STAGING_DIR, clear_staging, find_resumable_checkpoint
 from hfplug.training.resilience import (
     GracefulStopCallback,
     check_resume_args,
@@ -18,6 +18,7 @@ from hfplug.training.resilience import (
     parse_duration,
     record_run_args,
 )
+from hfplug.training.trainer import SafeCheckpointTrainer
 
 
 @pytest.mark.parametrize("text, seconds", [("11h30m", 41400), ("90m", 5400), ("45s", 45), ("1.5h", 5400),
@@ -181,8 +182,8 @@ def test_private_trainer_methods_hfplug_relies_on_still_exist():
     """Fails with the method's name when a transformers upgrade drops or changes one of them."""
     from transformers import Trainer
 
-    from hfplug.training.checkpoints import TRAINER_PRIVATE_API, check_trainer_api
     from hfplug.training.generation import GenerativeTrainer
+    from hfplug.training.trainer import TRAINER_PRIVATE_API, check_trainer_api
 
     for name in TRAINER_PRIVATE_API:
         assert callable(getattr(Trainer, name, None)), (
@@ -311,7 +312,7 @@ def _tokenizers_disk_full():
     ("save_model", _tokenizers_disk_full, r"No space left on the device while saving checkpoint-8"),
 ])
 def test_a_failure_while_saving_is_one_clear_error(tmp_path, monkeypatch, where, exc, expected):
-    from hfplug.training.checkpoints import CheckpointSaveError
+    from hfplug.training.trainer import CheckpointSaveError
 
     trainer = _trainer(tmp_path)
     if where == "save_model":

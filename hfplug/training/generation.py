@@ -23,8 +23,8 @@ import torch
 from transformers import GenerationConfig
 
 from hfplug.data.tasks import IGNORE_INDEX
-from hfplug.training.checkpoints import SafeCheckpointTrainer
 from hfplug.training.metrics import perplexity, rouge_scores
+from hfplug.training.trainer import SafeCheckpointTrainer
 
 # generate() fills every setting left unset from the model's own generation_config: Llama
 # Instruct's sampling temperature/top_p would only draw warnings, but a repetition penalty

@@ -23,10 +23,10 @@ from hfplug.data.collate import causal_lm_collator, padding_collator
 from hfplug.data.tasks import TaskData, is_generative, prepare_task, tokenize_abstract_splits, tokenize_splits
 from hfplug.training.callbacks import sample_generation_callback
 from hfplug.training.chat_setup import training_chat_format
-from hfplug.training.checkpoints import SafeCheckpointTrainer
 from hfplug.training.generation import GenerationEval, GenerativeTrainer, generation_records
 from hfplug.training.metrics import compute_metrics_for
 from hfplug.training.model_setup import check_causal_lm, load_causal_lm_for_training, load_classifier
+from hfplug.training.trainer import SafeCheckpointTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import time
 
 from hfplug.chat.arguments import ChatArguments, ChatModelArguments, GenerationSettings
 from hfplug.chat.format import ChatFormat, check_system_prompt
+from hfplug.chat.loop import run_chat
 from hfplug.chat.model import load_chat_tokenizer, memory_in_use, resolve_model_name
-from hfplug.chat.session import ChatSession, run_chat
+from hfplug.chat.session import ChatSession
 from hfplug.cli import run
 from hfplug.config import parse_args
 from hfplug.loading import load_causal_lm

@@ -30,8 +30,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from hfplug.chat.arguments import ChatModelArguments, GenerationSettings
 from hfplug.chat.format import ChatFormat, ChatTemplateError, visible_text
+from hfplug.chat.loop import HELP, run_chat
 from hfplug.chat.model import load_chat_tokenizer
-from hfplug.chat.session import HELP, ChatSession, ContextError, run_chat
+from hfplug.chat.session import ChatSession, ContextError
 from hfplug.config import ConfigError
 from hfplug.loading import ModelLoadError, load_causal_lm
 from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama

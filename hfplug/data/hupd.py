@@ -967,9 +967,10 @@ def _write_rows(source: Path, rows: list[int], path: Path, progress: _Progress) 
     The result is a plain Arrow file in ``_WRITER_BATCH_SIZE``-row batches, what
     ``Dataset.select(rows).flatten_indices()`` would write, without its per-row overhead.
     """
-    writer = ArrowWriter(features=FEATURES, path=str(path), writer_batch_size=_WRITER_BATCH_SIZE)
-    try:
-        with pa.OSFile(str(source)) as handle:
+    # a native file: given a path, ArrowWriter writes through a Python file object, slower
+    with pa.OSFile(str(path), "wb") as sink, pa.OSFile(str(source)) as handle:
+        writer = ArrowWriter(features=FEATURES, stream=sink, writer_batch_size=_WRITER_BATCH_SIZE)
+        try:
             reader = pa.ipc.open_file(handle)
             for first in range(0, len(rows), _WRITER_BATCH_SIZE):
                 chunk = rows[first : first + _WRITER_BATCH_SIZE]
@@ -977,9 +978,9 @@ def _write_rows(source: Path, rows: list[int], path: Path, progress: _Progress) 
                 writer.write_table(table)  # one batch again
                 progress.written += len(chunk)
                 progress.nbytes += table.nbytes
-        return writer.finalize()[0]
-    finally:
-        writer.close()
+            return writer.finalize()[0]
+        finally:
+            writer.close()
 
 
 def _file_identity(path: Path) -> list[Any]:

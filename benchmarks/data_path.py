@@ -27,8 +27,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from transformers.utils import logging as hf_logging
 
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
-from hfplug.data.hupd_synthetic import write_hupd_sample
 from hfplug.data.tasks import join_sections
+from hfplug.testing.hupd_synthetic import write_hupd_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "assets" / "tiny-bert"

@@ -84,7 +84,7 @@ def work_official(metadata: str, archive: str, scratch: str) -> dict:
     import tarfile
 
     from hfplug.data.hupd import read_metadata, record_to_example
-    from hfplug.data.hupd_splits import select_splits
+    from hfplug.data.hupd_selection import select_splits
 
     start = time.perf_counter()
     selection = select_splits(read_metadata(metadata), uniform_split=True)
@@ -134,10 +134,10 @@ def time_gunzip(archive: Path) -> float:
 
 def make_archive(out_dir: Path, n_records: int, seed: int):
     """Generate an archive in a child process, so this driver stays small in memory."""
-    from hfplug.data.hupd_synthetic import FILE_NAMES, HupdSampleFiles
+    from hfplug.testing.hupd_synthetic import FILE_NAMES, HupdSampleFiles
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hfplug.data.hupd_synthetic", str(out_dir), "--n-records", str(n_records),
+    subprocess.run([sys.executable, "-m", "hfplug.testing.hupd_synthetic", str(out_dir), "--n-records", str(n_records),
                     "--seed", str(seed), "--description-words", *map(str, DESCRIPTION_WORDS)],
                    check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
     metadata_name, archive_name = FILE_NAMES["sample"]

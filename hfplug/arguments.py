@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from hfplug.data.hupd import HUB_FILES
-from hfplug.data.hupd_splits import parse_filing_date
+from hfplug.data.hupd_selection import parse_filing_date
 from hfplug.data.tasks import (
     DEFAULT_TEXT_FIELDS,
     SECTIONS,

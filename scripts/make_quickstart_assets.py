@@ -16,7 +16,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from hfplug.data.hupd_synthetic import write_hupd_sample
+from hfplug.testing.hupd_synthetic import write_hupd_sample
 from hfplug.testing.tiny import build_bert_tokenizer, build_llama3_tokenizer, build_tiny_bert, build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 never crashes, and everything it leaves out is counted and reported in one warning.
 
 The property tests build a metadata feather and an archive member by member (with
-``hfplug.data.hupd_synthetic.write_hupd_files``) from drawn applications: missing keys,
+``hfplug.testing.hupd_synthetic.write_hupd_files``) from drawn applications: missing keys,
 nulls, wrong types, huge or empty sections, non-ASCII, repeated application numbers (in the
 metadata and in the archive), malformed and out-of-range dates, non-JSON and non-UTF-8
 bytes. Each build is loaded with the Arrow cache and streaming, and compared with a small
@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hfplug.data.hupd import FEATURES, OFFICIAL_FIELDS, load_hupd, read_metadata
-from hfplug.data.hupd_splits import select_splits
-from hfplug.data.hupd_synthetic import make_records, write_hupd_files
+from hfplug.data.hupd_selection import select_splits
+from hfplug.testing.hupd_synthetic import make_records, write_hupd_files
 
 SMALL = dict(description_words=(5, 10), claims_words=(5, 10), background_words=(3, 6), summary_words=(3, 6),
              abstract_words=(5, 10))
@@ -121,7 +121,7 @@ def applications(draw) -> dict:
 
 def filing_year(value) -> str | None:
     """The filing year the loader derives from a metadata value (None: no valid date)."""
-    from hfplug.data.hupd_splits import to_filing_dates
+    from hfplug.data.hupd_selection import to_filing_dates
 
     date = to_filing_dates(pd.Series([value], dtype=object)).iloc[0]
     return None if pd.isna(date) else str(date.year)
@@ -374,7 +374,7 @@ def test_metadata_columns_of_unexpected_types(tmp_path):
 
 
 def test_filing_dates_of_any_form_become_naive_days_or_nat():
-    from hfplug.data.hupd_splits import to_filing_dates
+    from hfplug.data.hupd_selection import to_filing_dates
 
     values = ["2016-01-05", "20160105", "2016-01-05T23:00:00+05:00", dt.date(2016, 1, 5),
               pd.Timestamp("2016-01-05 22:00", tz="US/Pacific"), "2016-13-45", "2016/01/05", "201601051", "", None,

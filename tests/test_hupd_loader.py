@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 
 import hfplug.data.hupd as hupd
+import hfplug.data.hupd_cache as hupd_cache
 from hfplug.data.hupd import FEATURES, HupdCacheError, HupdFileError, load_hupd
-from hfplug.data.hupd_splits import select_splits
-from hfplug.data.hupd_synthetic import HardLink, make_records, write_hupd_files
+from hfplug.data.hupd_selection import select_splits
+from hfplug.testing.hupd_synthetic import HardLink, make_records, write_hupd_files
 
 SMALL = dict(description_words=(20, 60), claims_words=(20, 40), background_words=(10, 20), summary_words=(10, 20))
 DATES = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-20",
@@ -133,7 +134,7 @@ def test_second_call_hits_the_cache(sample, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the archive/metadata was read again")
 
-    monkeypatch.setattr(hupd, "_iter_archive", fail)
+    monkeypatch.setattr(hupd_cache, "_iter_archive", fail)
     monkeypatch.setattr(hupd, "read_metadata", fail)
     second = load(sample, tmp_path, **DATES)
     for split in first:
@@ -572,7 +573,7 @@ def test_yyyymmdd_dates_are_the_same_cache_entry(sample, tmp_path):
 
 
 def test_a_cache_of_an_older_version_is_not_reused(sample, tmp_path, monkeypatch):
-    monkeypatch.setattr(hupd, "CACHE_VERSION", hupd.CACHE_VERSION - 1)
+    monkeypatch.setattr(hupd_cache, "CACHE_VERSION", hupd_cache.CACHE_VERSION - 1)
     load(sample, tmp_path, **DATES)  # e.g. one built in archive order
     monkeypatch.undo()
     load(sample, tmp_path, **DATES)
@@ -583,9 +584,9 @@ def test_a_cache_of_an_older_version_is_not_reused(sample, tmp_path, monkeypatch
 
 
 def fail_after(monkeypatch, target: str, calls: int, error: OSError) -> None:
-    """Make ``hupd.<target>`` (a function or ``Class.method``) raise ``error`` from its ``calls``-th call on."""
+    """Make ``hupd_cache.<target>`` (a function or ``Class.method``) raise ``error`` from its ``calls``-th call on."""
     owner_name, _, attr = target.rpartition(".")
-    owner = getattr(hupd, owner_name) if owner_name else hupd
+    owner = getattr(hupd_cache, owner_name) if owner_name else hupd_cache
     original = getattr(owner, attr)
     count = {"n": 0}
 
@@ -617,7 +618,7 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # scratch removed, the good cache kept
     monkeypatch.undo()
-    monkeypatch.setattr(hupd, "_iter_archive", lambda *a, **k: pytest.fail("the good cache was rebuilt"))
+    monkeypatch.setattr(hupd_cache, "_iter_archive", lambda *a, **k: pytest.fail("the good cache was rebuilt"))
     assert load(sample, tmp_path, **DATES)["train"].to_list() == good["train"].to_list()
 
 
@@ -631,7 +632,7 @@ def test_other_write_errors_name_the_cache(sample, tmp_path, monkeypatch):
 
 def test_scratch_of_a_killed_build_is_removed_next_time(sample, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    host = hupd._host_id()
+    host = hupd_cache._host_id()
     dead = cache / f".sample-0123456789abcdef01234567.{host}-999999.k3j_x9ab.incomplete"
     alive = cache / f".sample-0123456789abcdef01234567.{host}-{os.getpid()}.a1b2c3d4.incomplete"
     elsewhere = cache / ".sample-0123456789abcdef01234567.0badc0de-999999.zz99zz99.incomplete"
@@ -639,7 +640,7 @@ def test_scratch_of_a_killed_build_is_removed_next_time(sample, tmp_path, monkey
     for scratch in (dead, alive, elsewhere, old_format):
         (scratch / "partial").mkdir(parents=True)
         (scratch / "partial" / "train.arrow").write_bytes(b"half")
-    monkeypatch.setattr(hupd, "_pid_alive", lambda pid: pid != 999999)
+    monkeypatch.setattr(hupd_cache, "_pid_alive", lambda pid: pid != 999999)
     load(sample, tmp_path, **DATES)
     assert not dead.exists()
     assert alive.exists() and elsewhere.exists() and old_format.exists()

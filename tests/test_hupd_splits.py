@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfplug.data.hupd_splits import (
+from hfplug.data.hupd_selection import (
     RANDOM_STATE,
     balance_validation,
     date_split,

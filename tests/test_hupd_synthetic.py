@@ -12,7 +12,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from hfplug.data.hupd_synthetic import (
+from hfplug.testing.hupd_synthetic import (
     ACCEPT_MARKERS,
     DECISIONS,
     IPC_SUBCLASSES,

@@ -1,0 +1,316 @@
+"""Reading a HUPD archive: the members at the paths upstream opens, in one sequential pass.
+
+Both Hub layouts (the sample's ``.tar.gz`` of JSON, and ``all``'s uncompressed tar of
+``data/<year>.tar.gz``, whose unneeded years are seeked over), told apart by content.
+Member names are routed to the paths extraction gives them (:func:`_normalise`); hard
+links are followed (:func:`_resolve_links`); gzip is inflated on a second thread and its
+trailer checked, so a truncated or corrupt file raises :class:`HupdFileError` instead of
+looking like missing records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+import queue
+import re
+import tarfile
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = ["HupdFileError"]
+
+logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 21  # compressed bytes read per step
+_MAX_INFLATE = 1 << 23  # cap on bytes inflated per step, so a zip bomb cannot balloon memory
+_QUEUE_CHUNKS = 4  # inflated pieces buffered ahead of the parser (<= 32 MB); few, big pieces
+
+
+class HupdFileError(OSError):
+    """A HUPD metadata or archive file exists but cannot be read (corrupt, truncated, wrong kind)."""
+
+def _corrupt(path: Path, what: str, reason: object) -> HupdFileError:
+    """The error for an unreadable input file, saying what to do about it."""
+    return HupdFileError(
+        f"HUPD {what} {path} is unreadable ({reason}). If it came from the Hub, delete it and "
+        f"download it again (hf_hub_download(..., force_download=True)); if you passed it as a "
+        "path, check that it is the complete HUPD file of that name."
+    )
+
+
+
+def _normalise(name: str) -> str | None:
+    """A member name as the path it extracts to, relative to where the archive is unpacked.
+
+    ``./sample//2016/1.json`` and ``/sample/2016/1.json`` both land at ``sample/2016/1.json``
+    (tar drops a leading ``/``); a name that climbs out with ``..`` lands nowhere: None.
+    """
+    path = posixpath.normpath(name.lstrip("/"))
+    if path in (".", "..") or path.startswith("../"):
+        return None
+    return path
+
+class _Gunzip:
+    """Decompressed bytes of a gzip stream, inflated ahead on a second core, fully checked.
+
+    tarfile's own ``r|gz`` never checks the gzip trailer, so a truncated download would just
+    end the archive early and look like missing records. Here a stream that ends before its
+    end-of-stream marker raises EOFError and a bad CRC raises ``zlib.error``.
+
+    A background thread reads and inflates while the caller parses JSON: zlib releases the
+    GIL, so decompression (the largest cost) overlaps with parsing and Arrow writing. The
+    queue holds at most ``_QUEUE_CHUNKS`` pieces of at most ``_MAX_INFLATE`` bytes each, so
+    memory stays bounded. Use as a context manager so the thread is stopped on early exit.
+    """
+
+    def __init__(self, source: BinaryIO, *, threaded: bool = True):
+        self._source = source
+        self._inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+        self._chunk = b""
+        self._pos = 0
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if threaded:
+            self._queue = queue.Queue(maxsize=_QUEUE_CHUNKS)
+            self._thread = threading.Thread(target=self._produce, name="hupd-gunzip", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> _Gunzip:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pos >= len(self._chunk):
+            self._chunk, self._pos = self._next_piece(), 0
+        end = len(self._chunk) if size < 0 else self._pos + size
+        data = self._chunk[self._pos : end]
+        self._pos += len(data)
+        return data
+
+    def verify_rest(self) -> None:
+        """Read to the end, so truncation or a bad CRC after the last tar member is caught."""
+        while self._next_piece():
+            pass
+
+    def close(self) -> None:
+        """Stop the inflating thread (it may be blocked on a full queue)."""
+        if self._queue is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._queue = None
+
+    def _next_piece(self) -> bytes:
+        if self._queue is None:
+            return self._inflate()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _produce(self) -> None:
+        """Thread body: inflate pieces into the queue until the end, an error, or close()."""
+        try:
+            while not self._stop.is_set():
+                piece = self._inflate()
+                self._put(piece)
+                if not piece:
+                    return
+        except BaseException as exc:  # handed to the reading thread, which raises it
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _inflate(self) -> bytes:
+        """The next piece of output; b"" only at a clean end of the last gzip member."""
+        while True:
+            inflater = self._inflater
+            if inflater.unconsumed_tail:
+                data = inflater.unconsumed_tail
+            elif inflater.eof:
+                data = inflater.unused_data or self._source.read(_READ_CHUNK)
+                if not data:
+                    return b""
+                # a gzip file may hold several members back to back; each is checked
+                self._inflater = inflater = zlib.decompressobj(wbits=31)
+            else:
+                data = self._source.read(_READ_CHUNK)
+                if not data:
+                    raise EOFError("the compressed data ends before the gzip end-of-stream marker (truncated)")
+            out = inflater.decompress(data, _MAX_INFLATE)
+            if out:
+                return out
+
+
+@dataclasses.dataclass
+class _Member:
+    """A regular file or a hard link in the archive, named by the path it extracts to.
+
+    ``stream``: ``""`` for the top-level tar, else the year tarball holding it; ``index``:
+    its position there. ``rank``: year tarballs are unpacked after the outer tar, so their
+    copy of a path wins over a loose one. ``link``: a hard link's target path, else None and
+    ``data`` holds the file's bytes (read inside the archive iterator, so that a read error
+    is reported as an unreadable archive).
+    """
+
+    key: str
+    stream: str
+    index: int
+    rank: int
+    link: str | None
+    data: bytes = b""
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(info)
+    return handle.read() if handle is not None else b""
+
+
+_YEAR_TARBALL = re.compile(r"data/([^/]+)\.tar\.gz")  # what upstream unpacks for ``all``: data/<year>.tar.gz
+
+
+def _iter_tar_gz(source: BinaryIO, wanted: Mapping[str, Any] | set[str], *, stream: str = "", prefix: str = "",
+                 rank: int = 0, done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+    """The members of a ``.tar.gz`` stream whose path is ``wanted``, and every hard link.
+
+    ``prefix`` is the folder the tarball unpacks into. Other members (directories, junk,
+    unselected applications) are skipped unparsed. Stops early once ``done()``.
+    """
+    with _Gunzip(source) as gunzip, tarfile.open(fileobj=gunzip, mode="r|") as tar:
+        for index, info in enumerate(tar):
+            if info.isreg() or info.islnk():
+                key = _normalise(prefix + info.name)
+                if key is None:
+                    pass
+                elif info.islnk():  # "": a target outside the archive, which never exists
+                    yield _Member(key, stream, index, rank, _normalise(prefix + info.linkname) or "")
+                elif key in wanted:
+                    yield _Member(key, stream, index, rank, None, _read(tar, info))
+            if done is not None and done():
+                return
+        gunzip.verify_rest()
+
+
+def _iter_outer_tar(path: Path, wanted: Mapping[str, Any] | set[str], years: set[str], *, stream: str | None = None,
+                    done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+    """The ``all`` layout: an uncompressed tar of ``data/<year>.tar.gz`` (and maybe loose JSON).
+
+    Opened in random-access mode, so the headers are read first (seeking over the data) and
+    year tarballs no selected filing year needs are skipped, not read. ``stream`` limits the
+    pass to one year tarball, or to the loose members (``""``).
+    """
+    size = path.stat().st_size
+    with tarfile.open(path, mode="r:") as outer:
+        infos = outer.getmembers()
+        # tarfile ends quietly when the file stops at a header boundary; a complete tar
+        # ends with two zero blocks, so less than that left means a cut-off file
+        if size - outer.offset < 2 * tarfile.BLOCKSIZE:
+            raise EOFError("the tar ends without its end-of-archive marker (truncated)")
+        # a year tarball stored twice: extraction leaves the last copy, so only that one is read
+        last = {_normalise(i.name): i for i in infos if i.isreg()}
+        for index, info in enumerate(infos):
+            if info.isreg() and info.offset_data + info.size > size:
+                raise EOFError(f"member {info.name} runs past the end of the file (truncated)")
+            name = _normalise(info.name)
+            if name is None or not (info.isreg() or info.islnk()):
+                continue
+            year = _YEAR_TARBALL.fullmatch(name) if info.isreg() else None
+            if year is not None:
+                if stream not in (None, name):
+                    continue
+                if last[name] is not info or year.group(1) not in years:
+                    logger.debug("Skipping %s: %s", name, "a later copy follows" if last[name] is not info
+                                 else f"no selected application was filed in {year.group(1)}")
+                    continue
+                logger.debug("Reading %s", name)
+                try:
+                    yield from _iter_tar_gz(outer.extractfile(info), wanted, stream=name, prefix="data/", rank=1,
+                                            done=done)
+                except (tarfile.TarError, EOFError, zlib.error) as exc:
+                    raise tarfile.ReadError(f"member {name}: {type(exc).__name__}: {exc}") from exc
+            elif stream in (None, "") and info.islnk():
+                yield _Member(name, "", index, 0, _normalise(info.linkname) or "")
+            elif stream in (None, "") and name in wanted:
+                yield _Member(name, "", index, 0, None, _read(outer, info))
+            if done is not None and done():
+                return
+
+
+def _iter_archive(path: Path, wanted: Mapping[str, Any] | set[str], years: set[str], *, stream: str | None = None,
+                  done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+    """The ``wanted`` members (and all hard links) of a HUPD archive of either layout, in archive order.
+
+    The layout is told by content, not by name: a gzip file is a ``.tar.gz`` of JSON (the
+    sample), anything else must be an uncompressed tar (all years). Read errors become
+    :class:`HupdFileError` naming the file.
+    """
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(2) == _GZIP_MAGIC:
+                raw.seek(0)
+                yield from _iter_tar_gz(raw, wanted, done=done)
+                return
+        yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done)
+    except HupdFileError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # OSError: the file itself (EIO, ...)
+        raise _corrupt(path, "archive", f"{type(exc).__name__}: {exc}") from exc
+
+
+_Link = tuple[str, int, str]  # (stream, index, target) of a hard link member
+
+
+def _resolve_links(archive: Path, wanted: Iterable[_Link], links: Iterable[tuple[str, int, str, str]],
+                   years: set[str]) -> dict[_Link, bytes | None]:
+    """The content of each wanted hard link: its target's copy at that point of the archive.
+
+    Extraction links to the target as already unpacked, i.e. its last copy before the link.
+    The first pass skipped that copy unread (the target may be any member), so each tar
+    stream holding such a link is read again, keeping only the targets' bytes; hard links
+    are rare, so this pass almost never runs. ``links``: every hard link seen, as
+    ``(stream, index, path, target)``, to follow a link to a link. A target never stored
+    before the link in the same tar maps to None (skipped as missing). Not modelled: a link
+    from a year tarball to a file unpacked from elsewhere, and a later rewrite of a path a
+    link shares (extraction would change both names' common file).
+    """
+    by_stream: dict[str, dict[int, str]] = {}
+    for stream, index, target in wanted:
+        by_stream.setdefault(stream, {})[index] = target
+    chains: dict[tuple[str, str], set[str]] = {}
+    for stream, _, key, target in links:
+        chains.setdefault((stream, key), set()).add(target)
+    result: dict[_Link, bytes | None] = {}
+    for stream, at in by_stream.items():
+        needed, frontier = set(at.values()), list(at.values())
+        while frontier:  # a target may itself be a link
+            for target in chains.get((stream, frontier.pop()), ()):
+                if target not in needed:
+                    needed.add(target)
+                    frontier.append(target)
+        content: dict[str, bytes | None] = {}
+        for member in _iter_archive(archive, needed, years, stream=stream):
+            if member.stream != stream:
+                continue
+            if member.index in at:
+                result[(stream, member.index, at[member.index])] = content.get(at[member.index])
+            if member.key in needed:
+                content[member.key] = content.get(member.link) if member.link is not None else member.data
+    return result

@@ -57,8 +57,9 @@ def synthetic_split(n: int, seq_len: int, vocab_size: int, seed: int):
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab_size, (n, seq_len), generator=generator)  # ids < 5 are BERT's special tokens
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n,
-                              "labels": (ids[:, 0] % 2).tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n, "labels": (ids[:, 0] % 2).tolist()}
+    )
 
 
 def fresh_model(seed: int):
@@ -74,11 +75,23 @@ def training_arguments(output_dir: str, args: argparse.Namespace):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, learning_rate=1e-3, logging_steps=5, eval_strategy="epoch",
-        save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="loss",
-        include_num_input_tokens_seen="non_padding", seed=args.seed, report_to="none", disable_tqdm=True,
-        dataloader_pin_memory=False, use_cpu=True,
+        output_dir=output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-3,
+        logging_steps=5,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        include_num_input_tokens_seen="non_padding",
+        seed=args.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        use_cpu=True,
     )
 
 
@@ -112,6 +125,7 @@ class CallbackClock:
                 return method(*args, **kwargs)
             finally:
                 self.by_class[owner] += time.perf_counter() - start
+
         return timed
 
 
@@ -129,8 +143,13 @@ def one_run(variant: str, data: tuple, args: argparse.Namespace) -> tuple[float,
         callbacks = None
         if variant == "hfplug":
             callbacks = clock.wrap(default_callbacks(training_args, RunArguments(early_stopping_patience=PATIENCE)))
-        trainer = Trainer(model=fresh_model(args.seed), args=training_args, train_dataset=train,
-                          eval_dataset=validation, callbacks=callbacks)
+        trainer = Trainer(
+            model=fresh_model(args.seed),
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=validation,
+            callbacks=callbacks,
+        )
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints each log: same cost, less clutter
             trainer.train()
@@ -141,8 +160,10 @@ def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoConfig
 
     vocab_size = AutoConfig.from_pretrained(TINY_BERT).vocab_size
-    data = (synthetic_split(args.train_examples, args.seq_len, vocab_size, args.seed),
-            synthetic_split(args.eval_examples, args.seq_len, vocab_size, args.seed + 1))
+    data = (
+        synthetic_split(args.train_examples, args.seq_len, vocab_size, args.seed),
+        synthetic_split(args.eval_examples, args.seq_len, vocab_size, args.seed + 1),
+    )
     times = {"bare": [], "hfplug": []}
     inside = []
     for round_ in range(args.repeats + 1):  # round 0 is the warm-up
@@ -155,31 +176,45 @@ def measure(args: argparse.Namespace) -> dict:
             if variant == "hfplug":
                 inside.append(in_callbacks)
         if round_:
-            print(f"round {round_}/{args.repeats}: bare {times['bare'][-1]:.2f} s, hfplug {times['hfplug'][-1]:.2f} s "
-                  f"({sum(inside[-1].values()) * 1e3:.0f} ms in callbacks)", flush=True)
+            print(
+                f"round {round_}/{args.repeats}: bare {times['bare'][-1]:.2f} s, hfplug {times['hfplug'][-1]:.2f} s "
+                f"({sum(inside[-1].values()) * 1e3:.0f} ms in callbacks)",
+                flush=True,
+            )
     bare, hfplug = statistics.median(times["bare"]), statistics.median(times["hfplug"])
     steps = -(-args.train_examples // args.batch_size) * args.epochs
     return {
-        "repeats": args.repeats, "optimizer_steps": steps, "epochs": args.epochs,
-        "bare_s": bare, "hfplug_s": hfplug, "end_to_end_overhead_pct": 100 * (hfplug / bare - 1),
+        "repeats": args.repeats,
+        "optimizer_steps": steps,
+        "epochs": args.epochs,
+        "bare_s": bare,
+        "hfplug_s": hfplug,
+        "end_to_end_overhead_pct": 100 * (hfplug / bare - 1),
         "paired_overhead_pct": 100 * statistics.median(h / b - 1 for h, b in zip(times["hfplug"], times["bare"])),
         "callback_s": statistics.median(sum(run.values()) for run in inside),
         "callback_overhead_pct": 100 * statistics.median(sum(run.values()) for run in inside) / bare,
         "callback_s_by_class": {name: statistics.median(run[name] for run in inside) for name in inside[0]},
-        "bare_runs_s": times["bare"], "hfplug_runs_s": times["hfplug"],
+        "bare_runs_s": times["bare"],
+        "hfplug_runs_s": times["hfplug"],
     }
 
 
 def report(result: dict) -> None:
-    print(f"\n{result['optimizer_steps']} optimizer steps over {result['epochs']} epochs, "
-          f"median of {result['repeats']} interleaved runs each")
+    print(
+        f"\n{result['optimizer_steps']} optimizer steps over {result['epochs']} epochs, "
+        f"median of {result['repeats']} interleaved runs each"
+    )
     print(f"bare Trainer      {result['bare_s']:8.2f} s")
     low, high = min(result["bare_runs_s"]), max(result["bare_runs_s"])
-    print(f"hfplug callbacks  {result['hfplug_s']:8.2f} s   end to end {result['end_to_end_overhead_pct']:+.2f} %, "
-          f"paired rounds {result['paired_overhead_pct']:+.2f} % (noise: bare runs spread over {low:.2f}-{high:.2f} s, "
-          f"{100 * (high - low) / result['bare_s']:.1f} %)")
-    print(f"inside callbacks  {result['callback_s'] * 1e3:8.1f} ms  = "
-          f"{result['callback_overhead_pct']:.2f} % of the bare run")
+    print(
+        f"hfplug callbacks  {result['hfplug_s']:8.2f} s   end to end {result['end_to_end_overhead_pct']:+.2f} %, "
+        f"paired rounds {result['paired_overhead_pct']:+.2f} % (noise: bare runs spread over {low:.2f}-{high:.2f} s, "
+        f"{100 * (high - low) / result['bare_s']:.1f} %)"
+    )
+    print(
+        f"inside callbacks  {result['callback_s'] * 1e3:8.1f} ms  = "
+        f"{result['callback_overhead_pct']:.2f} % of the bare run"
+    )
     for name, seconds in result["callback_s_by_class"].items():
         print(f"  {name:<24}{seconds * 1e3:8.1f} ms")
     within = result["callback_overhead_pct"] <= TARGET_OVERHEAD
@@ -195,14 +230,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per example (quickstart max_length: 128)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (1: steadier timings on a shared machine; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (1: steadier timings on a shared machine; 0: torch's default)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
-    print(f"device: cpu, {torch.get_num_threads()} CPU threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"device: cpu, {torch.get_num_threads()} CPU threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
     import transformers
 
     transformers.logging.set_verbosity_error()

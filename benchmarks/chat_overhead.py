@@ -59,9 +59,17 @@ def cpu_model(tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=500000.0,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -74,8 +82,9 @@ def gpu_model():
     from hfplug.quantization import get_quantization_config
 
     args = ModelArguments(quant="4bit", dtype="float16")
-    return build_model(LLAMA31_8B, "causal_lm", device="cuda",
-                       quantization_config=get_quantization_config(args, device_type="cuda")).eval()
+    return build_model(
+        LLAMA31_8B, "causal_lm", device="cuda", quantization_config=get_quantization_config(args, device_type="cuda")
+    ).eval()
 
 
 def never_stop(model, stop_ids, vocab_in_tokenizer: int) -> None:
@@ -100,8 +109,13 @@ def time_bare(model, input_ids, n_tokens: int, pad_id: int) -> float:
     sync(input_ids.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n_tokens,
-                             do_sample=False, pad_token_id=pad_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     sync(input_ids.device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] - input_ids.shape[1] == n_tokens, "the bare run stopped early"
@@ -131,7 +145,9 @@ def measure(model, tokenizer, *, n_tokens: int, repeats: int, prompt_words: int)
 
     chat_format = ChatFormat.from_tokenizer(tokenizer, template_kwargs={"date_string": "26 Jul 2024"})
     session = ChatSession(model, tokenizer, chat_format, GenerationSettings(do_sample=False), notify=lambda m: None)
-    never_stop(model, chat_format.stopping_kwargs(model.generation_config.eos_token_id)["eos_token_id"], len(tokenizer))
+    never_stop(
+        model, chat_format.stopping_kwargs(model.generation_config.eos_token_id)["eos_token_id"], len(tokenizer)
+    )
     text = pseudo_text(prompt_words, seed=-1)
     ids = chat_format.encode([{"role": "user", "content": text}], add_generation_prompt=True)
     input_ids = torch.tensor([ids], device=model.device)
@@ -140,8 +156,10 @@ def measure(model, tokenizer, *, n_tokens: int, repeats: int, prompt_words: int)
     runs = {key: [] for key in ("bare_1", "bare_n", "chat_1", "chat_n")}
     for i in range(repeats + 1):  # the first round warms up kernels and caches, and is dropped
         timings = {
-            "bare_1": time_bare(model, input_ids, 1, pad_id), "chat_1": time_chat(session, text, 1),
-            "chat_n": time_chat(session, text, n_tokens), "bare_n": time_bare(model, input_ids, n_tokens, pad_id),
+            "bare_1": time_bare(model, input_ids, 1, pad_id),
+            "chat_1": time_chat(session, text, 1),
+            "chat_n": time_chat(session, text, n_tokens),
+            "bare_n": time_bare(model, input_ids, n_tokens, pad_id),
         }
         if i:
             for key, value in timings.items():
@@ -157,12 +175,18 @@ def measure(model, tokenizer, *, n_tokens: int, repeats: int, prompt_words: int)
 
 
 def report(result: dict) -> None:
-    print(f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['repeats']} runs")
+    print(
+        f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['repeats']} runs"
+    )
     print(f"{'':<22}{'bare generate':>15}{'chat path':>12}{'overhead':>10}")
-    print(f"{'time to first token':<22}{result['bare_ttft_s'] * 1e3:>12.1f} ms{result['chat_ttft_s'] * 1e3:>9.1f} ms"
-          f"{result['ttft_overhead_pct']:>+9.1f}%")
-    print(f"{'tokens/s':<22}{result['bare_tokens_per_s']:>15.1f}{result['chat_tokens_per_s']:>12.1f}"
-          f"{result['throughput_overhead_pct']:>+9.1f}%")
+    print(
+        f"{'time to first token':<22}{result['bare_ttft_s'] * 1e3:>12.1f} ms{result['chat_ttft_s'] * 1e3:>9.1f} ms"
+        f"{result['ttft_overhead_pct']:>+9.1f}%"
+    )
+    print(
+        f"{'tokens/s':<22}{result['bare_tokens_per_s']:>15.1f}{result['chat_tokens_per_s']:>12.1f}"
+        f"{result['throughput_overhead_pct']:>+9.1f}%"
+    )
     worst = max(result["ttft_overhead_pct"], result["throughput_overhead_pct"])
     print(f"overhead {'within' if worst <= TARGET_OVERHEAD else 'ABOVE'} the {TARGET_OVERHEAD:.0f} % target")
 
@@ -176,19 +200,28 @@ def main(argv=None) -> int:
     parser.add_argument("--new_tokens", type=int, default=128, help="tokens per timed reply")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per path (after one warm-up round)")
     parser.add_argument("--prompt_words", type=int, default=200, help="length of the user message, in words")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (1: steadier timings on a shared machine; 0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (1: steadier timings on a shared machine; 0: torch's default)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     if args.gpu and not torch.cuda.is_available():
-        print("--gpu needs a CUDA GPU (it loads an 8B-shaped model in 4-bit and measures GPU memory); none is visible. "
-              "Run without --gpu for the CPU comparison.", file=sys.stderr)
+        print(
+            "--gpu needs a CUDA GPU (it loads an 8B-shaped model in 4-bit and measures GPU memory); none is visible. "
+            "Run without --gpu for the CPU comparison.",
+            file=sys.stderr,
+        )
         return 2
     device = torch.cuda.get_device_name() if args.gpu else "cpu"
-    print(f"device: {device}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"device: {device}, {torch.get_num_threads()} CPU threads; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
     tokenizer = build_tokenizer(4096)
     start = time.perf_counter()
     model = gpu_model() if args.gpu else cpu_model(tokenizer)
@@ -197,9 +230,11 @@ def main(argv=None) -> int:
     extra = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": load_s}
     if args.gpu:
         extra["memory_after_load_gib"] = torch.cuda.memory_allocated() / GiB
-        print(f"model: Llama-3.1-8B shape, NF4; loaded in {load_s:.0f} s; memory after load "
-              f"{extra['memory_after_load_gib']:.2f} GiB allocated "
-              f"({'within' if extra['memory_after_load_gib'] <= TARGET_GPU_GIB else 'ABOVE'} the {TARGET_GPU_GIB} GiB target)")
+        print(
+            f"model: Llama-3.1-8B shape, NF4; loaded in {load_s:.0f} s; memory after load "
+            f"{extra['memory_after_load_gib']:.2f} GiB allocated "
+            f"({'within' if extra['memory_after_load_gib'] <= TARGET_GPU_GIB else 'ABOVE'} the {TARGET_GPU_GIB} GiB target)"
+        )
         torch.cuda.reset_peak_memory_stats()
     else:
         print(f"model: random Llama, {params / 1e6:.1f} M parameters, float32")

@@ -50,7 +50,11 @@ class SeedDataset(torch.utils.data.Dataset):
         record = self.records[i]
         text = join_sections({f: [record[f]] for f in TEXT_FIELDS}, TEXT_FIELDS, self.separator)[0]
         enc = self.tokenizer(text, truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="pt")
-        return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0], "labels": torch.tensor(record["label"])}
+        return {
+            "input_ids": enc["input_ids"][0],
+            "attention_mask": enc["attention_mask"][0],
+            "labels": torch.tensor(record["label"]),
+        }
 
 
 def real_token_fraction(trainer) -> float:
@@ -63,7 +67,9 @@ def real_token_fraction(trainer) -> float:
 
 def run(name, tokenizer, train_dataset, collator, args) -> tuple[float, float]:
     model = AutoModelForSequenceClassification.from_pretrained(MODEL, num_labels=2)
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer
+    )
     fraction = real_token_fraction(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -80,12 +86,16 @@ def main():
     hf_logging.set_verbosity_error()
     tmp = tempfile.mkdtemp(prefix="hfplug-bench-")
 
-    sample = write_hupd_sample(os.path.join(tmp, "sample"), n_records=opts.records, seed=1, description_words=(50, 100))
+    sample = write_hupd_sample(
+        os.path.join(tmp, "sample"), n_records=opts.records, seed=1, description_words=(50, 100)
+    )
     splits = load_hupd(
         metadata_path=str(sample.metadata_path),
         archive_path=str(sample.archive_path),
-        train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-22",
-        val_filing_start_date="2016-01-22", val_filing_end_date="2016-02-01",
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-01-22",
+        val_filing_start_date="2016-01-22",
+        val_filing_end_date="2016-02-01",
         cache_dir=os.path.join(tmp, "cache"),
     )
     train = prepare_task(splits, "decision").splits["train"]
@@ -93,13 +103,23 @@ def main():
 
     def args(sampling):
         return TrainingArguments(
-            output_dir=os.path.join(tmp, sampling), num_train_epochs=opts.epochs, per_device_train_batch_size=opts.batch_size,
-            train_sampling_strategy=sampling, use_cpu=True, report_to="none", save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+            output_dir=os.path.join(tmp, sampling),
+            num_train_epochs=opts.epochs,
+            per_device_train_batch_size=opts.batch_size,
+            train_sampling_strategy=sampling,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
         )
 
     seed_data = SeedDataset(train.to_list(), tokenizer)
-    fast_data = tokenize_splits(DatasetDict(train=train), tokenizer, text_fields=TEXT_FIELDS, max_length=MAX_LENGTH, add_length=True)["train"]
+    fast_data = tokenize_splits(
+        DatasetDict(train=train), tokenizer, text_fields=TEXT_FIELDS, max_length=MAX_LENGTH, add_length=True
+    )["train"]
 
     # Alternate the two paths and keep each one's fastest run: other load on a shared machine
     # slows single runs, never speeds them up.
@@ -107,18 +127,24 @@ def main():
     for _ in range(opts.repeats):
         seconds, seed_fraction = run("seed", tokenizer, seed_data, None, args("random"))
         seed_times.append(seconds)
-        seconds, fast_fraction = run("hfplug", tokenizer, fast_data, padding_collator(tokenizer), args("group_by_length"))
+        seconds, fast_fraction = run(
+            "hfplug", tokenizer, fast_data, padding_collator(tokenizer), args("group_by_length")
+        )
         fast_times.append(seconds)
     seed_s, fast_s = min(seed_times), min(fast_times)
 
-    print(f"records: {len(train)}  batch size: {opts.batch_size}  epochs: {opts.epochs}  "
-          f"torch threads: {torch.get_num_threads()}  fastest of {opts.repeats} alternating runs")
+    print(
+        f"records: {len(train)}  batch size: {opts.batch_size}  epochs: {opts.epochs}  "
+        f"torch threads: {torch.get_num_threads()}  fastest of {opts.repeats} alternating runs"
+    )
     print(f"{'path':<8} {'seconds':>8} {'real-token fraction':>20}")
     print(f"{'seed':<8} {seed_s:>8.2f} {seed_fraction:>20.3f}")
     print(f"{'hfplug':<8} {fast_s:>8.2f} {fast_fraction:>20.3f}")
     ratio = seed_s / fast_s
-    print(f"speed-up: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'}); "
-          f"real-token fraction {fast_fraction:.3f} (target >= 0.9: {'met' if fast_fraction >= 0.9 else 'NOT met'})")
+    print(
+        f"speed-up: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'}); "
+        f"real-token fraction {fast_fraction:.3f} (target >= 0.9: {'met' if fast_fraction >= 0.9 else 'NOT met'})"
+    )
     return 0 if ratio >= 2 and fast_fraction >= 0.9 else 1
 
 

@@ -115,8 +115,12 @@ def run_worker(kind: str, metadata: Path, archive: Path, workdir: Path) -> dict:
     """Run one worker in a fresh interpreter with an empty scratch dir; return its report."""
     scratch = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{kind}-"))
     try:
-        out = subprocess.run([sys.executable, __file__, "--worker", kind, str(metadata), str(archive), str(scratch)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, str(metadata), str(archive), str(scratch)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -137,9 +141,23 @@ def make_archive(out_dir: Path, n_records: int, seed: int):
     from hfplug.testing.hupd_synthetic import FILE_NAMES, HupdSampleFiles
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hfplug.testing.hupd_synthetic", str(out_dir), "--n-records", str(n_records),
-                    "--seed", str(seed), "--description-words", *map(str, DESCRIPTION_WORDS)],
-                   check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfplug.testing.hupd_synthetic",
+            str(out_dir),
+            "--n-records",
+            str(n_records),
+            "--seed",
+            str(seed),
+            "--description-words",
+            *map(str, DESCRIPTION_WORDS),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     metadata_name, archive_name = FILE_NAMES["sample"]
     files = HupdSampleFiles(out_dir / metadata_name, out_dir / archive_name, n_records, "sample")
     mb = files.archive_path.stat().st_size / 1e6
@@ -170,30 +188,38 @@ def verdict(ok: bool) -> str:
 
 def report(results: list[tuple[float, dict]]) -> bool:
     print()
-    print(f"{'archive':>9} | {'hfplug':>8} | {'official':>8} | {'gunzip':>7} | {'speedup':>7} | {'/gunzip':>7} |"
-          f" {'hfplug RSS':>10} | {'official RSS':>12} | {'import RSS':>10}")
+    print(
+        f"{'archive':>9} | {'hfplug':>8} | {'official':>8} | {'gunzip':>7} | {'speedup':>7} | {'/gunzip':>7} |"
+        f" {'hfplug RSS':>10} | {'official RSS':>12} | {'import RSS':>10}"
+    )
     for mb, r in results:
-        print(f"{mb:7.1f}MB | {r['hfplug']['seconds']:7.2f}s | {r['official']['seconds']:7.2f}s |"
-              f" {r['gunzip']['seconds']:6.2f}s | {r['official']['seconds'] / r['hfplug']['seconds']:6.2f}x |"
-              f" {r['hfplug']['seconds'] / r['gunzip']['seconds']:6.2f}x | {r['hfplug']['rss']:8.0f}MB |"
-              f" {r['official']['rss']:10.0f}MB | {r['imports']['rss']:8.0f}MB")
+        print(
+            f"{mb:7.1f}MB | {r['hfplug']['seconds']:7.2f}s | {r['official']['seconds']:7.2f}s |"
+            f" {r['gunzip']['seconds']:6.2f}s | {r['official']['seconds'] / r['hfplug']['seconds']:6.2f}x |"
+            f" {r['hfplug']['seconds'] / r['gunzip']['seconds']:6.2f}x | {r['hfplug']['rss']:8.0f}MB |"
+            f" {r['official']['rss']:10.0f}MB | {r['imports']['rss']:8.0f}MB"
+        )
     print()
     ok = True
     for mb, r in results:
         speedup = r["official"]["seconds"] / r["hfplug"]["seconds"]
         vs_gunzip = r["hfplug"]["seconds"] / r["gunzip"]["seconds"]
         ok &= speedup >= TARGET_SPEEDUP and vs_gunzip <= TARGET_VS_GUNZIP
-        print(f"{mb:.0f} MB: {speedup:.2f}x faster than extract-then-read (target >= {TARGET_SPEEDUP:g}x) "
-              f"{verdict(speedup >= TARGET_SPEEDUP)}; {vs_gunzip:.2f}x of gzip -dc (target <= {TARGET_VS_GUNZIP:g}x) "
-              f"{verdict(vs_gunzip <= TARGET_VS_GUNZIP)}")
+        print(
+            f"{mb:.0f} MB: {speedup:.2f}x faster than extract-then-read (target >= {TARGET_SPEEDUP:g}x) "
+            f"{verdict(speedup >= TARGET_SPEEDUP)}; {vs_gunzip:.2f}x of gzip -dc (target <= {TARGET_VS_GUNZIP:g}x) "
+            f"{verdict(vs_gunzip <= TARGET_VS_GUNZIP)}"
+        )
     (small_mb, small), (big_mb, big) = results
     growth = big["hfplug"]["rss"] / small["hfplug"]["rss"] - 1
     own_small = small["hfplug"]["rss"] - small["imports"]["rss"]
     own_big = big["hfplug"]["rss"] - big["imports"]["rss"]
     ok &= growth < TARGET_RSS_GROWTH
-    print(f"peak RSS {small['hfplug']['rss']:.0f} MB -> {big['hfplug']['rss']:.0f} MB when the archive grows "
-          f"{big_mb / small_mb:.1f}x: {growth:+.1%} (target < {TARGET_RSS_GROWTH:.0%}) {verdict(growth < TARGET_RSS_GROWTH)}; "
-          f"above the import floor: {own_small:.0f} MB -> {own_big:.0f} MB")
+    print(
+        f"peak RSS {small['hfplug']['rss']:.0f} MB -> {big['hfplug']['rss']:.0f} MB when the archive grows "
+        f"{big_mb / small_mb:.1f}x: {growth:+.1%} (target < {TARGET_RSS_GROWTH:.0%}) {verdict(growth < TARGET_RSS_GROWTH)}; "
+        f"above the import floor: {own_small:.0f} MB -> {own_big:.0f} MB"
+    )
     return ok
 
 
@@ -201,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RECORDS} records instead of {FULL_RECORDS}")
     parser.add_argument("--records", type=int, help="records in the smaller archive (the other has twice as many)")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per measurement, best kept (default 3; 1 quick)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where archives and scratch go (default: a temp dir)")
-    parser.add_argument("--worker", nargs=4, metavar=("KIND", "METADATA", "ARCHIVE", "SCRATCH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs per measurement, best kept (default 3; 1 quick)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where archives and scratch go (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("KIND", "METADATA", "ARCHIVE", "SCRATCH"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
 
     if args.worker:

@@ -37,11 +37,19 @@ def main(argv=None):
     preds = logits.argmax(-1)
     labels = np.arange(args.classes)
     rows = [
-        ("P/R/F1 (both sklearn)", lambda: classification_scores(preds, refs),
-         lambda: (accuracy_score(refs, preds),
-                  precision_recall_fscore_support(refs, preds, average="macro", zero_division=0))),
-        ("top-1 and top-5 accuracy", lambda: top_k_accuracies(logits, refs, k=(1, 5)),
-         lambda: [top_k_accuracy_score(refs, logits, k=k, labels=labels) for k in (1, 5)]),
+        (
+            "P/R/F1 (both sklearn)",
+            lambda: classification_scores(preds, refs),
+            lambda: (
+                accuracy_score(refs, preds),
+                precision_recall_fscore_support(refs, preds, average="macro", zero_division=0),
+            ),
+        ),
+        (
+            "top-1 and top-5 accuracy",
+            lambda: top_k_accuracies(logits, refs, k=(1, 5)),
+            lambda: [top_k_accuracy_score(refs, logits, k=k, labels=labels) for k in (1, 5)],
+        ),
     ]
     print(f"{args.rows} rows x {args.classes} classes, seconds per call (best of 3)")
     for name, ours, theirs in rows:

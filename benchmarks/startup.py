@@ -39,7 +39,7 @@ QUICKSTART = os.path.join(REPO, "recipes", "configs", "quickstart.yaml")
 TINY_BERT = os.path.join(REPO, "assets", "tiny-bert")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-ACCURACY_METRIC = '''import datasets
+ACCURACY_METRIC = """import datasets
 import evaluate
 from sklearn.metrics import accuracy_score
 
@@ -51,7 +51,7 @@ class Accuracy(evaluate.Metric):  # the Hub's "accuracy" metric, minus its docs
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         return {"accuracy": float(accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight))}
-'''
+"""
 
 
 def quickstart_settings(hupd_cache_dir: str):
@@ -63,8 +63,10 @@ def quickstart_settings(hupd_cache_dir: str):
     from hfplug.hub import HubArguments
     from hfplug.model_args import ModelArguments
 
-    _, data, _, _, training = parse_args((ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments),
-                                         ["--config", QUICKSTART, "--hupd_cache_dir", hupd_cache_dir])
+    _, data, _, _, training = parse_args(
+        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments),
+        ["--config", QUICKSTART, "--hupd_cache_dir", hupd_cache_dir],
+    )
     return data, training
 
 
@@ -81,30 +83,81 @@ def export_records(data, folder: str) -> dict[str, str]:
     paths = {}
     for name, split in task.splits.items():
         paths[name] = os.path.join(folder, f"{name}.json")
-        split.map(lambda b: {"sentence": join_sections(b, fields, separator)}, batched=True) \
-             .select_columns(["sentence", "label"]).to_json(paths[name])
+        split.map(lambda b: {"sentence": join_sections(b, fields, separator)}, batched=True).select_columns(
+            ["sentence", "label"]
+        ).to_json(paths[name])
     return paths
 
 
 def commands(args, data, training, paths, folder: str, group: bool) -> dict[str, callable]:
     grouping_hf = ["--group_by_length", "true"] if group else ["--group_by_length", "false"]
     grouping_peer = ["--train_sampling_strategy", "group_by_length"] if group else []
-    same = ["--model_name_or_path", TINY_BERT, "--do_train", "--do_eval", "--report_to", "none",
-            "--num_train_epochs", str(training.num_train_epochs), "--learning_rate", str(training.learning_rate),
-            "--per_device_train_batch_size", str(training.per_device_train_batch_size),
-            "--per_device_eval_batch_size", str(training.per_device_eval_batch_size),
-            "--weight_decay", str(training.weight_decay), "--warmup_steps", str(training.warmup_steps),
-            "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
-            "--logging_steps", str(training.logging_steps), "--seed", str(training.seed),
-            "--dataloader_pin_memory", "false"]
-    hfplug = lambda out: ["accelerate", "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"),  # noqa: E731
-                          os.path.join(REPO, "recipes", "finetune_hupd.py"), "--config", QUICKSTART, "--output_dir", out,
-                          "--hupd_cache_dir", data.hupd_cache_dir, *grouping_hf]
-    peer = lambda out: [sys.executable, args.peer, *same, "--output_dir", out,  # noqa: E731
-                        "--train_file", paths["train"], "--validation_file", paths["validation"],
-                        "--max_seq_length", str(data.max_length), "--pad_to_max_length", "false",
-                        "--metric_name", os.path.join(folder, "accuracy.py"), "--cache_dir", os.path.join(folder, "peer_cache"),
-                        *grouping_peer]
+    same = [
+        "--model_name_or_path",
+        TINY_BERT,
+        "--do_train",
+        "--do_eval",
+        "--report_to",
+        "none",
+        "--num_train_epochs",
+        str(training.num_train_epochs),
+        "--learning_rate",
+        str(training.learning_rate),
+        "--per_device_train_batch_size",
+        str(training.per_device_train_batch_size),
+        "--per_device_eval_batch_size",
+        str(training.per_device_eval_batch_size),
+        "--weight_decay",
+        str(training.weight_decay),
+        "--warmup_steps",
+        str(training.warmup_steps),
+        "--eval_strategy",
+        "epoch",
+        "--save_strategy",
+        "epoch",
+        "--save_total_limit",
+        "1",
+        "--logging_steps",
+        str(training.logging_steps),
+        "--seed",
+        str(training.seed),
+        "--dataloader_pin_memory",
+        "false",
+    ]
+    hfplug = lambda out: [  # noqa: E731
+        "accelerate",
+        "launch",
+        "--config_file",
+        os.path.join(REPO, "accelerate_configs", "cpu.yaml"),
+        os.path.join(REPO, "recipes", "finetune_hupd.py"),
+        "--config",
+        QUICKSTART,
+        "--output_dir",
+        out,
+        "--hupd_cache_dir",
+        data.hupd_cache_dir,
+        *grouping_hf,
+    ]
+    peer = lambda out: [  # noqa: E731
+        sys.executable,
+        args.peer,
+        *same,
+        "--output_dir",
+        out,
+        "--train_file",
+        paths["train"],
+        "--validation_file",
+        paths["validation"],
+        "--max_seq_length",
+        str(data.max_length),
+        "--pad_to_max_length",
+        "false",
+        "--metric_name",
+        os.path.join(folder, "accuracy.py"),
+        "--cache_dir",
+        os.path.join(folder, "peer_cache"),
+        *grouping_peer,
+    ]
     return {"hfplug": hfplug, "peer": peer}
 
 
@@ -116,8 +169,11 @@ def run_once(command: list[str], out: str, log: str) -> dict:
     if status:
         sys.exit(f"{command[:4]} failed with status {status}; see {log}")
     read = lambda name: json.load(open(os.path.join(out, name)))  # noqa: E731
-    return {"wall": wall, "train": read("train_results.json")["train_runtime"],
-            "accuracy": read("eval_results.json")["eval_accuracy"]}
+    return {
+        "wall": wall,
+        "train": read("train_results.json")["train_runtime"],
+        "accuracy": read("eval_results.json")["eval_accuracy"],
+    }
 
 
 def measure(cmds: dict, runs: int, folder: str, label: str) -> dict[str, list[dict]]:
@@ -127,8 +183,11 @@ def measure(cmds: dict, runs: int, folder: str, label: str) -> dict[str, list[di
         for name in order:
             out = tempfile.mkdtemp(prefix=f"{name}_", dir=folder)  # fresh output_dir: no resume
             r = run_once(cmds[name](out), out, out + ".log")
-            print(f"  [{label}] {'warm-up' if i < 0 else f'run {i + 1}'} {name}: {r['wall']:.1f} s "
-                  f"(train {r['train']:.1f} s, accuracy {r['accuracy']:.4f})", flush=True)
+            print(
+                f"  [{label}] {'warm-up' if i < 0 else f'run {i + 1}'} {name}: {r['wall']:.1f} s "
+                f"(train {r['train']:.1f} s, accuracy {r['accuracy']:.4f})",
+                flush=True,
+            )
             if i >= 0:
                 results[name].append(r)
     return results
@@ -148,12 +207,19 @@ def launcher_cost(runs: int, folder: str) -> float:
 
 
 def report(results: dict[str, list[dict]], label: str) -> None:
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("wall", "train", "accuracy")} for name, rs in results.items()}
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in ("wall", "train", "accuracy")}
+        for name, rs in results.items()
+    }
     print(f"\n{label}: median of {len(results['hfplug'])} runs each")
     for name, m in med.items():
-        print(f"  {name:7s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}")
+        print(
+            f"  {name:7s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}"
+        )
     ratio = med["hfplug"]["wall"] / med["peer"]["wall"]
-    print(f"  hfplug / peer whole process: {ratio:.3f} ({'hfplug faster' if ratio < 1 else 'hfplug slower'}; target <= 1.0)")
+    print(
+        f"  hfplug / peer whole process: {ratio:.3f} ({'hfplug faster' if ratio < 1 else 'hfplug slower'}; target <= 1.0)"
+    )
 
 
 def main() -> None:
@@ -172,10 +238,12 @@ def main() -> None:
     with open(os.path.join(folder, "accuracy.py"), "w") as f:
         f.write(ACCURACY_METRIC)
     print(f"records: {', '.join(f'{k} {sum(1 for _ in open(p))}' for k, p in paths.items())}; folder {folder}")
-    for group in ([False, True] if args.compare_group_by_length else [data.group_by_length]):  # default: as shipped
+    for group in [False, True] if args.compare_group_by_length else [data.group_by_length]:  # default: as shipped
         label = f"group_by_length {'on' if group else 'off'} (both)"
         report(measure(commands(args, data, training, paths, folder, group), args.runs, folder, label), label)
-    print(f"  `accelerate launch` alone (empty script, median of {args.runs}): {launcher_cost(args.runs, folder):.1f} s")
+    print(
+        f"  `accelerate launch` alone (empty script, median of {args.runs}): {launcher_cost(args.runs, folder):.1f} s"
+    )
     if not args.keep:
         subprocess.run(["rm", "-rf", folder])
 

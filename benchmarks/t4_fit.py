@@ -110,8 +110,16 @@ def model_class(task: str):
     return LlamaForSequenceClassification if task == "decision" else LlamaForCausalLM
 
 
-def build_model(config_dict: dict, task: str, *, device, quantization_config, dtype=torch.float16,
-                num_labels: int = 2, attn_implementation: str = "sdpa"):
+def build_model(
+    config_dict: dict,
+    task: str,
+    *,
+    device,
+    quantization_config,
+    dtype=torch.float16,
+    num_labels: int = 2,
+    attn_implementation: str = "sdpa",
+):
     """Random-weight model loaded (and quantized) by ``from_pretrained`` from a lazy state dict."""
     from transformers import LlamaConfig
 
@@ -156,7 +164,9 @@ def gqa_attention_ok(device) -> bool:
     kv = torch.randn(1, 8, 256, 128, device=device, dtype=torch.float16, requires_grad=True)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
+            torch.nn.functional.scaled_dot_product_attention(
+                q, kv, kv, is_causal=True, enable_gqa=True
+            ).sum().backward()
         return True
     except RuntimeError:
         return False
@@ -171,7 +181,12 @@ def register_repeat_kv_attention() -> str:
         groups = module.num_key_value_groups
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
             is_causal=attention_mask is None and query.shape[2] > 1,
         )
         return out.transpose(1, 2).contiguous(), None
@@ -254,9 +269,18 @@ def planned(config, task: str, batch: int, seq_len: int, *, chunked: bool, offlo
     from hfplug.memory import estimate_memory
 
     return estimate_memory(
-        config, quant="4bit", lora_r=lora_r, task="decision" if task == "decision" else "causal_lm",
-        max_length=seq_len, batch_size=batch, activation_checkpointing=True, optim="paged_adamw_8bit",
-        num_labels=2, dtype="float16", loss_chunk_size=1024 if chunked else 0, offload_activations=offload,
+        config,
+        quant="4bit",
+        lora_r=lora_r,
+        task="decision" if task == "decision" else "causal_lm",
+        max_length=seq_len,
+        batch_size=batch,
+        activation_checkpointing=True,
+        optim="paged_adamw_8bit",
+        num_labels=2,
+        dtype="float16",
+        loss_chunk_size=1024 if chunked else 0,
+        offload_activations=offload,
     )
 
 
@@ -269,12 +293,23 @@ def run_case(name, model, optimizer, scaler, config, task, batch, seq_len, *, ch
     """One measured configuration; an OOM is a result (fits=False), not a crash."""
     est = planned(config, task, batch, seq_len, chunked=chunked, offload=offload, lora_r=lora_r)
     result = Result(
-        name, batch, seq_len, fits=False,
-        planned_allocated_gib=est.peak_allocated / GiB, planned_reserved_gib=est.peak_reserved / GiB,
+        name,
+        batch,
+        seq_len,
+        fits=False,
+        planned_allocated_gib=est.peak_allocated / GiB,
+        planned_reserved_gib=est.peak_reserved / GiB,
         planned_total_gib=est.total / GiB,
     )
-    data = make_batch(task, batch, seq_len, LLAMA31_8B["vocab_size"], "cuda", padded=task == "decision",
-                      pad_id=LLAMA31_8B["pad_token_id"])
+    data = make_batch(
+        task,
+        batch,
+        seq_len,
+        LLAMA31_8B["vocab_size"],
+        "cuda",
+        padded=task == "decision",
+        pad_id=LLAMA31_8B["pad_token_id"],
+    )
     free_memory()
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -297,11 +332,26 @@ def longest_sequence(model, optimizer, scaler, config, *, steps, lora_r, start=2
     trials = []
 
     def attempt(length):
-        res = run_case(f"c@{length}", model, optimizer, scaler, config, "causal_lm", 1, length,
-                       chunked=True, offload=True, steps=steps, lora_r=lora_r)
+        res = run_case(
+            f"c@{length}",
+            model,
+            optimizer,
+            scaler,
+            config,
+            "causal_lm",
+            1,
+            length,
+            chunked=True,
+            offload=True,
+            steps=steps,
+            lora_r=lora_r,
+        )
         trials.append(res)
-        print(f"  (c) {length:>6} tokens: {'fits' if res.fits else 'OOM'}"
-              f"  peak reserved {res.peak_reserved_gib:.2f} GiB", flush=True)
+        print(
+            f"  (c) {length:>6} tokens: {'fits' if res.fits else 'OOM'}"
+            f"  peak reserved {res.peak_reserved_gib:.2f} GiB",
+            flush=True,
+        )
         return res.fits
 
     good, bad = 0, None
@@ -335,12 +385,18 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
     args = model_args(lora_r)
     t0 = time.perf_counter()
     model = build_model(
-        LLAMA31_8B, task, device="cuda", quantization_config=get_quantization_config(args, device_type="cuda"),
+        LLAMA31_8B,
+        task,
+        device="cuda",
+        quantization_config=get_quantization_config(args, device_type="cuda"),
         attn_implementation=attn,
     )
-    print(f"  loaded + quantized in {time.perf_counter() - t0:.0f} s; "
-          f"allocated {torch.cuda.memory_allocated() / GiB:.2f} GiB, "
-          f"reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB", flush=True)
+    print(
+        f"  loaded + quantized in {time.perf_counter() - t0:.0f} s; "
+        f"allocated {torch.cuda.memory_allocated() / GiB:.2f} GiB, "
+        f"reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB",
+        flush=True,
+    )
     model = prepare_for_training(model, args, activation_checkpointing=True)
     if offload:
         model.get_base_model().activation_checkpointing_enable(
@@ -349,21 +405,30 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
     scaler = torch.amp.GradScaler("cuda")
-    print(f"  prepared: allocated {torch.cuda.memory_allocated() / GiB:.2f} GiB, "
-          f"trainable {sum(p.numel() for p in params):,}", flush=True)
+    print(
+        f"  prepared: allocated {torch.cuda.memory_allocated() / GiB:.2f} GiB, "
+        f"trainable {sum(p.numel() for p in params):,}",
+        flush=True,
+    )
     return model, optimizer, scaler
 
 
 def print_table(results: list[Result]) -> None:
     print()
-    print(f"{'case':<8}{'batch x len':>13}{'fits':>6}{'alloc':>8}{'plan':>7}{'ratio':>7}"
-          f"{'reserved':>10}{'plan':>7}{'ratio':>7}{'tok/s':>9}")
+    print(
+        f"{'case':<8}{'batch x len':>13}{'fits':>6}{'alloc':>8}{'plan':>7}{'ratio':>7}"
+        f"{'reserved':>10}{'plan':>7}{'ratio':>7}{'tok/s':>9}"
+    )
     for r in results:
-        print(f"{r.case:<8}{f'{r.batch} x {r.seq_len}':>13}{'yes' if r.fits else 'OOM':>6}"
-              f"{r.peak_allocated_gib:>8.2f}{r.planned_allocated_gib:>7.2f}{r.ratio_allocated:>7.2f}"
-              f"{r.peak_reserved_gib:>10.2f}{r.planned_reserved_gib:>7.2f}{r.ratio_reserved:>7.2f}"
-              f"{r.tokens_per_s:>9.0f}")
-    print("(GiB; alloc/reserved = torch peak allocated/reserved, plan = hfplug.memory prediction, ratio = measured/plan)")
+        print(
+            f"{r.case:<8}{f'{r.batch} x {r.seq_len}':>13}{'yes' if r.fits else 'OOM':>6}"
+            f"{r.peak_allocated_gib:>8.2f}{r.planned_allocated_gib:>7.2f}{r.ratio_allocated:>7.2f}"
+            f"{r.peak_reserved_gib:>10.2f}{r.planned_reserved_gib:>7.2f}{r.ratio_reserved:>7.2f}"
+            f"{r.tokens_per_s:>9.0f}"
+        )
+    print(
+        "(GiB; alloc/reserved = torch peak allocated/reserved, plan = hfplug.memory prediction, ratio = measured/plan)"
+    )
 
 
 def main(argv=None) -> int:
@@ -376,8 +441,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("benchmarks/t4_fit.py needs a CUDA GPU (it measures GPU memory); none is visible here. "
-              "The planner runs anywhere: python -m hfplug.fit --help", file=sys.stderr)
+        print(
+            "benchmarks/t4_fit.py needs a CUDA GPU (it measures GPU memory); none is visible here. "
+            "The planner runs anywhere: python -m hfplug.fit --help",
+            file=sys.stderr,
+        )
         return 2
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
     from transformers import LlamaConfig
@@ -388,9 +456,12 @@ def main(argv=None) -> int:
     cap = args.cap_gib * GiB
     fraction = min(1.0, cap / props.total_memory)
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
-    print(f"device: {props.name}, {props.total_memory / GiB:.1f} GiB; allocator capped at "
-          f"{fraction * props.total_memory / GiB:.2f} GiB; torch {torch.__version__}; "
-          f"{time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"device: {props.name}, {props.total_memory / GiB:.1f} GiB; allocator capped at "
+        f"{fraction * props.total_memory / GiB:.2f} GiB; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
     attn = "sdpa"
     if not gqa_attention_ok("cuda"):
         attn = register_repeat_kv_attention()
@@ -402,16 +473,44 @@ def main(argv=None) -> int:
     if "a" in args.cases:
         print("(a) sequence classification, 8 x 512", flush=True)
         model, opt, scaler = setup_model("decision", attn, args.lora_r, offload=False)
-        results.append(run_case("a", model, opt, scaler, config, "decision", 8, 512,
-                                chunked=False, offload=False, steps=args.steps, lora_r=args.lora_r))
+        results.append(
+            run_case(
+                "a",
+                model,
+                opt,
+                scaler,
+                config,
+                "decision",
+                8,
+                512,
+                chunked=False,
+                offload=False,
+                steps=args.steps,
+                lora_r=args.lora_r,
+            )
+        )
         del model, opt, scaler
         free_memory()
     if "b" in args.cases or "c" in args.cases:
         print("(b/c) causal LM", flush=True)
         model, opt, scaler = setup_model("causal_lm", attn, args.lora_r, offload=False)
         if "b" in args.cases:
-            results.append(run_case("b", model, opt, scaler, config, "causal_lm", 1, 2048,
-                                    chunked=False, offload=False, steps=args.steps, lora_r=args.lora_r))
+            results.append(
+                run_case(
+                    "b",
+                    model,
+                    opt,
+                    scaler,
+                    config,
+                    "causal_lm",
+                    1,
+                    2048,
+                    chunked=False,
+                    offload=False,
+                    steps=args.steps,
+                    lora_r=args.lora_r,
+                )
+            )
         if "c" in args.cases:
             model.get_base_model().activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}, offload=True
@@ -426,18 +525,30 @@ def main(argv=None) -> int:
 
     print_table(results)
     if longest is not None:
-        print(f"(c) longest causal-LM sequence that fits: {longest} tokens "
-              f"({'meets' if longest >= 8192 else 'misses'} the 8,192 target)")
+        print(
+            f"(c) longest causal-LM sequence that fits: {longest} tokens "
+            f"({'meets' if longest >= 8192 else 'misses'} the 8,192 target)"
+        )
     for r in results:
         if r.fits and math.isfinite(r.planned_allocated_gib) and abs(r.ratio_allocated - 1) > 0.10:
             print(f"  note: planner off by more than 10 % on ({r.case}): measured/plan = {r.ratio_allocated:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": props.name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                       "cap_gib": args.cap_gib, "longest_c": longest,
-                       "results": [asdict(r) | {"ratio_allocated": r.ratio_allocated,
-                                                "ratio_reserved": r.ratio_reserved} for r in results]},
-                      fh, indent=2)
+            json.dump(
+                {
+                    "device": props.name,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "torch": torch.__version__,
+                    "cap_gib": args.cap_gib,
+                    "longest_c": longest,
+                    "results": [
+                        asdict(r) | {"ratio_allocated": r.ratio_allocated, "ratio_reserved": r.ratio_reserved}
+                        for r in results
+                    ],
+                },
+                fh,
+                indent=2,
+            )
     return 0
 
 

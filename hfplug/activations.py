@@ -53,8 +53,16 @@ def model_shape(config, counts: ModelCounts) -> Shape:
 
 
 def layer_saved_per_token(
-    shape: Shape, block_linears: list[Linear], lora_names: set[str], *, a: int, rb: int, r: int,
-    lora_dropout: float, full_ft: bool, repeat_kv: bool,
+    shape: Shape,
+    block_linears: list[Linear],
+    lora_names: set[str],
+    *,
+    a: int,
+    rb: int,
+    r: int,
+    lora_dropout: float,
+    full_ft: bool,
+    repeat_kv: bool,
 ) -> int:
     """Bytes one transformer layer saves for backward per token, its input excluded.
 
@@ -92,8 +100,18 @@ def layer_backward_transient_per_token(shape: Shape, *, a: int, rb: int) -> int:
     return 2 * rb * shape.hidden + 3 * shape.intermediate * a
 
 
-def loss_bytes(shape: Shape, *, task: str, num_labels: int | None, batch_size: int, max_length: int, a: int,
-                rb: int, lm_cast: int, loss_chunk_size: int) -> tuple[int, int, str]:
+def loss_bytes(
+    shape: Shape,
+    *,
+    task: str,
+    num_labels: int | None,
+    batch_size: int,
+    max_length: int,
+    a: int,
+    rb: int,
+    lm_cast: int,
+    loss_chunk_size: int,
+) -> tuple[int, int, str]:
     """(forward peak, backward peak, note) of the loss, beyond what the layers keep.
 
     ``lm_cast``: the 16-bit copy autocast makes of an fp32 LM head for its matmul.

@@ -39,7 +39,9 @@ def parse_duration(value: str | float | int) -> float:
             hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
             seconds = hours * 3600 + minutes * 60 + secs
         else:
-            raise ValueError(f"time_budget {value!r} is not a duration; write it like 11h30m, 90m, 45s or 3600 (seconds).")
+            raise ValueError(
+                f"time_budget {value!r} is not a duration; write it like 11h30m, 90m, 45s or 3600 (seconds)."
+            )
     if seconds <= 0:
         raise ValueError(f"time_budget must be positive, got {value!r}.")
     return seconds
@@ -67,7 +69,9 @@ def check_training_args(args, data_args: HupdArguments | None = None) -> None:
         if value is not None and (isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name} must be positive when set, got {value!r}.")
     if args.dataloader_num_workers < 0:
-        raise ValueError(f"dataloader_num_workers must be 0 (load in the main process) or more, got {args.dataloader_num_workers}.")
+        raise ValueError(
+            f"dataloader_num_workers must be 0 (load in the main process) or more, got {args.dataloader_num_workers}."
+        )
     if args.max_steps == 0 or args.max_steps < -1:
         raise ValueError(f"max_steps must be positive, or -1 to train for num_train_epochs, got {args.max_steps}.")
     if args.max_steps < 0 and args.num_train_epochs <= 0 and args.do_train:
@@ -77,35 +81,89 @@ def check_training_args(args, data_args: HupdArguments | None = None) -> None:
     if data_args is not None and data_args.group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"output_dir {args.output_dir!r} is a file, not a folder. Pass a folder path (it is created "
-                         "if missing), e.g. --output_dir outputs/my_run.")
+        raise ValueError(
+            f"output_dir {args.output_dir!r} is a file, not a folder. Pass a folder path (it is created "
+            "if missing), e.g. --output_dir outputs/my_run."
+        )
 
 
 @dataclass
 class HupdArguments:
     """Which HUPD records to load, the task, and how the text is fed to the model."""
 
-    hupd_config: str = field(default="sample", metadata={"help": "HUPD config: 'sample' (January 2016) or 'all' (2004-2018)."})
-    metadata_path: str | None = field(default=None, metadata={"help": "Local metadata .feather; default: fetched from the HUPD/hupd Hub repo."})
-    archive_path: str | None = field(default=None, metadata={"help": "Local archive (.tar.gz for sample, .tar for all); default: fetched from the Hub."})
+    hupd_config: str = field(
+        default="sample", metadata={"help": "HUPD config: 'sample' (January 2016) or 'all' (2004-2018)."}
+    )
+    metadata_path: str | None = field(
+        default=None, metadata={"help": "Local metadata .feather; default: fetched from the HUPD/hupd Hub repo."}
+    )
+    archive_path: str | None = field(
+        default=None,
+        metadata={"help": "Local archive (.tar.gz for sample, .tar for all); default: fetched from the Hub."},
+    )
     train_filing_start_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, inclusive."})
-    train_filing_end_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, exclusive (as in the official loader)."})
+    train_filing_end_date: str | None = field(
+        default=None, metadata={"help": "YYYY-MM-DD, exclusive (as in the official loader)."}
+    )
     val_filing_start_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, inclusive."})
-    val_filing_end_date: str | None = field(default=None, metadata={"help": "YYYY-MM-DD, exclusive (inclusive with uniform_split)."})
-    uniform_split: bool = field(default=False, metadata={"help": "Shuffle (seed 1729) and split 85/15 instead of splitting by date."})
-    val_set_balancer: bool = field(default=False, metadata={"help": "Balance ACCEPTED/REJECTED in validation (official loader's rule)."})
-    ipcr_label: str | None = field(default=None, metadata={"help": "Keep applications whose main IPC label starts with this, e.g. G06F."})
-    cpc_label: str | None = field(default=None, metadata={"help": "Keep applications whose main CPC label starts with this (ignored if ipcr_label is set, as officially)."})
-    query: str | None = field(default=None, metadata={"help": "pandas DataFrame.query on the metadata, e.g. \"examiner_art_unit == '2161'\"."})
+    val_filing_end_date: str | None = field(
+        default=None, metadata={"help": "YYYY-MM-DD, exclusive (inclusive with uniform_split)."}
+    )
+    uniform_split: bool = field(
+        default=False, metadata={"help": "Shuffle (seed 1729) and split 85/15 instead of splitting by date."}
+    )
+    val_set_balancer: bool = field(
+        default=False, metadata={"help": "Balance ACCEPTED/REJECTED in validation (official loader's rule)."}
+    )
+    ipcr_label: str | None = field(
+        default=None, metadata={"help": "Keep applications whose main IPC label starts with this, e.g. G06F."}
+    )
+    cpc_label: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep applications whose main CPC label starts with this (ignored if ipcr_label is set, as officially)."
+        },
+    )
+    query: str | None = field(
+        default=None,
+        metadata={"help": "pandas DataFrame.query on the metadata, e.g. \"examiner_art_unit == '2161'\"."},
+    )
     hupd_cache_dir: str | None = field(default=None, metadata={"help": "Where the built splits are cached (Arrow)."})
-    streaming: bool = field(default=False, metadata={"help": "Stream records from the archive instead of caching them; needs max_steps."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream records from the archive instead of caching them; needs max_steps."}
+    )
 
-    task: str = field(default="decision", metadata={"help": f"One of {', '.join(TASKS)}: acceptance, IPC subclass, or writing the abstract from the claims."})
-    text_fields: str | None = field(default=None, metadata={"help": f"Comma-separated sections the model reads, in order; any of {', '.join(SECTIONS)}. Default: title,abstract (decision, ipc); claims (abstract, which cannot read the abstract it writes)."})
-    chat_template: str | None = field(default=None, metadata={"help": "--task abstract: chat format of the examples: llama3, chatml, plain or a .jinja file. Default: the tokenizer's own template, else one chosen from its special tokens. Saved with the tokenizer, so recipes/chat.py --adapter uses it."})
-    max_length: int = field(default=512, metadata={"help": "Truncate inputs to this many tokens (padding is per batch). --task abstract cuts the claims and keeps the abstract whole."})
-    group_by_length: bool = field(default=False, metadata={"help": "Batch similar lengths together (sets train_sampling_strategy=group_by_length)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records (quick runs)."})
+    task: str = field(
+        default="decision",
+        metadata={
+            "help": f"One of {', '.join(TASKS)}: acceptance, IPC subclass, or writing the abstract from the claims."
+        },
+    )
+    text_fields: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Comma-separated sections the model reads, in order; any of {', '.join(SECTIONS)}. Default: title,abstract (decision, ipc); claims (abstract, which cannot read the abstract it writes)."
+        },
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "--task abstract: chat format of the examples: llama3, chatml, plain or a .jinja file. Default: the tokenizer's own template, else one chosen from its special tokens. Saved with the tokenizer, so recipes/chat.py --adapter uses it."
+        },
+    )
+    max_length: int = field(
+        default=512,
+        metadata={
+            "help": "Truncate inputs to this many tokens (padding is per batch). --task abstract cuts the claims and keeps the abstract whole."
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch similar lengths together (sets train_sampling_strategy=group_by_length)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training records (quick runs)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
 
@@ -114,14 +172,22 @@ class HupdArguments:
             raise ValueError(f"hupd_config must be 'sample' or 'all', got {self.hupd_config!r}.")
         check_task(self.task)
         # None means the task's default; "" is a mistake (as "," is), not a request for the default.
-        self.text_fields = ",".join(parse_text_fields(DEFAULT_TEXT_FIELDS[self.task] if self.text_fields is None
-                                                      else self.text_fields))
+        self.text_fields = ",".join(
+            parse_text_fields(DEFAULT_TEXT_FIELDS[self.task] if self.text_fields is None else self.text_fields)
+        )
         if is_generative(self.task):
             check_abstract_sources(self.text_fields)
         elif self.chat_template is not None:
-            raise ValueError(f"chat_template applies to --task abstract only; --task {self.task} trains a classifier. "
-                             "Remove chat_template, or use --task abstract.")
-        for name in ("train_filing_start_date", "train_filing_end_date", "val_filing_start_date", "val_filing_end_date"):
+            raise ValueError(
+                f"chat_template applies to --task abstract only; --task {self.task} trains a classifier. "
+                "Remove chat_template, or use --task abstract."
+            )
+        for name in (
+            "train_filing_start_date",
+            "train_filing_end_date",
+            "val_filing_start_date",
+            "val_filing_end_date",
+        ):
             value = getattr(self, name)
             if value is not None:
                 value = str(value)  # YAML may hand us a datetime.date
@@ -139,7 +205,9 @@ class HupdArguments:
     def hub_files_needed(self) -> list[str]:
         """The files of the HUPD/hupd dataset repo this selection downloads (none when both are local)."""
         metadata, archive = HUB_FILES[self.hupd_config]
-        return [name for name, local in ((metadata, self.metadata_path), (archive, self.archive_path)) if local is None]
+        return [
+            name for name, local in ((metadata, self.metadata_path), (archive, self.archive_path)) if local is None
+        ]
 
     def load_hupd_kwargs(self) -> dict:
         """The keyword arguments for ``hfplug.data.load_hupd``."""
@@ -165,13 +233,37 @@ class HupdArguments:
 class RunArguments:
     """Recipe behaviour beyond ``TrainingArguments``."""
 
-    early_stopping_patience: int | None = field(default=None, metadata={"help": "Stop after N evaluations without improvement of metric_for_best_model."})
-    early_stopping_threshold: float = field(default=0.0, metadata={"help": "Minimum improvement that counts for early stopping."})
-    time_budget: str | None = field(default=None, metadata={"help": "Stop cleanly, with a checkpoint, before this much time has passed since start: e.g. 11h30m (Colab's limit is ~12 h), 90m, or seconds. Time for the final save (and push) is kept free."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improvement of metric_for_best_model."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Minimum improvement that counts for early stopping."}
+    )
+    time_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stop cleanly, with a checkpoint, before this much time has passed since start: e.g. 11h30m (Colab's limit is ~12 h), 90m, or seconds. Time for the final save (and push) is kept free."
+        },
+    )
     # --task abstract: generation at each evaluation.
-    max_generate_samples: int = field(default=64, metadata={"help": "--task abstract: validation records (the first N) whose abstracts are generated at each evaluation for ROUGE; 0 = no generation (loss and perplexity only)."})
-    max_new_tokens: int = field(default=256, metadata={"help": "--task abstract: longest generated abstract, in tokens (USPTO abstracts have at most 150 words)."})
-    log_samples: int = field(default=3, metadata={"help": "--task abstract: validation records whose generated abstracts are logged and appended to output_dir/samples.jsonl at each evaluation; 0 = off."})
+    max_generate_samples: int = field(
+        default=64,
+        metadata={
+            "help": "--task abstract: validation records (the first N) whose abstracts are generated at each evaluation for ROUGE; 0 = no generation (loss and perplexity only)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "--task abstract: longest generated abstract, in tokens (USPTO abstracts have at most 150 words)."
+        },
+    )
+    log_samples: int = field(
+        default=3,
+        metadata={
+            "help": "--task abstract: validation records whose generated abstracts are logged and appended to output_dir/samples.jsonl at each evaluation; 0 = off."
+        },
+    )
 
     def __post_init__(self):
         if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
@@ -182,5 +274,9 @@ class RunArguments:
                 raise ValueError(f"{name} must be an integer >= 0 (0 turns it off), got {value!r}.")
         if self.time_budget is not None:
             parse_duration(self.time_budget)  # a clear error at parse time, not hours later
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be a positive integer (e.g. 256), got {self.max_new_tokens!r}.")

@@ -27,8 +27,10 @@ from hfplug.hub.auth import TokenError
 from hfplug.hub.redaction import exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
 
 USER_ERRORS = (ValueError, OSError, HubError, TokenError)
-QUICKSTART_COMMAND = ("accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py "
-                      "--config recipes/configs/quickstart.yaml")
+QUICKSTART_COMMAND = (
+    "accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py "
+    "--config recipes/configs/quickstart.yaml"
+)
 
 _download_hint: str | None = None
 
@@ -42,8 +44,11 @@ def setup_logging(training_args, *names: str) -> None:
     import datasets
     import transformers
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     ours = logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level
     for name in ("hfplug", *names):
@@ -106,7 +111,9 @@ def _simple_launcher_pid() -> int | None:
             argv = f.read().split(b"\0")
     except OSError:  # not Linux: leave the launcher alone
         return None
-    return parent if any(b"accelerate" in a for a in argv) else None  # `accelerate launch` or `python -m accelerate...`
+    return (
+        parent if any(b"accelerate" in a for a in argv) else None
+    )  # `accelerate launch` or `python -m accelerate...`
 
 
 def _end_launcher(pid: int) -> None:
@@ -137,8 +144,12 @@ def run(main: Callable[[], int | None]) -> None:
         print(error_message(err), file=sys.stderr, flush=True)
         status = exit_status_for(err)  # 0 for a token on the command line under the launcher: see there
         if status == 0:
-            print("Exiting with status 0 on purpose: under `accelerate launch`, a failing status makes the launcher "
-                  "print the full command line, token included. Nothing was run.", file=sys.stderr, flush=True)
+            print(
+                "Exiting with status 0 on purpose: under `accelerate launch`, a failing status makes the launcher "
+                "print the full command line, token included. Nothing was run.",
+                file=sys.stderr,
+                flush=True,
+            )
         launcher = _simple_launcher_pid() if status else None
         if launcher is not None:
             _end_launcher(launcher)

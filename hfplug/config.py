@@ -91,20 +91,26 @@ def read_yaml_config(path: str | Path, known_keys: set[str] | None = None) -> di
     """Read a flat YAML mapping of dataclass fields; check its keys when ``known_keys`` is given."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist. Pass --config with a path to a YAML file, "
-                          "e.g. --config recipes/configs/quickstart.yaml.")
+        raise ConfigError(
+            f"Config file {str(path)!r} does not exist. Pass --config with a path to a YAML file, "
+            "e.g. --config recipes/configs/quickstart.yaml."
+        )
     try:
         values = yaml.load(path.read_text(), Loader=_StringDatesLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(values, dict):
-        raise ConfigError(f"Config file {str(path)!r} must be a mapping of `key: value` lines, got {type(values).__name__}.")
+        raise ConfigError(
+            f"Config file {str(path)!r} must be a mapping of `key: value` lines, got {type(values).__name__}."
+        )
     if known_keys is not None:
         unknown = sorted(set(values) - known_keys)
         if unknown:
             hints = [_did_you_mean(key, known_keys) for key in unknown]
-            raise ConfigError(f"Unknown key(s) in {str(path)!r}: {', '.join(hints)}. "
-                              "Every key must be a field of the recipe's arguments; run the recipe with --help to list them.")
+            raise ConfigError(
+                f"Unknown key(s) in {str(path)!r}: {', '.join(hints)}. "
+                "Every key must be a field of the recipe's arguments; run the recipe with --help to list them."
+            )
     return values
 
 
@@ -145,8 +151,9 @@ def _config_error(err: ValueError, values: dict[str, Any], path: str | None) -> 
     return ConfigError(message)
 
 
-def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *,
-               default_config: str | Path | None = None) -> tuple:
+def parse_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *, default_config: str | Path | None = None
+) -> tuple:
     """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``.
 
     ``--config file.yaml`` sets defaults (``default_config`` when no ``--config`` is given);

@@ -52,9 +52,20 @@ def parse_memory(text: str) -> int:
     return int(value * scale)
 
 
-def format_report(est: MemoryEstimate, *, gpu_mem: int, gpu_name: str, header: str,
-                  no_ckpt_total: int | None, best_batch: int, best_len: int, batch: int, length: int) -> str:
+def format_report(
+    est: MemoryEstimate,
+    *,
+    gpu_mem: int,
+    gpu_name: str,
+    header: str,
+    no_ckpt_total: int | None,
+    best_batch: int,
+    best_len: int,
+    batch: int,
+    length: int,
+) -> str:
     """The table ``python -m hfplug.fit`` prints."""
+
     def row(label: str, value: int, note: str = "") -> str:
         return f"  {label:<48}{value / GiB:>8.2f}  {note}".rstrip()
 
@@ -62,7 +73,9 @@ def format_report(est: MemoryEstimate, *, gpu_mem: int, gpu_name: str, header: s
     lines.append(f"  {'part':<48}{'GiB':>8}")
     lines.append(row("quantized linear weights", est.quantized_weights))
     lines.append(row("other weights (embeddings, norms, heads, ...)", est.other_weights))
-    lines.append(row("  (all weights right after loading)", est.weights_at_load, f"{est.weights_at_load / 1e9:.2f} GB"))
+    lines.append(
+        row("  (all weights right after loading)", est.weights_at_load, f"{est.weights_at_load / 1e9:.2f} GB")
+    )
     lines.append(row("trainable parameters", est.trainable_params, f"{est.trainable_count:,} params"))
     lines.append(row("gradients", est.gradients))
     lines.append(row("optimizer states", est.optimizer_states))
@@ -116,11 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--activation_checkpointing", type=string_to_bool, nargs="?", const=True, default=True,
-                        help="recompute activations in backward (true/false; default true)")
+    parser.add_argument(
+        "--activation_checkpointing",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="recompute activations in backward (true/false; default true)",
+    )
     parser.add_argument("--optim", default=None, help="Trainer optim name (default: paged_adamw_8bit with 4bit)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="compute dtype (default: float16 on a T4, bfloat16 elsewhere)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="compute dtype (default: float16 on a T4, bfloat16 elsewhere)",
+    )
     parser.add_argument("--loss_chunk_size", type=int, default=0, help="causal LM: chunked loss (0 = plain)")
     parser.add_argument("--offload_activations", action="store_true", help="checkpointed inputs in host memory")
     group = parser.add_mutually_exclusive_group()
@@ -168,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         est = estimate_memory(config, **kwargs)
-        no_ckpt = (estimate_memory(config, **{**kwargs, "activation_checkpointing": False}).total
-                   if args.activation_checkpointing else None)
+        no_ckpt = (
+            estimate_memory(config, **{**kwargs, "activation_checkpointing": False}).total
+            if args.activation_checkpointing
+            else None
+        )
         best_batch = max_batch_size(config, gpu_mem=gpu_mem, **kwargs)
         best_len = max_seq_len(config, gpu_mem=gpu_mem, **kwargs)
     except ValueError as err:
@@ -189,8 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         format_report(
-            est, gpu_mem=gpu_mem, gpu_name=gpu_name, header=header, no_ckpt_total=no_ckpt,
-            best_batch=best_batch, best_len=best_len, batch=args.per_device_train_batch_size, length=args.max_length,
+            est,
+            gpu_mem=gpu_mem,
+            gpu_name=gpu_name,
+            header=header,
+            no_ckpt_total=no_ckpt,
+            best_batch=best_batch,
+            best_len=best_len,
+            batch=args.per_device_train_batch_size,
+            length=args.max_length,
         )
     )
     suggestions = suggest_settings(config, gpu_mem=gpu_mem, **kwargs)

@@ -158,8 +158,12 @@ def load_config(name_or_path: str, *, token: str | bool | None = None, trust_rem
         raise ConfigUnavailableError(missing_path_message(name_or_path), "no_such_path")
     try:
         path = hf_hub_download(name_or_path, "config.json", token=token)
-    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.OfflineModeIsEnabled,
-            hub_errors.HFValidationError) as err:
+    except (
+        hub_errors.HfHubHTTPError,
+        hub_errors.EntryNotFoundError,
+        hub_errors.OfflineModeIsEnabled,
+        hub_errors.HFValidationError,
+    ) as err:
         reason, message = explain_hub_error(name_or_path, err)
         raise ConfigUnavailableError(message, "no_config" if reason == "missing_file" else reason) from err
     return _parse_config(AutoConfig, path, trust_remote_code)
@@ -184,9 +188,11 @@ def from_pretrained(cls, name: str, **kwargs):
     folder = os.path.expanduser(name)
     if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, f)) for f in _SAVED_FILES):
         # Else transformers guesses a tokenizer type and asks for sentencepiece or tiktoken.
-        raise ModelLoadError(f"Model folder {name!r} holds none of {', '.join(_SAVED_FILES)}: it is not a saved model. "
-                             "Pass a folder written by save_pretrained (e.g. a run's output_dir) or a Hub id "
-                             "such as anferico/bert-for-patents.")
+        raise ModelLoadError(
+            f"Model folder {name!r} holds none of {', '.join(_SAVED_FILES)}: it is not a saved model. "
+            "Pass a folder written by save_pretrained (e.g. a run's output_dir) or a Hub id "
+            "such as anferico/bert-for-patents."
+        )
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, hub_errors.HfHubHTTPError) as err:  # transformers reports Hub failures as OSError
@@ -216,8 +222,13 @@ def ensure_pad_token(tokenizer, *, avoid: Iterable[int] = ()) -> str:
     if previous is None:
         logger.info("The tokenizer has no pad token; padding with %r (id %d).", choice, tokenizer.pad_token_id)
     else:
-        logger.warning("The tokenizer pads with %r, which also ends a reply: a model trained to generate with it "
-                       "may never learn to stop. Padding with %r (id %d) instead.", previous, choice, tokenizer.pad_token_id)
+        logger.warning(
+            "The tokenizer pads with %r, which also ends a reply: a model trained to generate with it "
+            "may never learn to stop. Padding with %r (id %d) instead.",
+            previous,
+            choice,
+            tokenizer.pad_token_id,
+        )
     return choice
 
 
@@ -273,6 +284,7 @@ def load_tokenizer(model_args, *, token: str | None = None):
     ensure_pad_token(tokenizer)
     return tokenizer
 
+
 def model_load_kwargs(model_args, *, device_type: str, full_finetune: bool = False) -> dict:
     """``from_pretrained`` keyword arguments for hfplug's model options: dtype, quantization, remote code.
 
@@ -324,6 +336,7 @@ def check_adapter_base(adapter: str, model_name_or_path: str | None) -> str:
     Local paths are compared as real paths: PEFT records the path as given at training
     time, which may be relative or reached through a symlink.
     """
+
     def canonical(name: str) -> str:
         name = os.path.expanduser(name)
         return os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)

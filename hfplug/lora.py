@@ -68,11 +68,7 @@ def detect_head_modules(model: nn.Module) -> list[str]:
     if infer_task_type(model) not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         return []
     prefix = getattr(model, "base_model_prefix", "")
-    return [
-        name
-        for name, child in model.named_children()
-        if name != prefix and any(True for _ in child.parameters())
-    ]
+    return [name for name, child in model.named_children() if name != prefix and any(True for _ in child.parameters())]
 
 
 def linear_module_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
@@ -101,9 +97,7 @@ def check_target_modules(model: nn.Module, targets: list[str], exclude: Iterable
         return
     module_names = [name for name, _ in model.named_modules() if name]
     missing = [
-        target
-        for target in targets
-        if not any(name == target or name.endswith("." + target) for name in module_names)
+        target for target in targets if not any(name == target or name.endswith("." + target) for name in module_names)
     ]
     if missing:
         raise ValueError(
@@ -111,7 +105,6 @@ def check_target_modules(model: nn.Module, targets: list[str], exclude: Iterable
             f"Its linear layers are: {', '.join(linear_module_names(model, exclude))} "
             f"(or use 'all-linear')."
         )
-
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

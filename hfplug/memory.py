@@ -26,7 +26,6 @@ What the estimate models (one CUDA training step with 16-bit autocast, as the Tr
   CUDA context (outside PyTorch's counters, but it takes GPU memory).
 """
 
-
 from __future__ import annotations
 
 import math
@@ -47,8 +46,17 @@ from hfplug.param_counts import CLASSIFICATION_TASKS, lora_targets, parameter_co
 # 8-bit optimizers keep uint8 states for tensors of >= 4096 values (bitsandbytes'
 # min_8bit_size) plus an fp32 absmax per 256 values; smaller tensors keep fp32 states.
 OPTIMIZERS = {
-    **dict.fromkeys(("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "adamw_anyprecision",
-                     "paged_adamw_32bit"), ("32bit", 2)),
+    **dict.fromkeys(
+        (
+            "adamw_torch",
+            "adamw_torch_fused",
+            "adamw_hf",
+            "adamw_apex_fused",
+            "adamw_anyprecision",
+            "paged_adamw_32bit",
+        ),
+        ("32bit", 2),
+    ),
     **dict.fromkeys(("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"), ("8bit", 2)),
     **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "adagrad", "rmsprop"), ("32bit", 1)),
     **dict.fromkeys(("lion_8bit", "paged_lion_8bit"), ("8bit", 1)),
@@ -127,8 +135,18 @@ class MemoryEstimate:
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
 
-    _PARTS = ("quantized_weights", "other_weights", "trainable_params", "gradients", "optimizer_states",
-              "activations", "logits", "workspace", "fragmentation", "cuda_context")
+    _PARTS = (
+        "quantized_weights",
+        "other_weights",
+        "trainable_params",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits",
+        "workspace",
+        "fragmentation",
+        "cuda_context",
+    )
 
     @property
     def total(self) -> int:
@@ -251,8 +269,15 @@ def estimate_memory(
     saved_per_layer = max(
         (
             layer_saved_per_token(
-                shape, lins, lora_names, a=a, rb=rb, r=lora_r, lora_dropout=lora_dropout,
-                full_ft=full_ft, repeat_kv=repeat_kv,
+                shape,
+                lins,
+                lora_names,
+                a=a,
+                rb=rb,
+                r=lora_r,
+                lora_dropout=lora_dropout,
+                full_ft=full_ft,
+                repeat_kv=repeat_kv,
             )
             for lins in layer_lists
         ),
@@ -264,21 +289,32 @@ def estimate_memory(
     if classification and counts.head_name == "score":
         extras += shape.hidden * a  # decoders score every position, then pool the last token
     if not shape.gated:
-        extras += 4 * shape.hidden + 8 + (shape.hidden if shape.hidden_dropout > 0 else 0)  # embedding LayerNorm + dropout
+        extras += (
+            4 * shape.hidden + 8 + (shape.hidden if shape.hidden_dropout > 0 else 0)
+        )  # embedding LayerNorm + dropout
     transient = layer_backward_transient_per_token(shape, a=a, rb=rb)
     dequant = max((lin.in_features * lin.out_features for lin in quantized_linears), default=0) * a * 2
 
     stored_ckpt = (0 if offload_activations else layer_inputs) + extras
     act_ckpt = tokens * (stored_ckpt + saved_per_layer + transient)
     act_full = tokens * (layer_inputs + extras + shape.layers * saved_per_layer + transient)
-    stored_at_loss = tokens * (stored_ckpt if activation_checkpointing else layer_inputs + extras + shape.layers * saved_per_layer)
+    stored_at_loss = tokens * (
+        stored_ckpt if activation_checkpointing else layer_inputs + extras + shape.layers * saved_per_layer
+    )
     layer_peak = act_ckpt if activation_checkpointing else act_full
 
     # ---- loss
     lm_cast = counts.lm_head_params * a if (quant != "none" or other_bytes_per != a) else 0
     loss_fwd, loss_bwd, note = loss_bytes(
-        shape, task=task, num_labels=num_labels, batch_size=batch_size, max_length=max_length, a=a, rb=rb,
-        lm_cast=lm_cast, loss_chunk_size=loss_chunk_size,
+        shape,
+        task=task,
+        num_labels=num_labels,
+        batch_size=batch_size,
+        max_length=max_length,
+        a=a,
+        rb=rb,
+        lm_cast=lm_cast,
+        loss_chunk_size=loss_chunk_size,
     )
     notes += [note] if note else []
     phases = {
@@ -292,7 +328,9 @@ def estimate_memory(
     workspace = CUBLAS_WORKSPACE + dequant
     frag = int(FRAGMENTATION * phases[peak_phase])
     if offload_activations:
-        notes.append(f"{tokens * layer_inputs / GiB:.2f} GiB of checkpointed layer inputs offloaded to pinned host memory")
+        notes.append(
+            f"{tokens * layer_inputs / GiB:.2f} GiB of checkpointed layer inputs offloaded to pinned host memory"
+        )
     return MemoryEstimate(
         quantized_weights=quantized_bytes,
         other_weights=other_bytes,
@@ -368,7 +406,9 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
     longest = max_seq_len(config, gpu_mem=gpu_mem, **kwargs)
     if longest >= 1:
         out.append(f"--max_length {longest} (at batch size {batch})")
-    if not kwargs.get("activation_checkpointing", True) and _fits(config, gpu_mem, **{**kwargs, "activation_checkpointing": True}):
+    if not kwargs.get("activation_checkpointing", True) and _fits(
+        config, gpu_mem, **{**kwargs, "activation_checkpointing": True}
+    ):
         out.append("--activation_checkpointing true")
     if kwargs.get("quant", "4bit") != "4bit":
         trial = {**kwargs, "quant": "4bit", "lora_r": kwargs.get("lora_r") or 16}

@@ -53,7 +53,9 @@ class ModelArguments:
             "choices": list(DTYPE_CHOICES),
         },
     )
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (+ the task head) instead of all weights."})
+    lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters (+ the task head) instead of all weights."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
@@ -83,8 +85,10 @@ class ModelArguments:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}.")
         if self.quant_storage not in QUANT_STORAGE_CHOICES:
-            raise ValueError(f"quant_storage={self.quant_storage!r} is not supported; "
-                             f"choose one of {', '.join(QUANT_STORAGE_CHOICES)}.")
+            raise ValueError(
+                f"quant_storage={self.quant_storage!r} is not supported; "
+                f"choose one of {', '.join(QUANT_STORAGE_CHOICES)}."
+            )
         if self.quant_storage != "auto" and self.quant != "4bit":
             raise ValueError(
                 f"quant_storage={self.quant_storage!r} applies to 4-bit weights only, but quant={self.quant!r}; "
@@ -99,12 +103,9 @@ class ModelArguments:
         # YAML and the CLI may hand over "q_proj,v_proj" as one string.
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         if not self.lora_target_modules:
-            raise ValueError(
-                "lora_target_modules is empty; give module names (e.g. q_proj,v_proj) or 'all-linear'."
-            )
+            raise ValueError("lora_target_modules is empty; give module names (e.g. q_proj,v_proj) or 'all-linear'.")
         if ALL_LINEAR in self.lora_target_modules and len(self.lora_target_modules) > 1:
             raise ValueError(
                 f"lora_target_modules={self.lora_target_modules!r} mixes 'all-linear' with names; "
                 "use either 'all-linear' or a list of module names."
             )
-

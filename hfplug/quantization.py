@@ -179,8 +179,9 @@ def sharded_training() -> str | None:
     return None
 
 
-def resolve_quant_storage(args: ModelArguments, compute_dtype: torch.dtype, *,
-                          sharded: str | None | bool = True) -> torch.dtype:
+def resolve_quant_storage(
+    args: ModelArguments, compute_dtype: torch.dtype, *, sharded: str | None | bool = True
+) -> torch.dtype:
     """The ``bnb_4bit_quant_storage`` dtype for ``--quant 4bit``.
 
     ``auto``: ``uint8`` (bitsandbytes' default), or under sharded training (FSDP, ZeRO-3)
@@ -205,7 +206,8 @@ def resolve_quant_storage(args: ModelArguments, compute_dtype: torch.dtype, *,
     if compute_dtype == torch.float16:
         logger.warning(
             "%s + 4-bit in float16: PEFT advises float32 storage for stable fp16 mixed precision (--dtype float32, "
-            "slower), or a GPU with bf16 (--dtype bfloat16).", backend
+            "slower), or a GPU with bf16 (--dtype bfloat16).",
+            backend,
         )
     return compute_dtype
 
@@ -343,8 +345,11 @@ def prepare_for_training(
         f"; {cast} fp16 trainable tensors stored in fp32" if cast else "",
     )
     if sharded:
-        logger.info("%s: parameters kept in their load dtypes (no k-bit preparation, no fp32 upcast) so that they "
-                    "can be sharded.", sharded)
+        logger.info(
+            "%s: parameters kept in their load dtypes (no k-bit preparation, no fp32 upcast) so that they "
+            "can be sharded.",
+            sharded,
+        )
     return model
 
 

@@ -49,7 +49,12 @@ def main(argv=None) -> int:
 
     # --- Chat -----------------------------------------------------------------
     session = ChatSession(
-        model, tokenizer, chat_format, settings, system=chat_args.system, max_context=chat_args.max_context,
+        model,
+        tokenizer,
+        chat_format,
+        settings,
+        system=chat_args.system,
+        max_context=chat_args.max_context,
         info={"model": model_args.model_name_or_path, "adapter": chat_args.adapter},
     )
     return run_chat(session, prompt=chat_args.prompt, show_stats=chat_args.stats)

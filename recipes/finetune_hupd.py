@@ -79,7 +79,8 @@ def main(argv=None):
     started = time.monotonic()  # the time budget counts from here
     # --- Arguments ------------------------------------------------------------
     model_args, data_args, run_args, hub_args, training_args = parse_args(
-        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments), argv,
+        (ModelArguments, HupdArguments, RunArguments, HubArguments, TrainingArguments),
+        argv,
         default_config=DEFAULT_CONFIG,
     )
     check_training_args(training_args, data_args)  # counts > 0, output_dir not a file, group_by_length, ...
@@ -90,7 +91,9 @@ def main(argv=None):
     # --- Logging --------------------------------------------------------------
     setup_logging(training_args, logger.name)
     prepare_training_args(training_args, model_args)  # what the model options imply: optim, checkpointing, fp16
-    logger.info("Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device)
+    logger.info(
+        "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
+    )
     check_launch_matches_machine(training_args)  # e.g. 8 processes on 1 GPU
 
     # --- Hub: token, push and gated-model checks, before any data or model -----
@@ -100,9 +103,13 @@ def main(argv=None):
     target = None
     if hub is not None:  # token, whoami, write access, repo creation: fails in seconds, not after training
         target = preflight_push(
-            hub.repo_id, token=hub_token, private=hub.private, merge_adapter=hub_args.merge_adapter,
+            hub.repo_id,
+            token=hub_token,
+            private=hub.private,
+            merge_adapter=hub_args.merge_adapter,
             base_model=hub_args.merge_base_model or model_args.model_name_or_path,
-            output_dir=training_args.output_dir, prompt=training_args.world_size == 1,
+            output_dir=training_args.output_dir,
+            prompt=training_args.world_size == 1,
         )
     token = target.token if target is not None else resolve_token(hub_token)  # None is fine for public models
     check_model_access(model_args.model_name_or_path, token)
@@ -125,8 +132,14 @@ def main(argv=None):
 
     # --- Tokenizer and model --------------------------------------------------
     if training_args.do_train:
-        warn_if_wont_fit(model_args, training_args, task=data_args.task, max_length=data_args.max_length,
-                         num_labels=data.num_labels, token=token)
+        warn_if_wont_fit(
+            model_args,
+            training_args,
+            task=data_args.task,
+            max_length=data_args.max_length,
+            num_labels=data.num_labels,
+            token=token,
+        )
     tokenizer = load_tokenizer(model_args, token=token)
     model = task.load_model(model_args, tokenizer, training_args, data, token=token)
     check_max_length(data_args.max_length, tokenizer, model.config)
@@ -136,8 +149,9 @@ def main(argv=None):
     # --- Trainer --------------------------------------------------------------
     stop = GracefulStopCallback(deadline=deadline, reserve_s=save_reserve(pushing=hub is not None))
     callbacks = [*default_callbacks(training_args, run_args), stop]  # stop: SIGTERM/SIGINT/time budget -> checkpoint
-    push_callback = hub_push_callback(target, hub, license=hub_args.hub_license, task=data_args.task,
-                                      hupd_config=data_args.hupd_config)  # --hub_strategy every_save only
+    push_callback = hub_push_callback(
+        target, hub, license=hub_args.hub_license, task=data_args.task, hupd_config=data_args.hupd_config
+    )  # --hub_strategy every_save only
     callbacks += [push_callback] if push_callback is not None else []
     trainer = task.trainer(model, training_args, encoded, tokenizer, callbacks)
 
@@ -158,15 +172,25 @@ def main(argv=None):
     if training_args.do_eval and stop.stop_reason is None and not (finished and finished.evaluated):
         metrics = trainer.evaluate()
         if not data_args.streaming:
-            metrics.update(eval_samples=len(encoded["validation"]), eval_dropped_records=data.dropped.get("validation", 0))
+            metrics.update(
+                eval_samples=len(encoded["validation"]), eval_dropped_records=data.dropped.get("validation", 0)
+            )
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
     # --- Push -----------------------------------------------------------------
     if target is not None and training_args.should_save:
-        push_run(training_args.output_dir, target.repo_id, token=target.token, private=hub.private,
-                 merge_adapter=hub_args.merge_adapter, base_model=hub_args.merge_base_model or model_args.model_name_or_path,
-                 license=hub_args.hub_license, task=data_args.task, hupd_config=data_args.hupd_config)
+        push_run(
+            training_args.output_dir,
+            target.repo_id,
+            token=target.token,
+            private=hub.private,
+            merge_adapter=hub_args.merge_adapter,
+            base_model=hub_args.merge_base_model or model_args.model_name_or_path,
+            license=hub_args.hub_license,
+            task=data_args.task,
+            hupd_config=data_args.hupd_config,
+        )
     return trainer
 
 

@@ -40,12 +40,20 @@ RENAMED_FLAGS = {"private": "hub_private_repo", "base_model": "merge_base_model"
 class PushArguments:
     """What to push where. The first positional argument is ``output_dir``; the merge and license flags are ``HubArguments``."""
 
-    output_dir: str = field(metadata={"help": "The run's output_dir (holds adapter_config.json or model.safetensors)."})
+    output_dir: str = field(
+        metadata={"help": "The run's output_dir (holds adapter_config.json or model.safetensors)."}
+    )
     hub_model_id: str = field(metadata={"help": "Target repo, namespace/name (or name, for your own namespace)."})
-    hub_private_repo: bool = field(default=False, metadata={
-        "help": "Create the repo private (applies to a new repo only; without it the Hub's default applies)."})
+    hub_private_repo: bool = field(
+        default=False,
+        metadata={
+            "help": "Create the repo private (applies to a new repo only; without it the Hub's default applies)."
+        },
+    )
     task: str | None = field(default=None, metadata={"help": "decision or ipc (default: inferred from the metrics)."})
-    hupd_config: str | None = field(default=None, metadata={"help": "HUPD config trained on (sample or all), for the card."})
+    hupd_config: str | None = field(
+        default=None, metadata={"help": "HUPD config trained on (sample or all), for the card."}
+    )
 
 
 def _with_output_dir_flag(argv):
@@ -62,8 +70,9 @@ def refuse_old_flag_names(argv) -> None:
         name = arg.split("=", 1)[0]
         new = RENAMED_FLAGS.get(name.lstrip("-").replace("-", "_")) if name.startswith("--") else None
         if new:
-            raise ConfigError(f"{name} is now --{new}, the name finetune_hupd.py uses for the same setting; "
-                              f"run again with --{new}.")
+            raise ConfigError(
+                f"{name} is now --{new}, the name finetune_hupd.py uses for the same setting; run again with --{new}."
+            )
 
 
 def main(argv=None):
@@ -74,22 +83,39 @@ def main(argv=None):
     args, hub_args = parse_args((PushArguments, HubArguments), argv)
 
     # --- Logging --------------------------------------------------------------
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=logging.INFO,
+    )
     install_token_redaction()
 
     # --- Check the run, the token, the repo (before any model is loaded) ------
     kind = run_kind(args.output_dir)
     base = hub_args.merge_base_model or (adapter_base_model(args.output_dir) if kind == "adapter" else None)
     private = True if args.hub_private_repo else None  # no flag: the account's default visibility
-    target = preflight_push(args.hub_model_id, private=private, merge_adapter=hub_args.merge_adapter,
-                            base_model=base, output_dir=args.output_dir)
+    target = preflight_push(
+        args.hub_model_id,
+        private=private,
+        merge_adapter=hub_args.merge_adapter,
+        base_model=base,
+        output_dir=args.output_dir,
+    )
 
     # --- Push -----------------------------------------------------------------
-    result = push_run(args.output_dir, target.repo_id, token=target.token, private=private,
-                      merge_adapter=hub_args.merge_adapter, base_model=hub_args.merge_base_model,
-                      license=hub_args.hub_license, task=args.task, hupd_config=args.hupd_config,
-                      endpoint=target.endpoint)
+    result = push_run(
+        args.output_dir,
+        target.repo_id,
+        token=target.token,
+        private=private,
+        merge_adapter=hub_args.merge_adapter,
+        base_model=hub_args.merge_base_model,
+        license=hub_args.hub_license,
+        task=args.task,
+        hupd_config=args.hupd_config,
+        endpoint=target.endpoint,
+    )
     if result.commit_url:
         logger.info("Done: %s (%s)", target.url, result.commit_url)
     return 0

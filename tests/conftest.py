@@ -25,13 +25,20 @@ def repo() -> Path:
 def run_command(args, *, cwd=REPO, timeout=600, env=None):
     """Run a command as a user would, returning the CompletedProcess (stdout+stderr merged)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run(args, cwd=cwd, env=full_env, timeout=timeout, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(
+        args, cwd=cwd, env=full_env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finetune_command(*flags, processes=1):
     """``accelerate launch ... recipes/finetune_hupd.py --config quickstart.yaml FLAGS`` on CPU."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml")]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu.yaml"),
+    ]
     if processes > 1:
         launch += ["--num_processes", str(processes)]
     return launch + [str(REPO / "recipes" / "finetune_hupd.py"), "--config", str(QUICKSTART), *flags]

@@ -27,16 +27,33 @@ REVOKED = "hf_" + "RevokedTokenAlice0123456789abcdefgh"
 GATED_OK = "hf_" + "ReadTokenWithLlamaAccess0123456789a"
 ALL_TOKENS = (WRITE, READ, FG_NAMESPACE, FG_REPO, FG_NO_GATED, REVOKED, GATED_OK)
 LLAMA = "meta-llama/Llama-3.1-8B"
-CARD_BASE = "hfplug-test/tiny-bert"  # a Hub id for the card's base_model (the adapter itself was trained on a local copy)
+CARD_BASE = (
+    "hfplug-test/tiny-bert"  # a Hub id for the card's base_model (the adapter itself was trained on a local copy)
+)
 
-EVAL_RESULTS = {"epoch": 2.0, "eval_accuracy": 0.625, "eval_f1": 0.6, "eval_precision": 0.61, "eval_recall": 0.59,
-                "eval_loss": 0.66, "eval_runtime": 1.2, "eval_samples_per_second": 40.0, "eval_samples": 48}
+EVAL_RESULTS = {
+    "epoch": 2.0,
+    "eval_accuracy": 0.625,
+    "eval_f1": 0.6,
+    "eval_precision": 0.61,
+    "eval_recall": 0.59,
+    "eval_loss": 0.66,
+    "eval_runtime": 1.2,
+    "eval_samples_per_second": 40.0,
+    "eval_samples": 48,
+}
 TRAIN_RESULTS = {"epoch": 2.0, "train_loss": 0.69, "train_runtime": 3.5, "train_samples": 96}
 EXPECTED_ADAPTER_FILES = {
-    "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
-    "training_curves.png", "all_results.json", "train_results.json", "eval_results.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+    "training_curves.png",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
 }
-
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -49,7 +66,9 @@ def no_ambient_token(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens")
+    )
 
 
 @pytest.fixture
@@ -95,7 +114,12 @@ def _png() -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = (1).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +132,9 @@ def adapter_template(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter_run") / "output"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(TINY_BERT), num_labels=2)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
-                        modules_to_save=["classifier"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", modules_to_save=["classifier"]
+    )
     model = get_peft_model(model, config)
     with torch.no_grad():  # a trained adapter: B != 0, so merging changes the weights
         for name, param in model.named_parameters():
@@ -140,8 +165,11 @@ def adapter_run(adapter_template, tmp_path):
 
 
 def digests(folder, skip=("README.md",)):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def assert_no_token(*texts_or_bytes):
@@ -149,5 +177,3 @@ def assert_no_token(*texts_or_bytes):
         data = item if isinstance(item, bytes) else str(item).encode()
         for token in ALL_TOKENS:
             assert token.encode() not in data, "a token leaked"
-
-

@@ -59,8 +59,10 @@ class Token:
 def fine_grained(user: str, *, namespaces=(), repos=(), write=True, can_read_gated=True, **kwargs) -> Token:
     """A fine-grained token with write (or only read) access to whole namespaces and/or single model repos."""
     perms = ["repo.content.read", "repo.write"] if write else ["repo.content.read"]
-    scoped = [{"entity": {"_id": f"id-{ns}", "type": "org" if ns != user else "user", "name": ns}, "permissions": perms}
-              for ns in namespaces]
+    scoped = [
+        {"entity": {"_id": f"id-{ns}", "type": "org" if ns != user else "user", "name": ns}, "permissions": perms}
+        for ns in namespaces
+    ]
     scoped += [{"entity": {"_id": f"id-{r}", "type": "model", "name": r}, "permissions": perms} for r in repos]
     return Token(user, "fineGrained", scoped, can_read_gated=can_read_gated, **kwargs)
 
@@ -92,8 +94,16 @@ class Repo:
 class HubServer:
     """The fake Hub. Use as a context manager; ``url`` is the endpoint to give the client."""
 
-    def __init__(self, tokens: dict | None = None, orgs: dict | None = None, *, max_requests: int = 400,
-                 lifetime: float = 120.0, echo_authorization: bool = False, fail_commits: int | None = None):
+    def __init__(
+        self,
+        tokens: dict | None = None,
+        orgs: dict | None = None,
+        *,
+        max_requests: int = 400,
+        lifetime: float = 120.0,
+        echo_authorization: bool = False,
+        fail_commits: int | None = None,
+    ):
         self.tokens: dict[str, Token] = dict(tokens or {})
         self.orgs: dict[str, dict[str, str]] = dict(orgs or {})  # org -> {user: roleInOrg}
         self.repos: dict[str, Repo] = {}
@@ -160,7 +170,9 @@ class HubServer:
 
     def add_repo(self, repo_id: str, *, files: dict | None = None, private=False, gated=False, card_data=None) -> Repo:
         with self.lock:
-            repo = Repo(repo_id, private, gated, dict(card_data or {}), {".gitattributes": GITATTRIBUTES, **(files or {})})
+            repo = Repo(
+                repo_id, private, gated, dict(card_data or {}), {".gitattributes": GITATTRIBUTES, **(files or {})}
+            )
             repo.sha = hashlib.sha1(repo_id.encode()).hexdigest()
             self.repos[repo_id] = repo
             return repo
@@ -213,21 +225,48 @@ class HubServer:
         if repo.private:
             return token is not None and self.member_role(token.user, repo.repo_id.split("/")[0]) is not None
         if repo.gated:
-            return (token is not None and repo.repo_id in token.gated_access
-                    and (token.role != "fineGrained" or token.can_read_gated))
+            return (
+                token is not None
+                and repo.repo_id in token.gated_access
+                and (token.role != "fineGrained" or token.can_read_gated)
+            )
         return True
 
     def whoami_payload(self, token: Token) -> dict:
-        orgs = [{"type": "org", "id": f"id-{org}", "name": org, "fullname": org.title(), "roleInOrg": members[token.user],
-                 "isEnterprise": False, "avatarUrl": ""}
-                for org, members in sorted(self.orgs.items()) if token.user in members]
+        orgs = [
+            {
+                "type": "org",
+                "id": f"id-{org}",
+                "name": org,
+                "fullname": org.title(),
+                "roleInOrg": members[token.user],
+                "isEnterprise": False,
+                "avatarUrl": "",
+            }
+            for org, members in sorted(self.orgs.items())
+            if token.user in members
+        ]
         access = {"displayName": token.display_name, "role": token.role, "createdAt": "2026-01-01T00:00:00.000Z"}
         if token.role == "fineGrained":
-            access["fineGrained"] = {"canReadGatedRepos": token.can_read_gated, "global": ["discussion.write"],
-                                     "scoped": token.scoped}
-        return {"type": "user", "id": f"id-{token.user}", "name": token.user, "fullname": token.user.title(),
-                "email": f"{token.user}@example.invalid", "emailVerified": True, "canPay": False, "isPro": False,
-                "periodEnd": None, "avatarUrl": "", "orgs": orgs, "auth": {"type": "access_token", "accessToken": access}}
+            access["fineGrained"] = {
+                "canReadGatedRepos": token.can_read_gated,
+                "global": ["discussion.write"],
+                "scoped": token.scoped,
+            }
+        return {
+            "type": "user",
+            "id": f"id-{token.user}",
+            "name": token.user,
+            "fullname": token.user.title(),
+            "email": f"{token.user}@example.invalid",
+            "emailVerified": True,
+            "canPay": False,
+            "isPro": False,
+            "periodEnd": None,
+            "avatarUrl": "",
+            "orgs": orgs,
+            "auth": {"type": "access_token", "accessToken": access},
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -335,10 +374,15 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         with hub.lock:
             if repo_id in hub.repos:
-                return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
-                                  error_message="You already created this model repo")
+                return self._send(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                    error_message="You already created this model repo",
+                )
             if not hub.can_create(token, namespace):
-                return self._error(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
+                return self._error(
+                    403, f'You don\'t have the rights to create a model under the namespace "{namespace}"'
+                )
             hub.add_repo(repo_id, private=payload.get("visibility") == "private")
         self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": f"id-{repo_id}"})
 
@@ -357,9 +401,9 @@ class _Handler(BaseHTTPRequestHandler):
                 bases = meta.get("base_model") or []
                 for base in [bases] if isinstance(bases, str) else bases:
                     if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", str(base)):
-                        errors.append({"message": f"\"base_model\" is not a valid model id: {base}"})
+                        errors.append({"message": f'"base_model" is not a valid model id: {base}'})
                 if "model-index" in meta and not isinstance(meta["model-index"], list):
-                    errors.append({"message": "\"model-index\" must be a list"})
+                    errors.append({"message": '"model-index" must be a list'})
         self._send(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def _repo(self, token, ns, name) -> Repo | None:
@@ -373,13 +417,25 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(token, ns, name)
         if repo is None:
             return
-        self._send(200, {
-            "_id": f"id-{repo.repo_id}", "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha,
-            "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False,
-            "siblings": [{"rfilename": p} for p in sorted(repo.files)], "cardData": repo.card_data, "tags": [],
-            "downloads": 0, "likes": 0, "createdAt": "2026-01-01T00:00:00.000Z",
-            "lastModified": "2026-01-01T00:00:00.000Z",
-        })
+        self._send(
+            200,
+            {
+                "_id": f"id-{repo.repo_id}",
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": repo.sha,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+                "cardData": repo.card_data,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "lastModified": "2026-01-01T00:00:00.000Z",
+            },
+        )
 
     def auth_check(self, token, body, ns, name, write=None):
         repo = self._repo(token, ns, name)
@@ -388,8 +444,12 @@ class _Handler(BaseHTTPRequestHandler):
         if write and (token is None or not self.hub.can_write(token, repo.repo_id)):
             return self._error(403, f"You don't have write access to {repo.repo_id}")
         if not self.hub.can_read(token, repo):
-            return self._error(403, f"Access to model {repo.repo_id} is restricted. You must have access to it and "
-                               "be authenticated to access it. Please log in.", "GatedRepo")
+            return self._error(
+                403,
+                f"Access to model {repo.repo_id} is restricted. You must have access to it and "
+                "be authenticated to access it. Please log in.",
+                "GatedRepo",
+            )
         self._send(200, {})
 
     def _writable(self, token, ns, name) -> Repo | None:
@@ -408,11 +468,21 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         files = json.loads(body or b"{}").get("files", [])
-        self._send(200, {"files": [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_hash(repo.files[f["path"]]) if f["path"] in repo.files else None}
-            for f in files
-        ], "commitOid": repo.sha})
+        self._send(
+            200,
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_hash(repo.files[f["path"]]) if f["path"] in repo.files else None,
+                    }
+                    for f in files
+                ],
+                "commitOid": repo.sha,
+            },
+        )
 
     def commit(self, token, body, ns, name, rev):
         hub = self.hub
@@ -445,10 +515,20 @@ class _Handler(BaseHTTPRequestHandler):
                 for existing in [p for p in repo.files if p == path or p.startswith(path.rstrip("/") + "/")]:
                     del repo.files[existing]
             repo.files.update(added)
-            repo.sha = hashlib.sha1((repo.sha + json.dumps(sorted((p, git_hash(b)) for p, b in added.items()))).encode()).hexdigest()
+            repo.sha = hashlib.sha1(
+                (repo.sha + json.dumps(sorted((p, git_hash(b)) for p, b in added.items()))).encode()
+            ).hexdigest()
             hub.commits.append(Commit(repo.repo_id, header.get("summary", ""), added, deleted, repo.sha))
-        self._send(200, {"success": True, "commitOid": repo.sha, "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{repo.sha}",
-                         "commitMessage": header.get("summary", ""), "pullRequestUrl": None})
+        self._send(
+            200,
+            {
+                "success": True,
+                "commitOid": repo.sha,
+                "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{repo.sha}",
+                "commitMessage": header.get("summary", ""),
+                "pullRequestUrl": None,
+            },
+        )
 
 
 _REPO = r"/api/models/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)"

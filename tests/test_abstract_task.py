@@ -29,15 +29,19 @@ from hfplug.training.chat_setup import TRAINING_DATE_STRING, reply_end_ids, trai
 from hfplug.training.generation import generate_batch, generation_records, plan_batches
 from hfplug.training.model_setup import check_causal_lm
 
-TEXTS = ["A widget comprising a wheel and a battery. The widget turns the wheel.",
-         "1. A widget comprising a wheel. 2. The widget of claim 1, wherein the wheel turns.",
-         "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nsystem user assistant\n\n"
-         "Write the abstract of a patent application from its claims.\n\nClaims:\n"] * 30
-LLAMA3_PROMPT = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                 f"Cutting Knowledge Date: December 2023\nToday Date: {TRAINING_DATE_STRING}\n\n<|eot_id|>"
-                 "<|start_header_id|>user<|end_header_id|>\n\n"
-                 "Write the abstract of a patent application from its claims.\n\nClaims:\n1. A widget."
-                 "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+TEXTS = [
+    "A widget comprising a wheel and a battery. The widget turns the wheel.",
+    "1. A widget comprising a wheel. 2. The widget of claim 1, wherein the wheel turns.",
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nsystem user assistant\n\n"
+    "Write the abstract of a patent application from its claims.\n\nClaims:\n",
+] * 30
+LLAMA3_PROMPT = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    f"Cutting Knowledge Date: December 2023\nToday Date: {TRAINING_DATE_STRING}\n\n<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n"
+    "Write the abstract of a patent application from its claims.\n\nClaims:\n1. A widget."
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+)
 
 
 @pytest.fixture
@@ -74,8 +78,9 @@ def test_collated_batch_exact_pad_is_not_eos_and_labels_pad_with_ignore(tok, fmt
     assert tok.pad_token == "<|finetune_right_pad_id|>" and pad not in (eos, eot)
     a = encode_abstract_example(fmt, {"claims": "1. A widget."}, "A widget.", 512)
     b = encode_abstract_example(fmt, {"claims": "1. A widget comprising a wheel."}, "A wheel.", 512)
-    batch = causal_lm_collator(tok)([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-                                     for ids, labels in (a, b)])
+    batch = causal_lm_collator(tok)(
+        [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in (a, b)]
+    )
     width = batch["input_ids"].shape[1]
     assert width % 8 == 0 and width >= max(len(a[0]), len(b[0]))
     for row, (ids, labels) in enumerate((a, b)):
@@ -111,14 +116,23 @@ def test_abstract_alone_too_long_is_dropped_and_counted(tok, fmt, caplog):
     with caplog.at_level(logging.WARNING):
         encoded, too_long = tokenize_abstract_splits(splits, fmt, text_fields=["claims"], max_length=overhead + 5)
     assert too_long == {"train": 1, "validation": 0}
-    assert len(encoded["train"]) == 1 and set(encoded["train"].column_names) == {"input_ids", "attention_mask", "labels"}
+    assert len(encoded["train"]) == 1 and set(encoded["train"].column_names) == {
+        "input_ids",
+        "attention_mask",
+        "labels",
+    }
     assert "dropped 1 of 2 train record(s): the abstract alone does not fit" in caplog.text
 
 
 def test_prepare_drops_and_counts_records_without_claims_or_abstract(caplog):
     splits = DatasetDict(
-        train=Dataset.from_dict({"claims": ["1. A.", "", "1. C.", None], "abstract": ["A.", "B.", "  ", "D."],
-                                 "title": ["a", "b", "c", "d"]}),
+        train=Dataset.from_dict(
+            {
+                "claims": ["1. A.", "", "1. C.", None],
+                "abstract": ["A.", "B.", "  ", "D."],
+                "title": ["a", "b", "c", "d"],
+            }
+        ),
         validation=Dataset.from_dict({"claims": ["1. A."], "abstract": ["A."], "title": ["a"]}),
     )
     with caplog.at_level(logging.WARNING):
@@ -132,7 +146,8 @@ def test_prepare_drops_and_counts_records_without_claims_or_abstract(caplog):
 
 def test_several_sections_are_introduced_by_name():
     assert abstract_prompt({"title": "Widget ", "claims": "1. A widget."}) == (
-        "Write the abstract of a patent application from its title and claims.\n\nTitle:\nWidget\n\nClaims:\n1. A widget.")
+        "Write the abstract of a patent application from its title and claims.\n\nTitle:\nWidget\n\nClaims:\n1. A widget."
+    )
 
 
 def test_text_fields_default_per_task_and_abstract_cannot_read_itself():
@@ -140,7 +155,9 @@ def test_text_fields_default_per_task_and_abstract_cannot_read_itself():
     assert args.sections == ["claims"]
     (args,) = parse_args((HupdArguments,), ["--task", "decision"])
     assert args.sections == ["title", "abstract"]
-    with pytest.raises(ValueError, match="text_fields cannot include it \\(got title,abstract\\).*--text_fields claims"):
+    with pytest.raises(
+        ValueError, match="text_fields cannot include it \\(got title,abstract\\).*--text_fields claims"
+    ):
         parse_args((HupdArguments,), ["--task", "abstract", "--text_fields", "title,abstract"])
     with pytest.raises(ValueError, match="chat_template applies to --task abstract only"):
         parse_args((HupdArguments,), ["--task", "ipc", "--chat_template", "llama3"])
@@ -160,7 +177,9 @@ def test_pad_equal_to_a_reply_end_is_replaced(tok, caplog):
 
 def test_no_pad_but_eos_is_a_clear_error(tok, monkeypatch):
     monkeypatch.setattr(loading, "PAD_CANDIDATES", ())  # a vocabulary without any pad-like token
-    with pytest.raises(ValueError, match="no token to pad with other than the ones a reply ends with.*add_special_tokens"):
+    with pytest.raises(
+        ValueError, match="no token to pad with other than the ones a reply ends with.*add_special_tokens"
+    ):
         training_chat_format(tok)
 
 
@@ -171,8 +190,14 @@ def test_a_pad_that_is_another_stop_token_is_kept():
 
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        TEXTS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     qwen = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     chat_format = training_chat_format(qwen)
     assert chat_format.name == "chatml" and qwen.pad_token == "<|endoftext|>"
@@ -201,8 +226,10 @@ def test_encoder_model_is_refused_for_abstract(repo):
 
 
 def test_generation_records_split_prompt_and_reference(tok, fmt):
-    examples = [encode_abstract_example(fmt, {"claims": c}, a, 512)
-                for c, a in (("1. A widget.", "A widget."), ("1. A wheel comprising a widget.", "A wheel turns."))]
+    examples = [
+        encode_abstract_example(fmt, {"claims": c}, a, 512)
+        for c, a in (("1. A widget.", "A widget."), ("1. A wheel comprising a widget.", "A wheel turns."))
+    ]
     dataset = Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
     records = generation_records(dataset, 5, tok)
     assert [r.index for r in records] == [0, 1]
@@ -219,8 +246,10 @@ def test_batch_plan_is_the_same_for_any_number_of_processes():
 
 def test_batched_greedy_generation_equals_one_by_one(tok, fmt):
     model = build_tiny_llama(tok, max_position_embeddings=1024).eval()
-    prompts = [fmt.encode([{"role": "user", "content": text}], add_generation_prompt=True)
-               for text in ("1. A widget.", "1. A widget comprising a wheel and a battery, wherein it turns.")]
+    prompts = [
+        fmt.encode([{"role": "user", "content": text}], add_generation_prompt=True)
+        for text in ("1. A widget.", "1. A widget comprising a wheel and a battery, wherein it turns.")
+    ]
 
     def generate(batch):
         return generate_batch(model, fmt, batch, max_new_tokens=24, pad_token_id=tok.pad_token_id)
@@ -238,18 +267,60 @@ def test_batched_greedy_generation_equals_one_by_one(tok, fmt):
 
 
 def _flags(out, *extra):
-    return ("--output_dir", str(out), "--hupd_cache_dir", str(out.parent / "cache"), "--task", "abstract",
-            "--text_fields", "claims", "--max_length", "512", "--max_eval_samples", "16", "--max_generate_samples", "6",
-            "--max_new_tokens", "8", "--per_device_eval_batch_size", "4", "--logging_steps", "2", *extra)
+    return (
+        "--output_dir",
+        str(out),
+        "--hupd_cache_dir",
+        str(out.parent / "cache"),
+        "--task",
+        "abstract",
+        "--text_fields",
+        "claims",
+        "--max_length",
+        "512",
+        "--max_eval_samples",
+        "16",
+        "--max_generate_samples",
+        "6",
+        "--max_new_tokens",
+        "8",
+        "--per_device_eval_batch_size",
+        "4",
+        "--logging_steps",
+        "2",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir):
     """One short 4-bit + LoRA run of --task abstract on the tiny Llama: evaluated at steps 2 and 3 (the last), then once more."""
     out = tmp_path_factory.mktemp("abstract") / "out"
-    flags = _flags(out, "--model_name_or_path", str(tiny_llama_dir), "--quant", "4bit", "--lora", "true",
-                   "--lora_r", "8", "--max_steps", "3", "--max_train_samples", "64", "--learning_rate", "0.001", "--eval_strategy", "steps",
-                   "--eval_steps", "2", "--log_samples", "2", "--activation_checkpointing", "true")
+    flags = _flags(
+        out,
+        "--model_name_or_path",
+        str(tiny_llama_dir),
+        "--quant",
+        "4bit",
+        "--lora",
+        "true",
+        "--lora_r",
+        "8",
+        "--max_steps",
+        "3",
+        "--max_train_samples",
+        "64",
+        "--learning_rate",
+        "0.001",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--log_samples",
+        "2",
+        "--activation_checkpointing",
+        "true",
+    )
     proc = run_command(finetune_command(*flags))
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out, proc.stdout
@@ -267,7 +338,10 @@ def test_abstract_run_reports_loss_perplexity_rouge_and_counts(trained):
     assert results["eval_samples"] + results["eval_dropped_records"] == 16
     assert "padding with '<|finetune_right_pad_id|>'" in log and "optim=paged_adamw_8bit" in log
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert [e["step"] for e in history if "eval_rougeL" in e] == [2, 3]  # trainer_state.json is saved before the final one
+    assert [e["step"] for e in history if "eval_rougeL" in e] == [
+        2,
+        3,
+    ]  # trainer_state.json is saved before the final one
 
 
 @pytest.mark.slow
@@ -307,8 +381,20 @@ def test_sample_generations_are_written_at_each_evaluation(trained):
 def test_chat_with_the_trained_adapter(trained):
     out, _ = trained
     prompt = abstract_prompt({"claims": "1. A widget comprising a wheel."})
-    proc = run_command([sys.executable, "recipes/chat.py", "--adapter", str(out), "--prompt", prompt,
-                        "--do_sample", "false", "--max_new_tokens", "8"])
+    proc = run_command(
+        [
+            sys.executable,
+            "recipes/chat.py",
+            "--adapter",
+            str(out),
+            "--prompt",
+            prompt,
+            "--do_sample",
+            "false",
+            "--max_new_tokens",
+            "8",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "Loading the LoRA adapter" in proc.stdout
     assert "has no chat template" not in proc.stdout  # the saved tokenizer carries the training format
@@ -318,8 +404,19 @@ def test_chat_with_the_trained_adapter(trained):
 def test_two_processes_score_every_generated_record_once(trained, tmp_path):
     out, _ = trained
     again = tmp_path / "eval2"
-    flags = _flags(again, "--model_name_or_path", str(out), "--quant", "4bit", "--do_train", "false",
-                   "--do_eval", "true", "--log_samples", "0")
+    flags = _flags(
+        again,
+        "--model_name_or_path",
+        str(out),
+        "--quant",
+        "4bit",
+        "--do_train",
+        "false",
+        "--do_eval",
+        "true",
+        "--log_samples",
+        "0",
+    )
     proc = run_command(finetune_command(*flags, processes=2))
     assert proc.returncode == 0, proc.stdout[-4000:]
     one = json.loads((out / "eval_results.json").read_text())

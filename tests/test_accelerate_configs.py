@@ -46,8 +46,9 @@ def launcher_args(config: Path):
     """
     from accelerate.commands.launch import _validate_launch_command
 
-    args = launch_command_parser().parse_args([str(REPO / a) if a == f"accelerate_configs/{config.name}" else a
-                                               for a in launch_line(config)])
+    args = launch_command_parser().parse_args(
+        [str(REPO / a) if a == f"accelerate_configs/{config.name}" else a for a in launch_line(config)]
+    )
     return _validate_launch_command(args)
 
 

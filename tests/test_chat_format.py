@@ -16,8 +16,10 @@ from transformers import PreTrainedTokenizerFast
 from hfplug.chat.format import BUILTIN_TEMPLATES, ChatFormat, ChatTemplateError, builtin_template
 from hfplug.testing.tiny import build_llama3_tokenizer
 
-TEXTS = ["Hello world. A patent claim about a semiconductor device and a method of making it.",
-         "System: be brief.\n\nUser: What is claimed?\n\nAssistant: A device."] * 20
+TEXTS = [
+    "Hello world. A patent claim about a semiconductor device and a method of making it.",
+    "System: be brief.\n\nUser: What is claimed?\n\nAssistant: A device.",
+] * 20
 DATE = {"date_string": "26 Jul 2024"}
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -26,8 +28,10 @@ CHAT = [
     {"role": "user", "content": "And the method?"},
     {"role": "assistant", "content": "Making it."},
 ]
-LLAMA3_SYSTEM = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                 "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+LLAMA3_SYSTEM = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
 
 
 def bpe_tokenizer(special_tokens, **named) -> PreTrainedTokenizerFast:
@@ -37,8 +41,12 @@ def bpe_tokenizer(special_tokens, **named) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        TEXTS,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
 
 
@@ -49,7 +57,9 @@ def llama3_tok():
 
 @pytest.fixture(scope="module")
 def chatml_tok():  # like Qwen2: no BOS, eos <|im_end|>, <|endoftext|> as pad
-    return bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return bpe_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +117,10 @@ def test_plain_format_exact(plain_tok):
         "<s>System: Be brief.\n\nUser: What is claimed?\n\nAssistant: A device.</s>"
         "\n\nUser: And the method?\n\nAssistant: Making it.</s>"
     )
-    assert f.render(CHAT[:2], add_generation_prompt=True) == "<s>System: Be brief.\n\nUser: What is claimed?\n\nAssistant:"
+    assert (
+        f.render(CHAT[:2], add_generation_prompt=True)
+        == "<s>System: Be brief.\n\nUser: What is claimed?\n\nAssistant:"
+    )
 
 
 def test_tokenizers_own_template_wins_without_warning(plain_tok, caplog):
@@ -119,11 +132,18 @@ def test_tokenizers_own_template_wins_without_warning(plain_tok, caplog):
     assert f.render(CHAT[1:3]) == "[user]  What is claimed? \n[assistant] A device.\n"
 
 
-@pytest.mark.parametrize("tok_name, expected, says", [
-    ("llama3_tok", "llama3", "chosen from its special tokens <|start_header_id|>, <|end_header_id|>, <|eot_id|>"),
-    ("chatml_tok", "chatml", "chosen from its special tokens <|im_start|>, <|im_end|>"),
-    ("plain_tok", "plain", "no Llama 3 or ChatML special tokens in its vocabulary; generation also stops at '\\nUser:'"),
-])
+@pytest.mark.parametrize(
+    "tok_name, expected, says",
+    [
+        ("llama3_tok", "llama3", "chosen from its special tokens <|start_header_id|>, <|end_header_id|>, <|eot_id|>"),
+        ("chatml_tok", "chatml", "chosen from its special tokens <|im_start|>, <|im_end|>"),
+        (
+            "plain_tok",
+            "plain",
+            "no Llama 3 or ChatML special tokens in its vocabulary; generation also stops at '\\nUser:'",
+        ),
+    ],
+)
 def test_fallback_says_which_template(request, caplog, tok_name, expected, says):
     with caplog.at_level(logging.WARNING, logger="hfplug.chat.format"):
         f = ChatFormat.from_tokenizer(request.getfixturevalue(tok_name))
@@ -152,16 +172,22 @@ def test_override_by_name_and_by_file(llama3_tok, tmp_path, caplog):
 
 
 def test_unknown_template_name_lists_the_names(llama3_tok):
-    with pytest.raises(ValueError, match=r"Unknown chat template 'llama-3'\. Built-in templates: llama3, chatml, plain; "
-                                         r"or give the path of a \.jinja file"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown chat template 'llama-3'\. Built-in templates: llama3, chatml, plain; "
+        r"or give the path of a \.jinja file",
+    ):
         ChatFormat.from_tokenizer(llama3_tok, "llama-3")
 
 
 def test_override_errors(llama3_tok, plain_tok, tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         ChatFormat.from_tokenizer(llama3_tok, str(tmp_path / "missing.jinja"))
-    with pytest.raises(ValueError, match=r"needs the special tokens <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>.*"
-                                         r"detected: plain"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs the special tokens <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>.*"
+        r"detected: plain",
+    ):
         ChatFormat.from_tokenizer(plain_tok, "llama3")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }")
@@ -211,7 +237,9 @@ def test_stop_tokens_and_strings(llama3_tok, chatml_tok, plain_tok):
     assert f.stop_token_ids == [ids("<|end_of_text|>"), ids("<|eot_id|>"), ids("<|eom_id|>")]
     assert f.stop_strings == []
     assert f.stopping_kwargs(extra_eos=ids("<|end_of_text|>")) == {"eos_token_id": f.stop_token_ids}
-    assert fmt(chatml_tok).stop_token_ids == [chatml_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert fmt(chatml_tok).stop_token_ids == [
+        chatml_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    ]
     plain = fmt(plain_tok)
     assert plain.stop_token_ids == [plain_tok.eos_token_id]
     assert plain.stop_strings == ["\nUser:"]
@@ -229,15 +257,29 @@ def test_llama3_assistant_mask_exact(llama3_tok):
     enc = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     expected_ids = (
-        enc(LLAMA3_SYSTEM + "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is claimed?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
-        + enc("A device.") + [eot]
-        + enc("<|start_header_id|>user<|end_header_id|>\n\nAnd the method?<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n")
-        + enc("Making it.") + [eot]
+        enc(
+            LLAMA3_SYSTEM + "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is claimed?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        + enc("A device.")
+        + [eot]
+        + enc(
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd the method?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        + enc("Making it.")
+        + [eot]
     )
-    a1, u2, a2 = len(enc("A device.")) + 1, len(enc("<|start_header_id|>user<|end_header_id|>\n\nAnd the method?<|eot_id|>"
-                                                    "<|start_header_id|>assistant<|end_header_id|>\n\n")), len(enc("Making it.")) + 1
+    a1, u2, a2 = (
+        len(enc("A device.")) + 1,
+        len(
+            enc(
+                "<|start_header_id|>user<|end_header_id|>\n\nAnd the method?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            )
+        ),
+        len(enc("Making it.")) + 1,
+    )
     prompt = len(expected_ids) - a1 - u2 - a2
     assert torch.equal(torch.tensor(ids), torch.tensor(expected_ids))
     assert torch.equal(torch.tensor(mask), torch.tensor([0] * prompt + [1] * a1 + [0] * u2 + [1] * a2))
@@ -253,7 +295,9 @@ def test_chatml_and_plain_masks_end_with_end_of_turn(chatml_tok, plain_tok):
     ids, mask = fmt(plain_tok).encode_with_assistant_mask(CHAT)
     masked = [i for i, m in zip(ids, mask) if m]
     assert plain_tok.decode(masked) == " A device.</s> Making it.</s>"
-    assert torch.equal(torch.tensor(ids)[torch.tensor(mask, dtype=torch.bool)][-1], torch.tensor(plain_tok.eos_token_id))
+    assert torch.equal(
+        torch.tensor(ids)[torch.tensor(mask, dtype=torch.bool)][-1], torch.tensor(plain_tok.eos_token_id)
+    )
 
 
 def test_mask_matches_what_generation_sees(llama3_tok):
@@ -298,7 +342,9 @@ def test_typed_control_tokens_never_become_special_tokens(llama3_tok, tmp_path, 
     plain = [{"role": "system", "content": "Hi"}, {"role": "user", "content": "Hi"}]
     encoded = f.encode(typed, add_generation_prompt=True)
     # The special tokens are exactly the ones the template writes for the same chat without the typed ones.
-    assert [i for i in encoded if i in specials] == [i for i in f.encode(plain, add_generation_prompt=True) if i in specials]
+    assert [i for i in encoded if i in specials] == [
+        i for i in f.encode(plain, add_generation_prompt=True) if i in specials
+    ]
     assert [i for i in encoded if i in specials].count(ids("<|eot_id|>")) == 2  # system and user turns only
     assert tok.decode(encoded).count(INJECTION.strip()) == 2  # still there, as text
 
@@ -307,8 +353,9 @@ def test_old_transformers_without_sanitizing_is_refused():
     """Before 5.20, apply_chat_template passed unknown keywords to the template: the flag would be ignored."""
 
     class OldTokenizer:
-        def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=False, tokenize=True,
-                                **kwargs):
+        def apply_chat_template(
+            self, conversation, chat_template=None, add_generation_prompt=False, tokenize=True, **kwargs
+        ):
             raise AssertionError("not reached")
 
     assert "sanitize_control_tokens" in inspect.signature(PreTrainedTokenizerFast.apply_chat_template).parameters
@@ -320,7 +367,7 @@ def test_old_transformers_without_sanitizing_is_refused():
 
 # The chat_template of meta-llama/Llama-3.1-8B-Instruct's tokenizer_config.json (the same text in several
 # public copies of that file; its default date is 26 Jul 2024).
-LLAMA31_INSTRUCT_TEMPLATE = r'''{{- bos_token }}
+LLAMA31_INSTRUCT_TEMPLATE = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}
 {%- endif %}
@@ -429,7 +476,7 @@ LLAMA31_INSTRUCT_TEMPLATE = r'''{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
-'''
+"""
 
 # The chat_template of google/gemma-2-2b-it's (and gemma-2-9b-it's) tokenizer_config.json.
 GEMMA2_TEMPLATE = (
@@ -444,7 +491,7 @@ GEMMA2_TEMPLATE = (
 # The chat_template of mistralai/Mistral-Nemo-Instruct-2407's tokenizer_config.json (as quoted by
 # huggingface/swift-jinja's chat-template tests). No add_generation_prompt: a chat ending in a
 # user turn ends in [/INST]. The system message goes into the *last* user turn only.
-MISTRAL_NEMO_TEMPLATE = r'''{%- if messages[0]["role"] == "system" %}
+MISTRAL_NEMO_TEMPLATE = r"""{%- if messages[0]["role"] == "system" %}
     {%- set system_message = messages[0]["content"] %}
     {%- set loop_messages = messages[1:] %}
 {%- else %}
@@ -530,14 +577,18 @@ MISTRAL_NEMO_TEMPLATE = r'''{%- if messages[0]["role"] == "system" %}
         {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
     {%- endif %}
 {%- endfor %}
-'''
+"""
 
 
 LLAMA31_CHATS = [
     CHAT,
     CHAT[1:],
     [{"role": "system", "content": "  Answer in French.\n"}, {"role": "user", "content": "\nHello\n\n"}],
-    [{"role": "user", "content": "One"}, {"role": "assistant", "content": " Two "}, {"role": "user", "content": "Three"}],
+    [
+        {"role": "user", "content": "One"},
+        {"role": "assistant", "content": " Two "},
+        {"role": "user", "content": "Three"},
+    ],
 ]
 
 
@@ -557,8 +608,12 @@ def test_builtin_llama3_renders_like_the_real_llama31_template(llama3_tok, chat,
 
 @pytest.fixture(scope="module")
 def gemma2_tok():  # Gemma-2's special tokens and ids 0-4 layout: <pad> <eos> <bos> ... <start_of_turn> <end_of_turn>
-    tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-                        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok = bpe_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+    )
     tok.chat_template = GEMMA2_TEMPLATE
     return tok
 
@@ -566,31 +621,44 @@ def gemma2_tok():  # Gemma-2's special tokens and ids 0-4 layout: <pad> <eos> <b
 def test_gemma2_template_refusing_a_system_message_is_a_clear_error(gemma2_tok):
     f = ChatFormat.from_tokenizer(gemma2_tok)  # a plain chat renders, so the format itself is accepted
     assert f.render(CHAT[1:3], add_generation_prompt=False) == (
-        "<bos><start_of_turn>user\nWhat is claimed?<end_of_turn>\n<start_of_turn>model\nA device.<end_of_turn>\n")
-    for call in (lambda: f.encode(CHAT[:2], add_generation_prompt=True), lambda: f.render(CHAT[:2]),
-                 lambda: f.encode_with_assistant_mask(CHAT[:3])):
+        "<bos><start_of_turn>user\nWhat is claimed?<end_of_turn>\n<start_of_turn>model\nA device.<end_of_turn>\n"
+    )
+    for call in (
+        lambda: f.encode(CHAT[:2], add_generation_prompt=True),
+        lambda: f.render(CHAT[:2]),
+        lambda: f.encode_with_assistant_mask(CHAT[:3]),
+    ):
         with pytest.raises(ChatTemplateError) as caught:
             call()
         assert isinstance(caught.value, ValueError)
         assert str(caught.value).startswith(
             "The tokenizer's chat template refused this conversation: System role not supported. This model's format "
-            "has no system prompt: leave out --system")
+            "has no system prompt: leave out --system"
+        )
         assert "--chat_template (llama3, chatml, plain or a .jinja file)" in str(caught.value)
-    with pytest.raises(ChatTemplateError, match="refused this conversation: Conversation roles must alternate.*"
-                                                r"Change the conversation \(/reset starts over\)"):
+    with pytest.raises(
+        ChatTemplateError,
+        match="refused this conversation: Conversation roles must alternate.*"
+        r"Change the conversation \(/reset starts over\)",
+    ):
         f.encode([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
 @pytest.fixture(scope="module")
 def nemo_tok():  # Mistral-Nemo's control tokens (Tekken vocab): <s>, </s>, [INST], [/INST] are special
-    tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = bpe_tokenizer(
+        ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tok.chat_template = MISTRAL_NEMO_TEMPLATE
     return tok
 
 
 def test_mistral_nemo_mask_without_system_message_is_exact(nemo_tok):
     f = ChatFormat.from_tokenizer(nemo_tok)
-    assert f.render(CHAT[1:]) == "<s>[INST] What is claimed? [/INST]A device.</s>[INST]And the method?[/INST]Making it.</s>"
+    assert (
+        f.render(CHAT[1:])
+        == "<s>[INST] What is claimed? [/INST]A device.</s>[INST]And the method?[/INST]Making it.</s>"
+    )
     ids, mask = f.encode_with_assistant_mask(CHAT[1:])
     assert nemo_tok.decode([i for i, m in zip(ids, mask) if m]) == "A device.</s>Making it.</s>"
     prompt = f.encode(CHAT[1:2], add_generation_prompt=True)
@@ -605,11 +673,13 @@ def test_mistral_nemo_with_system_message_refuses_a_mask(nemo_tok, chat):
     f = ChatFormat.from_tokenizer(nemo_tok)
     assert f.render(chat[:2], add_generation_prompt=True) == "<s>[INST]Be brief.\n\n What is claimed? [/INST]"
     assert f.render(chat[:3]) == "<s>[INST] What is claimed? [/INST]A device.</s>"
-    with pytest.raises(ValueError, match=r"does not render the generation prompt before assistant message 2 as a prefix "
-                                         r"of the chat with that reply \(they differ from character 9: 'Be brief.*"
-                                         r"Leave out the system message, or use a built-in template"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not render the generation prompt before assistant message 2 as a prefix "
+        r"of the chat with that reply \(they differ from character 9: 'Be brief.*"
+        r"Leave out the system message, or use a built-in template",
+    ):
         f.encode_with_assistant_mask(chat)
-
 
 
 def test_refusal_hint_blames_the_system_message_only_when_it_is_the_cause(nemo_tok):
@@ -618,4 +688,6 @@ def test_refusal_hint_blames_the_system_message_only_when_it_is_the_cause(nemo_t
     with pytest.raises(ChatTemplateError) as caught:
         f.encode([CHAT[0], CHAT[1], CHAT[1]])
     assert "conversation roles must alternate" in str(caught.value)
-    assert "leave out --system" not in str(caught.value) and "Change the conversation (/reset starts over)" in str(caught.value)
+    assert "leave out --system" not in str(caught.value) and "Change the conversation (/reset starts over)" in str(
+        caught.value
+    )

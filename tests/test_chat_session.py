@@ -63,8 +63,17 @@ def tiny(tmp_path_factory):
     """A scripted tiny Llama + Llama-3-style tokenizer, saved like a Hub checkpoint."""
     tok = build_llama3_tokenizer(TEXTS, vocab_size=400, model_max_length=256)
     ids = tok.convert_tokens_to_ids
-    t = SimpleNamespace(tok=tok, hello=ids("Hello"), world=ids("Ġworld"), sure=ids("ĠSure"), nl=ids("Ċ"),
-                        user=ids("User"), colon=ids(":"), eot=ids("<|eot_id|>"), end=ids("<|end_of_text|>"))
+    t = SimpleNamespace(
+        tok=tok,
+        hello=ids("Hello"),
+        world=ids("Ġworld"),
+        sure=ids("ĠSure"),
+        nl=ids("Ċ"),
+        user=ids("User"),
+        colon=ids(":"),
+        eot=ids("<|eot_id|>"),
+        end=ids("<|end_of_text|>"),
+    )
     fmt = ChatFormat.from_tokenizer(tok)
     t.llama3_prompt_end = fmt.encode([{"role": "user", "content": "hi"}], add_generation_prompt=True)[-1]
     assert ChatFormat.from_tokenizer(tok, "plain").encode([{"role": "user", "content": "hi"}], True)[-1] == t.colon
@@ -87,7 +96,9 @@ def tiny(tmp_path_factory):
 def session(tiny, *, template=None, model=None, **kwargs):
     settings = GenerationSettings(do_sample=False, max_new_tokens=kwargs.pop("max_new_tokens", 12))
     chat_format = ChatFormat.from_tokenizer(tiny.tok, template, template_kwargs={"date_string": "26 Jul 2024"})
-    return ChatSession(model or tiny.model, tiny.tok, chat_format, settings, notify=kwargs.pop("notify", lambda m: None), **kwargs)
+    return ChatSession(
+        model or tiny.model, tiny.tok, chat_format, settings, notify=kwargs.pop("notify", lambda m: None), **kwargs
+    )
 
 
 def load_recipe():
@@ -188,7 +199,9 @@ def test_ctrl_c_while_trimming_restores_the_history(tiny, monkeypatch):
 def test_4bit_model_chats(tiny):
     model = load_causal_lm(ChatModelArguments(model_name_or_path=str(tiny.dir), quant="4bit"))
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    s = ChatSession(model, tiny.tok, ChatFormat.from_tokenizer(tiny.tok), GenerationSettings(do_sample=False, max_new_tokens=12))
+    s = ChatSession(
+        model, tiny.tok, ChatFormat.from_tokenizer(tiny.tok), GenerationSettings(do_sample=False, max_new_tokens=12)
+    )
     assert s.reply("hi").text == "Hello world"
 
 
@@ -207,7 +220,9 @@ def test_history_trimmed_oldest_turns_first(tiny):
     for i in range(1, 5):
         assert s.reply(f"turn {i}").text == "Hello world"
     assert s.history == [user(3), answer, user(4), answer]
-    assert notices == [f"[history trimmed: dropped the oldest 1 turn(s) to fit {one_turn + per_turn} prompt tokens]"] * 2
+    assert (
+        notices == [f"[history trimmed: dropped the oldest 1 turn(s) to fit {one_turn + per_turn} prompt tokens]"] * 2
+    )
 
 
 def test_message_too_long_is_refused_and_nothing_is_lost(tiny):
@@ -223,8 +238,11 @@ def test_set_validates_keys_and_values(tiny):
     s = session(tiny)
     assert s.set("temperature=0.3") == "temperature=0.3" and s.settings.temperature == 0.3
     assert s.set(" do_sample = yes ") == "do_sample=True"
-    with pytest.raises(ValueError, match=r"Unknown setting 'temprature'\. Settable keys: max_new_tokens, temperature, "
-                                         r"top_p, top_k, repetition_penalty, do_sample"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown setting 'temprature'\. Settable keys: max_new_tokens, temperature, "
+        r"top_p, top_k, repetition_penalty, do_sample",
+    ):
         s.set("temprature=0.3")
     with pytest.raises(ValueError, match="expected a whole number"):
         s.set("top_k=many")
@@ -235,20 +253,23 @@ def test_set_validates_keys_and_values(tiny):
     assert s.settings.top_p == 0.9  # a rejected /set changes nothing
 
 
-@pytest.mark.parametrize("assignment, says", [
-    ("temperature=inf", r"temperature=inf must be a finite number > 0"),
-    ("temperature=1e400", r"temperature=inf must be a finite number > 0"),  # overflows to inf
-    ("temperature=nan", r"temperature=nan must be a finite number > 0"),
-    ("temperature=-0.5", r"temperature=-0\.5 must be a finite number > 0"),
-    ("temperature=0", r"temperature=0\.0 must be a finite number > 0.*set do_sample=false"),
-    ("top_p=nan", r"top_p=nan must be in \(0, 1\]"),
-    ("top_p=inf", r"top_p=inf must be in \(0, 1\]"),
-    ("top_p=0", r"top_p=0\.0 must be in \(0, 1\]"),
-    ("top_k=-1", r"top_k=-1 must be an integer >= 0"),
-    ("top_k=2.5", r"/set top_k=2\.5: expected a whole number"),
-    ("top_k=inf", r"/set top_k=inf: expected a whole number"),
-    ("repetition_penalty=inf", r"repetition_penalty=inf must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "assignment, says",
+    [
+        ("temperature=inf", r"temperature=inf must be a finite number > 0"),
+        ("temperature=1e400", r"temperature=inf must be a finite number > 0"),  # overflows to inf
+        ("temperature=nan", r"temperature=nan must be a finite number > 0"),
+        ("temperature=-0.5", r"temperature=-0\.5 must be a finite number > 0"),
+        ("temperature=0", r"temperature=0\.0 must be a finite number > 0.*set do_sample=false"),
+        ("top_p=nan", r"top_p=nan must be in \(0, 1\]"),
+        ("top_p=inf", r"top_p=inf must be in \(0, 1\]"),
+        ("top_p=0", r"top_p=0\.0 must be in \(0, 1\]"),
+        ("top_k=-1", r"top_k=-1 must be an integer >= 0"),
+        ("top_k=2.5", r"/set top_k=2\.5: expected a whole number"),
+        ("top_k=inf", r"/set top_k=inf: expected a whole number"),
+        ("repetition_penalty=inf", r"repetition_penalty=inf must be a finite number > 0"),
+    ],
+)
 def test_set_refuses_non_finite_and_out_of_range_values(tiny, assignment, says):
     s = session(tiny)
     before = s.settings
@@ -257,11 +278,23 @@ def test_set_refuses_non_finite_and_out_of_range_values(tiny, assignment, says):
     assert s.settings is before
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", math.inf), ("temperature", math.nan), ("temperature", -1.0), ("temperature", True),
-    ("top_p", math.nan), ("top_p", 1.01), ("top_p", -math.inf), ("top_k", -3), ("top_k", 2.0), ("top_k", True),
-    ("repetition_penalty", math.inf), ("max_new_tokens", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", math.inf),
+        ("temperature", math.nan),
+        ("temperature", -1.0),
+        ("temperature", True),
+        ("top_p", math.nan),
+        ("top_p", 1.01),
+        ("top_p", -math.inf),
+        ("top_k", -3),
+        ("top_k", 2.0),
+        ("top_k", True),
+        ("repetition_penalty", math.inf),
+        ("max_new_tokens", 0),
+    ],
+)
 def test_generation_settings_refuse_bad_values(field, value):
     """The dataclass itself checks, so flags and YAML get the same rules as /set."""
     with pytest.raises(ValueError, match=f"{field}="):
@@ -281,7 +314,9 @@ def test_save_refuses_to_overwrite_unless_asked(tiny, tmp_path):
     lines = ["hi", f"/save {target}", "/help", f"/save! {target}", f"/save {tmp_path}", "/save!"]
     out, err = io.StringIO(), io.StringIO()
     assert run_chat(s, stdin=io.StringIO("\n".join(lines) + "\n"), out=out, err=err) == 0
-    assert f"error: '{target}' already exists. Use /save! {target} to replace it, or give another name." in err.getvalue()
+    assert (
+        f"error: '{target}' already exists. Use /save! {target} to replace it, or give another name." in err.getvalue()
+    )
     assert "/save! FILE        the same, replacing FILE if it exists" in out.getvalue()
     assert f"[saved 2 messages to {target}]" in err.getvalue()  # only /save! wrote
     assert json.loads(target.read_text())["messages"][-1] == {"role": "assistant", "content": "Hello world"}
@@ -292,8 +327,19 @@ def test_save_refuses_to_overwrite_unless_asked(tiny, tmp_path):
 
 def test_commands_and_save_through_the_loop(tiny, tmp_path):
     s = session(tiny, info={"model": "scripted"})
-    lines = ["/help", "/system Be brief.", "hi", "/set nope=1", "/set max_new_tokens=8", "/frobnicate",
-             f"/save {tmp_path / 'chat.json'}", "/reset", "//again", "/exit", "never sent"]
+    lines = [
+        "/help",
+        "/system Be brief.",
+        "hi",
+        "/set nope=1",
+        "/set max_new_tokens=8",
+        "/frobnicate",
+        f"/save {tmp_path / 'chat.json'}",
+        "/reset",
+        "//again",
+        "/exit",
+        "never sent",
+    ]
     out, err = io.StringIO(), io.StringIO()
     assert run_chat(s, stdin=io.StringIO("\n".join(lines) + "\n"), out=out, err=err) == 0
     assert "/save FILE" in out.getvalue()
@@ -303,8 +349,11 @@ def test_commands_and_save_through_the_loop(tiny, tmp_path):
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert saved["model"] == "scripted" and saved["chat_template"] == "llama3"
     assert saved["settings"]["max_new_tokens"] == 8 and saved["settings"]["do_sample"] is False
-    assert saved["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "Hello world"}]
+    assert saved["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello world"},
+    ]
     assert s.history == [{"role": "user", "content": "/again"}, {"role": "assistant", "content": "Hello world"}]
 
 
@@ -317,8 +366,10 @@ def test_interactive_mode_streams_and_prompts(tiny):
     s = session(tiny, info={"model": "scripted"})
     out, err = _Terminal(), io.StringIO()
     assert run_chat(s, stdin=_Terminal("hi\n/set max_new_tokens=2\nagain\n"), out=out, err=err, show_stats=True) == 0
-    assert out.getvalue() == ("Chatting with scripted (llama3 format). /help lists commands; /exit or Ctrl-D quits.\n"
-                              "\n>>> Hello world\n\n>>> \n>>> Hello world\n\n>>> \n")  # Ctrl-D (end of input) quits
+    assert out.getvalue() == (
+        "Chatting with scripted (llama3 format). /help lists commands; /exit or Ctrl-D quits.\n"
+        "\n>>> Hello world\n\n>>> \n>>> Hello world\n\n>>> \n"
+    )  # Ctrl-D (end of input) quits
     assert "[max_new_tokens=2]" in err.getvalue() and "[reply cut at max_new_tokens=2]" in err.getvalue()
     assert err.getvalue().count("[stats] ") == 2
 
@@ -334,7 +385,10 @@ def adapter_dir(tiny, tmp_path_factory):
     base = LlamaForCausalLM.from_pretrained(tiny.dir)  # so the adapter records tiny.dir as its base
     model = get_peft_model(base, LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"]))
     with torch.no_grad():
-        lora_a, lora_b = model.base_model.model.lm_head.lora_A["default"], model.base_model.model.lm_head.lora_B["default"]
+        lora_a, lora_b = (
+            model.base_model.model.lm_head.lora_A["default"],
+            model.base_model.model.lm_head.lora_B["default"],
+        )
         lora_a.weight.copy_(_unit(base.model.embed_tokens.weight[tiny.hello])[None])
         lora_b.weight.zero_()
         lora_b.weight[tiny.eot, 0], lora_b.weight[tiny.world, 0] = 30.0, -30.0
@@ -353,7 +407,9 @@ def test_adapter_on_another_base_names_the_base_it_needs(tiny, adapter_dir, tmp_
     other = tmp_path / "other"
     tiny.model.save_pretrained(other)
     tiny.tok.save_pretrained(other)
-    with pytest.raises(ValueError, match=rf"trained on base model '{tiny.dir}', not '{other}'\. Pass --model {tiny.dir}"):
+    with pytest.raises(
+        ValueError, match=rf"trained on base model '{tiny.dir}', not '{other}'\. Pass --model {tiny.dir}"
+    ):
         load_recipe().main(["--model", str(other), "--adapter", str(adapter_dir), "--prompt", "hi"])
     with pytest.raises(ModelLoadError, match="is not a LoRA adapter: no adapter_config.json"):
         load_recipe().main(["--adapter", str(other), "--prompt", "hi"])
@@ -402,21 +458,28 @@ def gemma2_file(tmp_path):
 
 
 def test_template_refusing_the_system_prompt_fails_at_startup_with_a_hint(tiny, gemma2_file, monkeypatch):
-    with pytest.raises(ChatTemplateError, match="refused this conversation: System role not supported. This model's "
-                                                "format has no system prompt: leave out --system"):
+    with pytest.raises(
+        ChatTemplateError,
+        match="refused this conversation: System role not supported. This model's "
+        "format has no system prompt: leave out --system",
+    ):
         session(tiny, template=str(gemma2_file), system="Be brief.")
     recipe = load_recipe()
     monkeypatch.setattr(recipe, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match="System role not supported"):  # recipes/chat.py: `error: ...`, exit 2
-        recipe.main(["--model", str(tiny.dir), "--chat_template", str(gemma2_file), "--system", "Be brief.",
-                     "--prompt", "hi"])
+        recipe.main(
+            ["--model", str(tiny.dir), "--chat_template", str(gemma2_file), "--system", "Be brief.", "--prompt", "hi"]
+        )
 
 
 def test_template_error_mid_session_keeps_the_session_and_conversation(tiny, gemma2_file):
     s = session(tiny, template=str(gemma2_file), max_new_tokens=4)
     out, err = io.StringIO(), io.StringIO()
     assert run_chat(s, stdin=io.StringIO("hi\n/system Be brief.\nagain\n"), out=out, err=err) == 0
-    assert f"error: The chat template '{gemma2_file}' refused this conversation: System role not supported." in err.getvalue()
+    assert (
+        f"error: The chat template '{gemma2_file}' refused this conversation: System role not supported."
+        in err.getvalue()
+    )
     assert "[system prompt set]" not in err.getvalue() and s.system is None
     assert [m["content"] for m in s.history if m["role"] == "user"] == ["hi", "again"]
 
@@ -425,7 +488,7 @@ def test_template_error_mid_session_keeps_the_session_and_conversation(tiny, gem
     err = io.StringIO()
     assert run_chat(s, stdin=io.StringIO("more\n/system\nmore\n"), out=io.StringIO(), err=err) == 0
     assert err.getvalue().count("error: The chat template") == 1 and "[system prompt removed]" in err.getvalue()
-    assert s.history[: len(history)] == history and [m["content"] for m in s.history[len(history):]][0] == "more"
+    assert s.history[: len(history)] == history and [m["content"] for m in s.history[len(history) :]][0] == "more"
     assert len(s.history) == len(history) + 2
 
 
@@ -504,7 +567,9 @@ def test_bad_input_is_refused_before_loading(tiny):
     recipe = load_recipe()
     with pytest.raises(ConfigError, match="--prompt is empty"):
         recipe.main(["--model", str(tiny.dir), "--prompt", "  "])
-    with pytest.raises(ValueError, match=r"Unknown chat template 'llama-3'\. Built-in templates: llama3, chatml, plain"):
+    with pytest.raises(
+        ValueError, match=r"Unknown chat template 'llama-3'\. Built-in templates: llama3, chatml, plain"
+    ):
         recipe.main(["--model", str(tiny.dir), "--chat_template", "llama-3", "--prompt", "hi"])
     with pytest.raises(ConfigError, match="chat does not train"):
         recipe.main(["--model", str(tiny.dir), "--lora", "true"])
@@ -524,8 +589,9 @@ def test_config_file_and_model_alias(tiny, tmp_path, capsys):
 
 
 def test_prompt_mode(tiny):
-    result = run_command([sys.executable, "recipes/chat.py", "--model", str(tiny.dir), "--prompt", "hi", *GREEDY],
-                         timeout=300)
+    result = run_command(
+        [sys.executable, "recipes/chat.py", "--model", str(tiny.dir), "--prompt", "hi", *GREEDY], timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert result.stdout.endswith("Hello world\n")
     assert "using hfplug's built-in 'llama3' format" in result.stdout
@@ -534,9 +600,15 @@ def test_prompt_mode(tiny):
 def test_stdin_mode_one_turn_per_line(tiny):
     import subprocess
 
-    out = subprocess.run([sys.executable, "recipes/chat.py", "--model", str(tiny.dir), *GREEDY],
-                         input="hi\n\nagain\n", capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = subprocess.run(
+        [sys.executable, "recipes/chat.py", "--model", str(tiny.dir), *GREEDY],
+        input="hi\n\nagain\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == "Hello world\nHello world\n"
 
@@ -561,12 +633,22 @@ def test_gated_model_says_how_to_get_access(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = dict(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_CACHE=str(tmp_path),
-                   HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-        result = run_command([sys.executable, "recipes/chat.py", "--model", "someone/gated-model", "--prompt", "hi"],
-                             env=env, timeout=300)
+        env = dict(
+            HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+            HF_HUB_CACHE=str(tmp_path),
+            HF_HUB_OFFLINE="0",
+            HF_HUB_ETAG_TIMEOUT="5",
+            HF_HUB_DOWNLOAD_TIMEOUT="5",
+        )
+        result = run_command(
+            [sys.executable, "recipes/chat.py", "--model", "someone/gated-model", "--prompt", "hi"],
+            env=env,
+            timeout=300,
+        )
     finally:
         server.shutdown()
     assert result.returncode == 2
-    assert "error: 'someone/gated-model' is a gated model and this token has no access. Request access" in result.stdout
+    assert (
+        "error: 'someone/gated-model' is a gated model and this token has no access. Request access" in result.stdout
+    )
     assert "HF_TOKEN" in result.stdout

@@ -15,7 +15,9 @@ from hfplug.testing.tiny import tiny_llama_config
 
 @pytest.fixture
 def on_cpu(monkeypatch):
-    monkeypatch.setattr(quantization, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True))
+    monkeypatch.setattr(
+        quantization, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True)
+    )
 
 
 def test_chunked_loss_matches_the_plain_loss_and_gradients():
@@ -32,8 +34,9 @@ def test_chunked_loss_matches_the_plain_loss_and_gradients():
         ref = ForCausalLMLoss(hidden @ weight.t() + bias, labels, 50, num_items_in_batch=num_items)
         ref_grads = torch.autograd.grad(ref, (hidden, weight, bias))
         for chunk in (1, 4, 7, 1000):
-            loss = chunked_cross_entropy(hidden, weight, labels, bias=bias, chunk_size=chunk,
-                                         num_items_in_batch=num_items)
+            loss = chunked_cross_entropy(
+                hidden, weight, labels, bias=bias, chunk_size=chunk, num_items_in_batch=num_items
+            )
             grads = torch.autograd.grad(loss, (hidden, weight, bias))
             torch.testing.assert_close(loss, ref)
             for got, want in zip(grads, ref_grads):

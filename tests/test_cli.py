@@ -10,8 +10,15 @@ from hfplug.cli import error_message, set_download_hint
 
 def _launch(*args):
     """``accelerate launch --config_file cpu.yaml recipes/finetune_hupd.py ARGS`` (no quickstart config)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "accelerate_configs" / "cpu.yaml"), str(REPO / "recipes" / "finetune_hupd.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu.yaml"),
+        str(REPO / "recipes" / "finetune_hupd.py"),
+        *args,
+    ]
 
 
 def _assert_one_error(proc, message):
@@ -37,8 +44,10 @@ def test_card_command_without_flags_runs_the_default_job_and_explains_offline(tm
     _assert_one_error(proc, "")
     assert "recipes/configs/quickstart.yaml" in proc.stdout  # the offline quickstart
     assert "hf download anferico/bert-for-patents" in proc.stdout
-    assert "hf download HUPD/hupd --repo-type dataset hupd_metadata_jan16_2022-02-22.feather " \
-           "data/sample-jan-2016.tar.gz" in proc.stdout
+    assert (
+        "hf download HUPD/hupd --repo-type dataset hupd_metadata_jan16_2022-02-22.feather "
+        "data/sample-jan-2016.tar.gz" in proc.stdout
+    )
 
 
 def test_download_hint_only_for_download_failures():

@@ -82,8 +82,11 @@ def _recipe_args(argv):
     "yaml_text, message",
     [
         # unquoted: PyYAML alone would say "day is out of range for month", naming nothing
-        ("train_filing_start_date: 2016-02-30\n", r"train_filing_start_date='2016-02-30' is not a valid calendar date.*"
-                                                   r"\(train_filing_start_date set in '.*cfg.yaml'"),
+        (
+            "train_filing_start_date: 2016-02-30\n",
+            r"train_filing_start_date='2016-02-30' is not a valid calendar date.*"
+            r"\(train_filing_start_date set in '.*cfg.yaml'",
+        ),
         ("max_length: 12.5\n", r"max_length: 12.5 in '.*cfg.yaml' must be a whole number"),
         ("max_length: true\n", r"max_length: True in '.*cfg.yaml' must be a whole number, not true/false"),
         ("learning_rate: fast\n", r"learning_rate: 'fast' in '.*cfg.yaml' must be a number"),

@@ -24,7 +24,9 @@ def _recipe_of(config: Path) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("config", [c for c in RECIPE_CONFIGS if _recipe_of(c) == "finetune_hupd"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config", [c for c in RECIPE_CONFIGS if _recipe_of(c) == "finetune_hupd"], ids=lambda p: p.name
+)
 def test_finetune_configs_parse(config):
     model, data, run, hub, training = parse_args(FINETUNE_ARGS, ["--config", str(config)])
     assert training.do_train or training.do_eval

@@ -15,8 +15,17 @@ def _results(out, name):
 
 def _short(out, *flags):
     """A short training run's flags (the tests need the recipe's behaviour, not its accuracy)."""
-    return ("--output_dir", str(out), "--hupd_cache_dir", str(out.parent / "cache"), "--num_train_epochs", "1",
-            "--logging_steps", "2", *flags)
+    return (
+        "--output_dir",
+        str(out),
+        "--hupd_cache_dir",
+        str(out.parent / "cache"),
+        "--num_train_epochs",
+        "1",
+        "--logging_steps",
+        "2",
+        *flags,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +39,16 @@ def trained(tmp_path_factory):
 
 def test_writes_results_model_tokenizer_and_curves(trained):
     out, log = trained
-    for name in ("train_results.json", "eval_results.json", "all_results.json", "trainer_state.json",
-                 "model.safetensors", "config.json", "tokenizer.json", "training_curves.png"):
+    for name in (
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "trainer_state.json",
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "training_curves.png",
+    ):
         assert (out / name).is_file(), name
     results = _results(out, "all_results.json")
     assert results["eval_samples"] == 142  # every ACCEPTED/REJECTED validation record of the sample
@@ -82,7 +99,10 @@ def test_two_processes_train_and_count_every_validation_record_once(trained, tmp
         (("--text_fields", "title,drawings"), "Unknown section(s) in text_fields: drawings"),
         (("--train_filing_start_date", "2016/01/01"), "YYYY-MM-DD"),
         (("--train_filing_end_date", "2015-12-01"), "must be after train_filing_start_date"),
-        (("--train_filing_start_date", "2019-01-01", "--train_filing_end_date", "2019-02-01"), "selects no records; the HUPD metadata has 600 records filed 2016-01-01 to 2016-01-31"),
+        (
+            ("--train_filing_start_date", "2019-01-01", "--train_filing_end_date", "2019-02-01"),
+            "selects no records; the HUPD metadata has 600 records filed 2016-01-01 to 2016-01-31",
+        ),
         (("--task", "ipc", "--ipcr_label", "G06F"), "at least 2 IPC subclasses"),
         (("--max_length", "1024"), "above this model's limit of 512"),
         (("--model_name_or_path", "assets/no-such-model"), "does not exist"),
@@ -107,7 +127,9 @@ def test_unknown_config_key_is_named(tmp_path, repo):
 
 def test_ipc_task_reports_top_k(tmp_path):
     out = tmp_path / "ipc"
-    proc = run_command(finetune_command(*_short(out, "--task", "ipc", "--max_steps", "4", "--group_by_length", "true")))
+    proc = run_command(
+        finetune_command(*_short(out, "--task", "ipc", "--max_steps", "4", "--group_by_length", "true"))
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     results = _results(out, "eval_results.json")
     assert {"eval_top1_accuracy", "eval_top5_accuracy", "eval_accuracy", "eval_f1"} <= set(results)
@@ -121,10 +143,13 @@ def test_streaming_trains_with_max_steps(tmp_path):
     proc = run_command(finetune_command(*_short(out, "--streaming", "true", "--max_steps", "3", "--do_eval", "false")))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert _results(out, "trainer_state.json")["global_step"] == 3
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), "streaming must not build the Arrow cache"
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), (
+        "streaming must not build the Arrow cache"
+    )
 
 
 # --- 4-bit + LoRA (issue: Llama-3.1-8B on a T4, here in miniature) ---------------------------
+
 
 def _tensor_names(path):
     from safetensors import safe_open
@@ -136,9 +161,26 @@ def _tensor_names(path):
 @pytest.mark.parametrize("task", ["decision", "ipc"])
 def test_4bit_lora_llama_trains_head_saves_adapter_and_reloads_identically(tmp_path, tiny_llama_dir, task):
     out = tmp_path / "qlora"
-    flags = ("--model_name_or_path", str(tiny_llama_dir), "--quant", "4bit", "--lora", "true", "--lora_r", "8",
-             "--task", task, "--max_length", "128", "--max_steps", "6", "--learning_rate", "0.001",
-             "--activation_checkpointing", "true")
+    flags = (
+        "--model_name_or_path",
+        str(tiny_llama_dir),
+        "--quant",
+        "4bit",
+        "--lora",
+        "true",
+        "--lora_r",
+        "8",
+        "--task",
+        task,
+        "--max_length",
+        "128",
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "0.001",
+        "--activation_checkpointing",
+        "true",
+    )
     proc = run_command(finetune_command(*_short(out, *flags)))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "padding with '<|finetune_right_pad_id|>'" in proc.stdout  # Llama has no pad token
@@ -152,8 +194,20 @@ def test_4bit_lora_llama_trains_head_saves_adapter_and_reloads_identically(tmp_p
 
     # --do_eval from the saved adapter: the same logits, so the same loss and metrics.
     again = tmp_path / "reload"
-    reload_flags = ("--model_name_or_path", str(out), "--quant", "4bit", "--task", task, "--max_length", "128",
-                    "--do_train", "false", "--do_eval", "true")
+    reload_flags = (
+        "--model_name_or_path",
+        str(out),
+        "--quant",
+        "4bit",
+        "--task",
+        task,
+        "--max_length",
+        "128",
+        "--do_train",
+        "false",
+        "--do_eval",
+        "true",
+    )
     proc = run_command(finetune_command(*_short(again, *reload_flags)))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "Loading the LoRA adapter" in proc.stdout
@@ -174,7 +228,10 @@ def test_lora_on_an_encoder_with_8bit(tmp_path):
     "flags, message",
     [
         (("--quant", "4bit"), "cannot be fully fine-tuned"),
-        (("--lora", "true", "--lora_target_modules", "q_proj,v_proj"), "Its linear layers are: dense, key, query, value"),
+        (
+            ("--lora", "true", "--lora_target_modules", "q_proj,v_proj"),
+            "Its linear layers are: dense, key, query, value",
+        ),
         (("--quant", "3bit"), "quant"),
     ],
 )
@@ -185,6 +242,7 @@ def test_model_option_errors(tmp_path, flags, message):
 
 
 # --- Kill-safe resume and time budget (Colab ends sessions without warning) ---------------------
+
 
 def _direct_command(*flags):
     """The recipe without the accelerate launcher, so a signal reaches the training process itself."""
@@ -205,8 +263,20 @@ def test_sigterm_saves_and_the_same_command_resumes_to_the_same_result(tmp_path)
     import signal
     import subprocess
 
-    flags = ("--max_steps", "40", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
-             "--hupd_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true")
+    flags = (
+        "--max_steps",
+        "40",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--hupd_cache_dir",
+        str(tmp_path / "cache"),
+        "--disable_tqdm",
+        "true",
+    )
     straight = tmp_path / "straight"
     proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -257,8 +327,9 @@ def test_half_written_checkpoint_is_skipped_and_other_arguments_refused(trained,
 
 def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path):
     out = tmp_path / "budget"
-    proc = run_command(finetune_command(*_short(out, "--time_budget", "61s", "--num_train_epochs", "100",
-                                                "--save_strategy", "no")))
+    proc = run_command(
+        finetune_command(*_short(out, "--time_budget", "61s", "--num_train_epochs", "100", "--save_strategy", "no"))
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "Time budget reached at step" in proc.stdout
     assert len(list(out.glob("checkpoint-*"))) == 1 and (out / "train_results.json").is_file()
@@ -271,6 +342,7 @@ def test_time_budget_too_short_to_save(tmp_path):
 
 
 # --- issue 10: faults survived --------------------------------------------------------------------
+
 
 class _Lines:
     """A child's merged output, read by a thread: wait for a line without blocking past a deadline."""
@@ -334,10 +406,30 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint(tmp_p
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux only")
     out = tmp_path / "out"
-    command = finetune_command(*_short(out, "--max_steps", "100000", "--logging_steps", "1", "--save_strategy", "no",
-                                       "--eval_strategy", "no", "--disable_tqdm", "true"))
-    launcher = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    command = finetune_command(
+        *_short(
+            out,
+            "--max_steps",
+            "100000",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        )
+    )
+    launcher = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output = _Lines(launcher.stdout)
         output.wait_for(lambda lines: any("'loss'" in x for x in lines), timeout=300)  # training has taken a step
@@ -367,10 +459,30 @@ def test_the_best_model_survives_a_kill_and_resume(tmp_path):
 
     from conftest import REPO
 
-    flags = ("--max_steps", "16", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
-             "--save_strategy", "steps", "--save_steps", "2", "--load_best_model_at_end", "true",
-             "--metric_for_best_model", "loss", "--greater_is_better", "true",  # the best is an early checkpoint
-             "--hupd_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true")
+    flags = (
+        "--max_steps",
+        "16",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--load_best_model_at_end",
+        "true",
+        "--metric_for_best_model",
+        "loss",
+        "--greater_is_better",
+        "true",  # the best is an early checkpoint
+        "--hupd_cache_dir",
+        str(tmp_path / "cache"),
+        "--disable_tqdm",
+        "true",
+    )
     straight = tmp_path / "straight"
     proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -394,7 +506,8 @@ def test_the_best_model_survives_a_kill_and_resume(tmp_path):
     straight_best = _results(straight, "trainer_state.json")["best_model_checkpoint"]
     assert best == str(killed / Path(straight_best).name) and Path(best).is_dir(), (best, straight_best)
     assert _results(killed, "eval_results.json")["eval_loss"] == pytest.approx(
-        _results(straight, "eval_results.json")["eval_loss"], abs=1e-4)
+        _results(straight, "eval_results.json")["eval_loss"], abs=1e-4
+    )
 
 
 def test_rerunning_a_finished_run_trains_nothing(tmp_path):

@@ -14,8 +14,13 @@ READ = "hf_" + "RecipeReadOnlyToken0123456789abcdefg"
 
 
 def _env(server, token, tmp_path):
-    return {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf_home"),
-            "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return {
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": token,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 def _all_bytes(folder):
@@ -28,13 +33,31 @@ def _all_bytes(folder):
 def test_trained_adapter_is_pushed_with_card_and_no_token(tmp_path):
     out = tmp_path / "out"
     with HubServer({WRITE: Token("alice")}, lifetime=300) as server:
-        flags = ("--output_dir", str(out), "--hupd_cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
-                 "--lora", "true", "--push_to_hub", "true", "--hub_model_id", "alice/hupd-quick")
+        flags = (
+            "--output_dir",
+            str(out),
+            "--hupd_cache_dir",
+            str(tmp_path / "cache"),
+            "--max_steps",
+            "2",
+            "--lora",
+            "true",
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "alice/hupd-quick",
+        )
         proc = run_command(finetune_command(*flags), env=_env(server, WRITE, tmp_path))
         assert proc.returncode == 0, proc.stdout[-4000:]
         pushed = server.files("alice/hupd-quick")
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "all_results.json",
-            "training_curves.png", "tokenizer.json"} <= set(pushed)
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "all_results.json",
+        "training_curves.png",
+        "tokenizer.json",
+    } <= set(pushed)
     assert "training_args.bin" not in pushed and not any(name.startswith("checkpoint-") for name in pushed)
     card = pushed["README.md"].decode()
     assert "library_name: peft" in card and "HUPD/hupd" in card
@@ -47,8 +70,20 @@ def test_trained_adapter_is_pushed_with_card_and_no_token(tmp_path):
 def test_read_only_token_fails_before_training(tmp_path):
     out = tmp_path / "out"
     with HubServer({READ: Token("alice", "read")}, lifetime=120) as server:
-        flags = ("--output_dir", str(out), "--hupd_cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
-                 "--lora", "true", "--push_to_hub", "true", "--hub_model_id", "alice/hupd-quick")
+        flags = (
+            "--output_dir",
+            str(out),
+            "--hupd_cache_dir",
+            str(tmp_path / "cache"),
+            "--max_steps",
+            "2",
+            "--lora",
+            "true",
+            "--push_to_hub",
+            "true",
+            "--hub_model_id",
+            "alice/hupd-quick",
+        )
         proc = run_command(finetune_command(*flags), env=_env(server, READ, tmp_path))
     assert proc.returncode != 0
     assert "read-only" in proc.stdout and "https://huggingface.co/settings/tokens" in proc.stdout
@@ -62,8 +97,17 @@ def test_token_flag_is_refused_under_accelerate_launch_without_echo(tmp_path):
     out = tmp_path / "out"
     with HubServer({WRITE: Token("alice")}, lifetime=120) as server:
         for flags in (("--hub_token", long), ("--hf_token", short)):  # a TrainingArguments flag, and an unknown one
-            command = finetune_command("--output_dir", str(out), "--hupd_cache_dir", str(tmp_path / "cache"),
-                                       "--push_to_hub", "true", "--hub_model_id", "alice/hupd-quick", *flags)
+            command = finetune_command(
+                "--output_dir",
+                str(out),
+                "--hupd_cache_dir",
+                str(tmp_path / "cache"),
+                "--push_to_hub",
+                "true",
+                "--hub_model_id",
+                "alice/hupd-quick",
+                *flags,
+            )
             proc = run_command(command, env=_env(server, WRITE, tmp_path), timeout=300)
             assert short not in proc.stdout and long not in proc.stdout, proc.stdout[-4000:]
             assert "CalledProcessError" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-4000:]

@@ -23,19 +23,54 @@ def llama8b_dir(tmp_path_factory):
 
 
 def test_cli_on_a_local_path(llama8b_dir, capsys):
-    code = fit.main(["--model_name_or_path", str(llama8b_dir), "--quant", "4bit", "--lora_r", "16", "--task",
-                     "decision", "--max_length", "512", "--per_device_train_batch_size", "8", "--gpu", "t4"])
+    code = fit.main(
+        [
+            "--model_name_or_path",
+            str(llama8b_dir),
+            "--quant",
+            "4bit",
+            "--lora_r",
+            "16",
+            "--task",
+            "decision",
+            "--max_length",
+            "512",
+            "--per_device_train_batch_size",
+            "8",
+            "--gpu",
+            "t4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    for text in ("quantized linear weights", "optimizer states", "without gradient checkpointing",
-                 "CUDA context", "fits", "largest batch size at 512 tokens", "largest sequence length at batch size 8",
-                 "41,943,040"):
+    for text in (
+        "quantized linear weights",
+        "optimizer states",
+        "without gradient checkpointing",
+        "CUDA context",
+        "fits",
+        "largest batch size at 512 tokens",
+        "largest sequence length at batch size 8",
+        "41,943,040",
+    ):
         assert text in out, text
 
 
 def test_cli_gpu_mem_and_a_run_that_does_not_fit(llama8b_dir, capsys):
-    code = fit.main(["--model_name_or_path", str(llama8b_dir), "--task", "causal_lm", "--max_length", "4096",
-                     "--per_device_train_batch_size", "4", "--gpu_mem", "15GiB"])
+    code = fit.main(
+        [
+            "--model_name_or_path",
+            str(llama8b_dir),
+            "--task",
+            "causal_lm",
+            "--max_length",
+            "4096",
+            "--per_device_train_batch_size",
+            "4",
+            "--gpu_mem",
+            "15GiB",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "DOES NOT FIT" in out and "suggested settings" in out and "chunked" in out
 
@@ -45,12 +80,15 @@ def test_cli_missing_local_path(tmp_path, capsys):
     assert "No such local path" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("old, new", [
-    (["--model", "x"], "--model_name_or_path"),
-    (["--model_name_or_path", "x", "--batch_size=4"], "--per_device_train_batch_size"),
-    (["--model_name_or_path", "x", "--gradient_checkpointing"], "--activation_checkpointing"),
-    (["--model_name_or_path", "x", "--no-gradient_checkpointing"], "--activation_checkpointing false"),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (["--model", "x"], "--model_name_or_path"),
+        (["--model_name_or_path", "x", "--batch_size=4"], "--per_device_train_batch_size"),
+        (["--model_name_or_path", "x", "--gradient_checkpointing"], "--activation_checkpointing"),
+        (["--model_name_or_path", "x", "--no-gradient_checkpointing"], "--activation_checkpointing false"),
+    ],
+)
 def test_renamed_flags_fail_with_the_new_name(old, new, capsys):
     with pytest.raises(SystemExit) as exit_info:
         fit.main(old)
@@ -72,8 +110,12 @@ def test_parse_memory():
 
 def test_every_documented_planner_command_parses():
     """The `python -m hfplug.fit ...` lines in the README and the recipe configs' headers use today's flags."""
-    lines = [line.lstrip("# ").strip() for path in [REPO / "README.md", *sorted((REPO / "recipes" / "configs").rglob("*.yaml"))]
-             for line in path.read_text().splitlines() if line.lstrip("# ").startswith("python -m hfplug.fit --")]
+    lines = [
+        line.lstrip("# ").strip()
+        for path in [REPO / "README.md", *sorted((REPO / "recipes" / "configs").rglob("*.yaml"))]
+        for line in path.read_text().splitlines()
+        if line.lstrip("# ").startswith("python -m hfplug.fit --")
+    ]
     assert len(lines) >= 3
     parser = fit.build_parser()
     for line in lines:

@@ -12,8 +12,14 @@ def test_token_and_push_taken_out_of_training_args(tmp_path):
     import torch
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), push_to_hub=True, hub_token=WRITE,
-                             hub_model_id="alice/hupd", hub_private_repo=True, report_to="none")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        push_to_hub=True,
+        hub_token=WRITE,
+        hub_model_id="alice/hupd",
+        hub_private_repo=True,
+        report_to="none",
+    )
     assert take_hub_token(args) == WRITE and args.hub_token is None
     settings = hub_settings(args)
     assert (settings.repo_id, settings.private, settings.strategy) == ("alice/hupd", True, "every_save")
@@ -26,5 +32,3 @@ def test_token_and_push_taken_out_of_training_args(tmp_path):
         bad = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_strategy=strategy, report_to="none")
         with pytest.raises(PreflightError, match="optimizer states"):
             hub_settings(bad)
-
-

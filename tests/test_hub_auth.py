@@ -83,11 +83,12 @@ def test_cached_login_from_hf_home(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "token").write_text(WRITE)
-    code = ("from hfplug.hub.auth import resolve_token_with_source as r\n"
-            f"t = r()\nprint(t.source, t.value == {WRITE!r})\n")
+    code = (
+        f"from hfplug.hub.auth import resolve_token_with_source as r\nt = r()\nprint(t.source, t.value == {WRITE!r})\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "HF_HOME": str(home)}, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "HF_HOME": str(home)}, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{hfauth.SOURCE_LOGIN} True"
-

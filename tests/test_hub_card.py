@@ -33,7 +33,9 @@ def test_causal_lm_adapter_card_says_how_to_chat(hub, tmp_path):
     from hfplug.testing.tiny import build_llama3_tokenizer, build_tiny_llama
 
     tokenizer = build_llama3_tokenizer(["a patent claim about a gate electrode"] * 20, vocab_size=300)
-    model = get_peft_model(build_tiny_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        build_tiny_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
     run = tmp_path / "chat"
     model.save_pretrained(run)
     tokenizer.save_pretrained(run)
@@ -44,5 +46,3 @@ def test_causal_lm_adapter_card_says_how_to_chat(hub, tmp_path):
     assert card.data.pipeline_tag == "text-generation" and card.data.library_name == "peft"
     assert "python recipes/chat.py --adapter alice/llama-lora" in card.text
     assert "AutoPeftModelForCausalLM" in card.text and "gated" in card.text
-
-

@@ -42,8 +42,9 @@ def test_merge_adapter_then_push(hub, adapter_run):
     from transformers import AutoModelForSequenceClassification
 
     preflight_push("alice/merged", token=WRITE, endpoint=hub.url, merge_adapter=True, base_model=str(TINY_BERT))
-    result = push_run(adapter_run, "alice/merged", token=WRITE, endpoint=hub.url, merge_adapter=True,
-                      license="apache-2.0")
+    result = push_run(
+        adapter_run, "alice/merged", token=WRITE, endpoint=hub.url, merge_adapter=True, license="apache-2.0"
+    )
     merged_dir = adapter_run / "merged"
     assert result.kind == "merged" and result.folder == str(merged_dir)
     files = set(hub.commits[0].files)
@@ -57,5 +58,3 @@ def test_merge_adapter_then_push(hub, adapter_run):
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
     assert merged.config.id2label == {0: "REJECTED", 1: "ACCEPTED"}
     torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
-
-

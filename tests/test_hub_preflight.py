@@ -52,19 +52,27 @@ def test_preflight_token_from_env(hub, monkeypatch):
     assert target.token_source == hfauth.SOURCE_ENV
 
 
-@pytest.mark.parametrize("token, repo_id, reason, needles", [
-    (None, "alice/x", "no_token", ["HF_TOKEN", "hf auth login", "Colab", "settings/tokens"]),
-    (REVOKED, "alice/x", "invalid_token", ["401", "revoked", "settings/tokens", "token argument"]),
-    (READ, "alice/x", "read_only", ["read-only", "write token", "fine-grained", "settings/tokens"]),
-    (FG_NAMESPACE, "acme/x", "fine_grained_scope", ["no write access to acme/x", "alice (user)", "settings/tokens"]),
-    (FG_REPO, "alice/scoped", "fine_grained_scope", ["does not exist yet", "new-model"]),
-    (WRITE, "bigcorp/x", "no_rights", ["not a member of the organization 'bigcorp'", "alice/x"]),
-    (WRITE, "readers/x", "no_rights", ["read role", "readers"]),
-    (WRITE, "alice/a/b", "bad_repo_id", ["namespace/name"]),
-    (WRITE, "-alice/x", "bad_repo_id", ["not a valid Hub repo id"]),
-    (WRITE, "https://huggingface.co/alice/x", "bad_repo_id", ["URL"]),
-    (WRITE, "", "bad_repo_id", ["empty"]),
-])
+@pytest.mark.parametrize(
+    "token, repo_id, reason, needles",
+    [
+        (None, "alice/x", "no_token", ["HF_TOKEN", "hf auth login", "Colab", "settings/tokens"]),
+        (REVOKED, "alice/x", "invalid_token", ["401", "revoked", "settings/tokens", "token argument"]),
+        (READ, "alice/x", "read_only", ["read-only", "write token", "fine-grained", "settings/tokens"]),
+        (
+            FG_NAMESPACE,
+            "acme/x",
+            "fine_grained_scope",
+            ["no write access to acme/x", "alice (user)", "settings/tokens"],
+        ),
+        (FG_REPO, "alice/scoped", "fine_grained_scope", ["does not exist yet", "new-model"]),
+        (WRITE, "bigcorp/x", "no_rights", ["not a member of the organization 'bigcorp'", "alice/x"]),
+        (WRITE, "readers/x", "no_rights", ["read role", "readers"]),
+        (WRITE, "alice/a/b", "bad_repo_id", ["namespace/name"]),
+        (WRITE, "-alice/x", "bad_repo_id", ["not a valid Hub repo id"]),
+        (WRITE, "https://huggingface.co/alice/x", "bad_repo_id", ["URL"]),
+        (WRITE, "", "bad_repo_id", ["empty"]),
+    ],
+)
 def test_preflight_failures(hub, token, repo_id, reason, needles):
     start = time.monotonic()
     repos = set(hub.repos)
@@ -129,4 +137,3 @@ def test_check_model_access(hub, tmp_path):
     start = len(hub.requests)
     check_model_access(str(TINY_BERT), WRITE, endpoint=hub.url)  # a local path: nothing to check
     assert len(hub.requests) == start
-

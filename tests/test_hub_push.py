@@ -38,8 +38,15 @@ def test_push_adapter_files_card_and_no_token(hub, adapter_run, caplog):
     caplog.set_level(logging.DEBUG)
     before = digests(adapter_run)
     target = preflight_push("alice/hupd-lora", token=WRITE, endpoint=hub.url)
-    result = push_run(adapter_run, target.repo_id, token=target.token, endpoint=hub.url, base_model=CARD_BASE,
-                      task="decision", hupd_config="sample")
+    result = push_run(
+        adapter_run,
+        target.repo_id,
+        token=target.token,
+        endpoint=hub.url,
+        base_model=CARD_BASE,
+        task="decision",
+        hupd_config="sample",
+    )
 
     assert len(hub.commits) == 1
     commit = hub.commits[0]
@@ -55,14 +62,21 @@ def test_push_adapter_files_card_and_no_token(hub, adapter_run, caplog):
     assert data.license == "apache-2.0"  # inherited from the base model's card
     assert {"hfplug", "lora", "hupd"} <= set(data.tags) and data.pipeline_tag == "text-classification"
     metrics = {r.metric_name: (r.metric_type, r.metric_value) for r in data.eval_results}
-    assert metrics == {"Accuracy": ("accuracy", 0.625), "Macro F1": ("f1", 0.6), "Macro precision": ("precision", 0.61),
-                       "Macro recall": ("recall", 0.59), "Loss": ("loss", 0.66)}
+    assert metrics == {
+        "Accuracy": ("accuracy", 0.625),
+        "Macro F1": ("f1", 0.6),
+        "Macro precision": ("precision", 0.61),
+        "Macro recall": ("recall", 0.59),
+        "Loss": ("loss", 0.66),
+    }
     assert {r.dataset_type for r in data.eval_results} == {"HUPD/hupd"}
     assert {r.dataset_config for r in data.eval_results} == {"sample"}
-    assert "AutoPeftModelForSequenceClassification.from_pretrained(\"alice/hupd-lora\")" in card.text
+    assert 'AutoPeftModelForSequenceClassification.from_pretrained("alice/hupd-lora")' in card.text
     assert "is gated" not in card.text
-    assert ("accelerate launch recipes/finetune_hupd.py --model_name_or_path alice/hupd-lora --do_train false "
-            "--do_eval true --task decision --hupd_config sample") in card.text
+    assert (
+        "accelerate launch recipes/finetune_hupd.py --model_name_or_path alice/hupd-lora --do_train false "
+        "--do_eval true --task decision --hupd_config sample"
+    ) in card.text
 
     for content in commit.files.values():
         assert_no_token(content)
@@ -91,11 +105,20 @@ def test_push_interrupted_half_way_then_retried(hub, adapter_run):
     before = digests(adapter_run)
 
     hub.interrupt_commits()
-    code = (f"from hfplug.hub.push import push_run\n"
-            f"push_run({str(adapter_run)!r}, 'alice/hupd-lora', endpoint={hub.url!r}, license='mit')\n")
-    env = {**os.environ, "HF_TOKEN": WRITE, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
-           "HF_HOME": str(adapter_run.parent / "home")}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        f"from hfplug.hub.push import push_run\n"
+        f"push_run({str(adapter_run)!r}, 'alice/hupd-lora', endpoint={hub.url!r}, license='mit')\n"
+    )
+    env = {
+        **os.environ,
+        "HF_TOKEN": WRITE,
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(adapter_run.parent / "home"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert hub.commit_received.wait(60), "the push never reached the commit"
     finally:
@@ -157,8 +180,13 @@ def test_every_save_callback_pushes_checkpoints_only_safe_files(hub, adapter_run
     state.global_step = 2
     callback.on_save(args, state, TrainerControl())
     assert hub.commits[0].summary == "Training in progress, step 2"
-    assert set(hub.commits[0].files) == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                                         "tokenizer_config.json", "README.md"}
+    assert set(hub.commits[0].files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    }
     assert "Training in progress" in hub.commits[0].files["README.md"].decode()
     hub.tokens[WRITE].revoked = True
     caplog.set_level(logging.WARNING)
@@ -170,15 +198,21 @@ def test_every_save_callback_pushes_checkpoints_only_safe_files(hub, adapter_run
 
 
 def test_push_run_script(hub, adapter_run):
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": READ, "HF_HOME": str(adapter_run.parent / "home")}
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": READ,
+        "HF_HOME": str(adapter_run.parent / "home"),
+    }
     script = [sys.executable, str(REPO / "recipes" / "push_run.py"), str(adapter_run), "--hub_model_id"]
     out = run_command([*script, "alice/script", "--hub_private_repo"], env=env, timeout=120)
     assert out.returncode == 2, out.stdout  # a user error: "error: ...", status 2
     assert "error: " in out.stdout and "read-only" in out.stdout and "Traceback" not in out.stdout
     assert "alice/script" not in hub.repos
 
-    out = run_command([*script, "script", "--hub_private_repo", "--hub_license", "mit"], env={**env, "HF_TOKEN": WRITE},
-                      timeout=120)
+    out = run_command(
+        [*script, "script", "--hub_private_repo", "--hub_license", "mit"], env={**env, "HF_TOKEN": WRITE}, timeout=120
+    )
     assert out.returncode == 0, out.stdout
     assert hub.repos["alice/script"].private and len(hub.commits) == 1
     assert set(hub.commits[0].files) == EXPECTED_ADAPTER_FILES
@@ -192,12 +226,15 @@ def load_push_recipe():
     return module
 
 
-@pytest.mark.parametrize("flag, new", [
-    (["--private"], "--hub_private_repo"),
-    (["--private=true"], "--hub_private_repo"),
-    (["--base_model", "meta-llama/Llama-3.1-8B"], "--merge_base_model"),
-    (["--license", "mit"], "--hub_license"),
-])
+@pytest.mark.parametrize(
+    "flag, new",
+    [
+        (["--private"], "--hub_private_repo"),
+        (["--private=true"], "--hub_private_repo"),
+        (["--base_model", "meta-llama/Llama-3.1-8B"], "--merge_base_model"),
+        (["--license", "mit"], "--hub_license"),
+    ],
+)
 def test_push_run_old_flag_names_say_the_new_name(flag, new, adapter_run):
     """push_adapter.py's --private/--base_model/--license are push_run.py's --hub_private_repo/--merge_base_model/
     --hub_license (the names finetune_hupd uses): the old name is a ConfigError naming the new one, before anything runs."""
@@ -208,7 +245,16 @@ def test_push_run_old_flag_names_say_the_new_name(flag, new, adapter_run):
 
 
 def test_push_run_old_flag_name_exits_2_with_the_new_name(adapter_run):
-    out = run_command([sys.executable, str(REPO / "recipes" / "push_run.py"), str(adapter_run), "--hub_model_id",
-                       "alice/x", "--private"], timeout=120)
+    out = run_command(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "push_run.py"),
+            str(adapter_run),
+            "--hub_model_id",
+            "alice/x",
+            "--private",
+        ],
+        timeout=120,
+    )
     assert out.returncode == 2, out.stdout
     assert "error: " in out.stdout and "--hub_private_repo" in out.stdout and "Traceback" not in out.stdout

@@ -41,4 +41,3 @@ def test_redaction_filter_masks_tokens_in_hfplug_and_transformers_logs():
     assert text.count(redaction.MASK) >= 5
     assert "plain ordinary message, 3" in text and "hf_" not in text.split("plain")[1]
     assert "RuntimeError: bad token hf_***" in text
-

@@ -36,30 +36,48 @@ from hfplug.data.hupd import FEATURES, OFFICIAL_FIELDS, load_hupd, read_metadata
 from hfplug.data.hupd_selection import select_splits
 from hfplug.testing.hupd_synthetic import make_records, write_hupd_files
 
-SMALL = dict(description_words=(5, 10), claims_words=(5, 10), background_words=(3, 6), summary_words=(3, 6),
-             abstract_words=(5, 10))
+SMALL = dict(
+    description_words=(5, 10),
+    claims_words=(5, 10),
+    background_words=(3, 6),
+    summary_words=(3, 6),
+    abstract_words=(5, 10),
+)
 BASE = make_records(1, seed=21, **SMALL)[0]  # a complete, valid record to mutate
 RECORD_KEYS = sorted(BASE)
 # Two valid applications, one per date window, so that every selection is non-empty.
-ANCHORS = [dict(r, application_number=n, filing_date=d) for r, n, d in
-           zip(make_records(2, seed=22, **SMALL), ("13999991", "13999992"), ("20160105", "20160125"))]
+ANCHORS = [
+    dict(r, application_number=n, filing_date=d)
+    for r, n, d in zip(make_records(2, seed=22, **SMALL), ("13999991", "13999992"), ("20160105", "20160125"))
+]
 # Few numbers, so that repeats (in the metadata and in the archive) are common.
 NUMBERS = ["14000001", "14000002", "14000003", "١٤٠٠٠٠٤", "14 000 005", "Ünïcødé-6", ""]
-DATE_SPLIT = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-15",
-                  val_filing_start_date="2016-01-15", val_filing_end_date="2016-02-01")
+DATE_SPLIT = dict(
+    train_filing_start_date="2016-01-01",
+    train_filing_end_date="2016-01-15",
+    val_filing_start_date="2016-01-15",
+    val_filing_end_date="2016-02-01",
+)
 MODES = {"uniform": dict(uniform_split=True), "dates": DATE_SPLIT}
-JUNK = [("README", b"not a record"), ("2016/notes.json.bak", b"junk"), ("2016/\udcff\udcfe.json", b"{}"),
-        ("2016/dir.json", None)]  # a non-UTF-8 member name; a directory named like a record
+JUNK = [
+    ("README", b"not a record"),
+    ("2016/notes.json.bak", b"junk"),
+    ("2016/\udcff\udcfe.json", b"{}"),
+    ("2016/dir.json", None),
+]  # a non-UTF-8 member name; a directory named like a record
 LOGGER = "hfplug.data.hupd"
 
 # --- strategies ---------------------------------------------------------------------------
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
 JSON_VALUES = st.recursive(
-    JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6)
-HUGE_TEXT = st.builds(lambda char, n: char * n, st.sampled_from(["x", "é", "漢", "🦆", "\x00", " \n"]),
-                      st.integers(20_000, 200_000))
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+HUGE_TEXT = st.builds(
+    lambda char, n: char * n, st.sampled_from(["x", "é", "漢", "🦆", "\x00", " \n"]), st.integers(20_000, 200_000)
+)
 FIELD_VALUES = st.one_of(JSON_VALUES, st.just(""), HUGE_TEXT)
 
 
@@ -83,8 +101,19 @@ PAYLOADS = st.one_of(
     records().map(lambda r: json.dumps(r).encode("utf-16")),  # valid: json detects UTF-16 by its BOM
     records().map(lambda r: json.dumps(r, ensure_ascii=False).encode("latin-1", "replace")),  # not UTF-8
     st.builds(lambda r, cut: _utf8(r)[: int(len(_utf8(r)) * cut)], records(), st.floats(0, 0.99)),  # truncated
-    st.sampled_from([b"", b"null", b"[]", b"3", b'"text"', b"{", b"\xff\xfe\xfa", b"NaN",
-                     b'{"title": "lone \\ud800 surrogate", "claims": ["\\udfff", 1]}']),
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"[]",
+            b"3",
+            b'"text"',
+            b"{",
+            b"\xff\xfe\xfa",
+            b"NaN",
+            b'{"title": "lone \\ud800 surrogate", "claims": ["\\udfff", 1]}',
+        ]
+    ),
     st.binary(max_size=40),
     st.just(DIRECTORY),
 )
@@ -92,8 +121,21 @@ JANUARY_2016 = st.dates(dt.date(2016, 1, 1), dt.date(2016, 1, 31))
 METADATA_DATES = st.one_of(  # valid dates in both spellings are half of the draws
     JANUARY_2016.map(lambda d: d.isoformat()),
     JANUARY_2016.map(lambda d: d.strftime("%Y%m%d")),
-    st.sampled_from([None, "", "2016-13-45", "2016-02-30", "yesterday", "1600-01-01", "2300-06-01", "0001-01-01",
-                     "99999999", "2016-01-05T23:00:00+05:00", "2016/01/05"]),
+    st.sampled_from(
+        [
+            None,
+            "",
+            "2016-13-45",
+            "2016-02-30",
+            "yesterday",
+            "1600-01-01",
+            "2300-06-01",
+            "0001-01-01",
+            "99999999",
+            "2016-01-05T23:00:00+05:00",
+            "2016/01/05",
+        ]
+    ),
     st.integers(-10, 10**9),
     JANUARY_2016,  # date objects, as a hand-made DataFrame may hold
 )
@@ -108,9 +150,13 @@ def applications(draw) -> dict:
     year = filing_year(date)
     # mostly where the loader looks; sometimes under another year, or another top folder
     folder = draw(st.sampled_from([year or "2016"] * 3 + ["2015", "NaT", "elsewhere/" + (year or "2016")]))
-    row = {"application_number": number, "filing_date": date,
-           "decision": draw(st.one_of(st.sampled_from(["ACCEPTED", "REJECTED", "PENDING"]), st.none(), st.integers())),
-           "main_ipcr_label": draw(LABELS), "main_cpc_label": draw(LABELS)}
+    row = {
+        "application_number": number,
+        "filing_date": date,
+        "decision": draw(st.one_of(st.sampled_from(["ACCEPTED", "REJECTED", "PENDING"]), st.none(), st.integers())),
+        "main_ipcr_label": draw(LABELS),
+        "main_cpc_label": draw(LABELS),
+    }
     n_members = draw(st.sampled_from([0, 1, 1, 1, 2]))  # none (missing), one, or a repeat
     return {
         "number": number,
@@ -144,8 +190,14 @@ def write(root: Path, apps: list[dict], layout: str) -> tuple[Path, Path, list[t
         extras = [("sample/" + name, data) for name, data in members]
     else:
         extras = [(name if name.startswith("2016/") else "data/" + name, data) for name, data in members]
-    write_hupd_files(ANCHORS, metadata, archive, layout=layout, extra_members=extras,
-                     metadata_extra_rows=[app["row"] for app in apps if app["row"] is not None])
+    write_hupd_files(
+        ANCHORS,
+        metadata,
+        archive,
+        layout=layout,
+        extra_members=extras,
+        metadata_extra_rows=[app["row"] for app in apps if app["row"] is not None],
+    )
     anchors = [(f"2016/{r['application_number']}.json", json.dumps(r, ensure_ascii=False).encode()) for r in ANCHORS]
     ordered = sorted(anchors + members, key=lambda m: "sample/" + m[0])  # the writer's order (sample layout)
     return metadata, archive, ordered
@@ -193,16 +245,24 @@ def simulate(metadata: Path, mode: str, members: list[tuple[str, bytes | None]])
             order.setdefault(split, []).append((path, number))
     paths = {path for rows in order.values() for path, _ in rows if path}
     last, repeats = scan(paths, members)
-    outcome = {path: ("missing" if path not in last else "example" if is_object(last[path]) else "malformed")
-               for path in paths}
-    rows = {split: [number for path, number in order.get(split, []) if path and outcome[path] == "example"]
-            for split in ("train", "validation")}
+    outcome = {
+        path: ("missing" if path not in last else "example" if is_object(last[path]) else "malformed")
+        for path in paths
+    }
+    rows = {
+        split: [number for path, number in order.get(split, []) if path and outcome[path] == "example"]
+        for split in ("train", "validation")
+    }
     undated = {number for rows in order.values() for path, number in rows if path is None}
-    counts = {"selected": len(paths) + len(undated), "undated": len(undated),
-              "missing": sum(o == "missing" for o in outcome.values()),
-              "malformed": sum(o == "malformed" for o in outcome.values()),
-              "duplicate_rows": duplicate_rows, "duplicate_members": repeats,
-              "undated_rows": int(df["filing_date"].isna().sum()) if mode == "dates" else 0}
+    counts = {
+        "selected": len(paths) + len(undated),
+        "undated": len(undated),
+        "missing": sum(o == "missing" for o in outcome.values()),
+        "malformed": sum(o == "malformed" for o in outcome.values()),
+        "duplicate_rows": duplicate_rows,
+        "duplicate_members": repeats,
+        "undated_rows": int(df["filing_date"].isna().sum()) if mode == "dates" else 0,
+    }
     return rows, counts
 
 
@@ -246,8 +306,9 @@ def check_rows(dataset) -> None:
 
 # --- properties ------------------------------------------------------------------------------
 
-HOSTILE = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.data_too_large])
+HOSTILE = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 @HOSTILE
@@ -336,8 +397,9 @@ def test_lone_surrogates_become_replacement_characters(tmp_path):
     """JSON may escape half a UTF-16 pair; Arrow cannot store it (this used to crash the load)."""
     number = ANCHORS[0]["application_number"]
     payload = b'{"title": "a\\ud800b", "abstract": "\\udfff", "ipcr_labels": ["\\ud83d"], "claims": ["\\ud800"]}'
-    metadata, archive = write_simple(tmp_path, ANCHORS, omit_json_for=[number],
-                                     extra_members=[(f"sample/2016/{number}.json", payload)])
+    metadata, archive = write_simple(
+        tmp_path, ANCHORS, omit_json_for=[number], extra_members=[(f"sample/2016/{number}.json", payload)]
+    )
     for streaming in (False, True):
         result = load(metadata, archive, "dates", cache_dir=tmp_path / "cache", streaming=streaming)
         (row,) = [r for r in result["train"] if r["application_number"] == number]
@@ -348,8 +410,12 @@ def test_lone_surrogates_become_replacement_characters(tmp_path):
 def test_nesting_at_the_json_limit_is_unreadable_not_fatal(tmp_path, caplog):
     number = ANCHORS[0]["application_number"]
     deep = ("[" * 100_000 + "]" * 100_000).encode()
-    metadata, archive = write_simple(tmp_path, ANCHORS, omit_json_for=[number],
-                                     extra_members=[(f"sample/2016/{number}.json", b'{"title": ' + deep + b"}")])
+    metadata, archive = write_simple(
+        tmp_path,
+        ANCHORS,
+        omit_json_for=[number],
+        extra_members=[(f"sample/2016/{number}.json", b'{"title": ' + deep + b"}")],
+    )
     result = load(metadata, archive, "dates", cache_dir=tmp_path / "cache")
     assert number not in result["train"]["application_number"]
     assert f"unreadable JSON for 1 ({number})" in caplog.text
@@ -376,9 +442,21 @@ def test_metadata_columns_of_unexpected_types(tmp_path):
 def test_filing_dates_of_any_form_become_naive_days_or_nat():
     from hfplug.data.hupd_selection import to_filing_dates
 
-    values = ["2016-01-05", "20160105", "2016-01-05T23:00:00+05:00", dt.date(2016, 1, 5),
-              pd.Timestamp("2016-01-05 22:00", tz="US/Pacific"), "2016-13-45", "2016/01/05", "201601051", "", None,
-              12, True, ["2016-01-05"]]
+    values = [
+        "2016-01-05",
+        "20160105",
+        "2016-01-05T23:00:00+05:00",
+        dt.date(2016, 1, 5),
+        pd.Timestamp("2016-01-05 22:00", tz="US/Pacific"),
+        "2016-13-45",
+        "2016/01/05",
+        "201601051",
+        "",
+        None,
+        12,
+        True,
+        ["2016-01-05"],
+    ]
     parsed = to_filing_dates(pd.Series(values, dtype=object))
     assert list(parsed[:5]) == [pd.Timestamp("2016-01-05")] * 5  # the wall date, whatever the timezone
     assert parsed[5:].isna().all()
@@ -389,8 +467,10 @@ def test_filing_dates_of_any_form_become_naive_days_or_nat():
 
 def test_report_names_each_kind_of_skip(tmp_path, caplog):
     first, second = ANCHORS
-    extra = [{"application_number": "14000009", "filing_date": "not a date"},  # undated, selected by uniform
-             {"application_number": second["application_number"], "filing_date": "2016-01-25"}]  # repeated row
+    extra = [
+        {"application_number": "14000009", "filing_date": "not a date"},  # undated, selected by uniform
+        {"application_number": second["application_number"], "filing_date": "2016-01-25"},
+    ]  # repeated row
     members = [(f"sample/2016/{first['application_number']}.json", b"{}")]  # a repeated member
     metadata, archive = write_simple(tmp_path, ANCHORS, extra_members=members, metadata_extra_rows=extra)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -399,11 +479,15 @@ def test_report_names_each_kind_of_skip(tmp_path, caplog):
     assert "1 of 3 selected applications skipped: no valid filing date in the metadata" in message
     assert "(14000009)" in message
     # a repeated row lands in the same split only by chance in a uniform split; the member repeat always shows
-    assert f"1 repeated archive members (used the last copy of each path): 1 ({first['application_number']})" in message
+    assert (
+        f"1 repeated archive members (used the last copy of each path): 1 ({first['application_number']})" in message
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         load(metadata, archive, "dates", cache_dir=tmp_path / "cache")
     (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert (f"1 repeated metadata rows yielded again, as the official loader does: 1 ({second['application_number']})"
-            in message)
+    assert (
+        f"1 repeated metadata rows yielded again, as the official loader does: 1 ({second['application_number']})"
+        in message
+    )
     assert "1 metadata rows have no valid filing date, so no date range selects them" in message

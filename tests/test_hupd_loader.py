@@ -21,8 +21,12 @@ from hfplug.data.hupd_selection import select_splits
 from hfplug.testing.hupd_synthetic import HardLink, make_records, write_hupd_files
 
 SMALL = dict(description_words=(20, 60), claims_words=(20, 40), background_words=(10, 20), summary_words=(10, 20))
-DATES = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-20",
-             val_filing_start_date="2016-01-20", val_filing_end_date="2016-02-01")
+DATES = dict(
+    train_filing_start_date="2016-01-01",
+    train_filing_end_date="2016-01-20",
+    val_filing_start_date="2016-01-20",
+    val_filing_end_date="2016-02-01",
+)
 MISSING = "14999901"  # in the metadata, no JSON anywhere
 EXTRA_ROW = "14999902"  # only in the metadata (metadata_extra_rows)
 MALFORMED = "14999903"  # its JSON member is not JSON
@@ -38,8 +42,16 @@ JUNK = [
 
 def crafted_records() -> list[dict]:
     records = make_records(60, seed=11, **SMALL)
-    nulls = dict(records[0], application_number=NULLS, background=None, summary=None, claims=12345,
-                 examiner_id=81234, patent_issue_date=None, cpc_labels=None)
+    nulls = dict(
+        records[0],
+        application_number=NULLS,
+        background=None,
+        summary=None,
+        claims=12345,
+        examiner_id=81234,
+        patent_issue_date=None,
+        cpc_labels=None,
+    )
     missing = dict(records[1], application_number=MISSING)
     malformed = dict(records[2], application_number=MALFORMED)
     return [*records, nulls, missing, malformed]
@@ -50,18 +62,26 @@ def sample(tmp_path_factory) -> dict:
     """Sample layout with every kind of bad data: missing/malformed JSON, nulls, junk members."""
     root = tmp_path_factory.mktemp("sample")
     records = crafted_records()
-    write_hupd_files(records, root / "meta.feather", root / "sample.tar.gz", omit_json_for=[MISSING, MALFORMED],
-                     extra_members=JUNK,
-                     metadata_extra_rows=[{"application_number": EXTRA_ROW, "filing_date": "2016-01-03",
-                                           "decision": "ACCEPTED"}])
-    return {"records": {r["application_number"]: r for r in records}, "metadata": root / "meta.feather",
-            "archive": root / "sample.tar.gz"}
+    write_hupd_files(
+        records,
+        root / "meta.feather",
+        root / "sample.tar.gz",
+        omit_json_for=[MISSING, MALFORMED],
+        extra_members=JUNK,
+        metadata_extra_rows=[{"application_number": EXTRA_ROW, "filing_date": "2016-01-03", "decision": "ACCEPTED"}],
+    )
+    return {
+        "records": {r["application_number"]: r for r in records},
+        "metadata": root / "meta.feather",
+        "archive": root / "sample.tar.gz",
+    }
 
 
 def load(files: dict, tmp_path: Path, **kwargs) -> datasets.DatasetDict:
     kwargs.setdefault("cache_dir", tmp_path / "cache")
-    return load_hupd(kwargs.pop("name", "sample"), metadata_path=files["metadata"], archive_path=files["archive"],
-                     **kwargs)
+    return load_hupd(
+        kwargs.pop("name", "sample"), metadata_path=files["metadata"], archive_path=files["archive"], **kwargs
+    )
 
 
 def rows_by_number(dataset) -> dict[str, dict]:
@@ -157,8 +177,9 @@ def test_cache_is_keyed_on_the_input_files(tmp_path):
 
 def test_streaming_equals_non_streaming_but_in_archive_order(sample, tmp_path):
     built = load(sample, tmp_path, **DATES, val_set_balancer=True)
-    streamed = load(sample, tmp_path, **DATES, val_set_balancer=True, streaming=True,
-                    cache_dir=tmp_path / "stream_cache")
+    streamed = load(
+        sample, tmp_path, **DATES, val_set_balancer=True, streaming=True, cache_dir=tmp_path / "stream_cache"
+    )
     assert isinstance(streamed, datasets.IterableDatasetDict)
     for split in built:
         assert streamed[split].features == FEATURES
@@ -173,20 +194,34 @@ def all_years(tmp_path_factory) -> dict:
     """The ``all`` layout for 2015-2016, plus a corrupt ``2017.tar.gz`` that must never be opened."""
     root = tmp_path_factory.mktemp("all")
     records = make_records(40, seed=12, start_date="2015-12-01", end_date="2017-01-01", **SMALL)
-    write_hupd_files(records, root / "meta.feather", root / "all.tar", layout="all",
-                     extra_members=[("data/2017.tar.gz", b"\x1f\x8b not really gzip"), ("README.md", b"x"),
-                                    ("2016/notes.txt", b"junk")],
-                     metadata_extra_rows=[{"application_number": "15999999", "filing_date": "2017-03-01",
-                                           "decision": "ACCEPTED"}])
+    write_hupd_files(
+        records,
+        root / "meta.feather",
+        root / "all.tar",
+        layout="all",
+        extra_members=[
+            ("data/2017.tar.gz", b"\x1f\x8b not really gzip"),
+            ("README.md", b"x"),
+            ("2016/notes.txt", b"junk"),
+        ],
+        metadata_extra_rows=[{"application_number": "15999999", "filing_date": "2017-03-01", "decision": "ACCEPTED"}],
+    )
     twin = root / "twin"  # the same records in the sample layout
     write_hupd_files(records, twin / "meta.feather", twin / "sample.tar.gz")
-    return {"metadata": root / "meta.feather", "archive": root / "all.tar",
-            "twin": {"metadata": twin / "meta.feather", "archive": twin / "sample.tar.gz"}}
+    return {
+        "metadata": root / "meta.feather",
+        "archive": root / "all.tar",
+        "twin": {"metadata": twin / "meta.feather", "archive": twin / "sample.tar.gz"},
+    }
 
 
 def test_all_layout_reads_only_needed_years(all_years, tmp_path, caplog):
-    dates = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-06-01",
-                 val_filing_start_date="2016-06-01", val_filing_end_date="2017-01-01")
+    dates = dict(
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-06-01",
+        val_filing_start_date="2016-06-01",
+        val_filing_end_date="2017-01-01",
+    )
     with caplog.at_level(logging.DEBUG, logger="hfplug.data.hupd"):
         result = load(all_years, tmp_path, name="all", **dates)
     read = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Reading ")]
@@ -201,8 +236,15 @@ def test_all_layout_reads_only_needed_years(all_years, tmp_path, caplog):
 def test_all_layout_corrupt_year_is_reported_when_needed(all_years, tmp_path):
     # 2017.tar.gz is junk: a selection that needs 2017 must fail loudly, naming the member
     with pytest.raises(HupdFileError, match="2017.tar.gz"):
-        load(all_years, tmp_path, name="all", train_filing_start_date="2016-01-01", train_filing_end_date="2016-06-01",
-             val_filing_start_date="2016-06-01", val_filing_end_date="2018-01-01")
+        load(
+            all_years,
+            tmp_path,
+            name="all",
+            train_filing_start_date="2016-01-01",
+            train_filing_end_date="2016-06-01",
+            val_filing_start_date="2016-06-01",
+            val_filing_end_date="2018-01-01",
+        )
 
 
 # --- bad input files ---------------------------------------------------------------------
@@ -219,7 +261,9 @@ def test_bad_arguments_fail_before_any_file_is_read(tmp_path):
     with pytest.raises(ValueError, match="name must be one of"):
         load_hupd("full", metadata_path=tmp_path / "x", archive_path=tmp_path / "y")
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
-        load_hupd(metadata_path=tmp_path / "x", archive_path=tmp_path / "y", **{**DATES, "val_filing_end_date": "2016-2-1"})
+        load_hupd(
+            metadata_path=tmp_path / "x", archive_path=tmp_path / "y", **{**DATES, "val_filing_end_date": "2016-2-1"}
+        )
 
 
 def corrupt_variants(archive: Path) -> dict[str, bytes]:
@@ -234,7 +278,9 @@ def corrupt_variants(archive: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("kind", ["truncated", "truncated_trailer", "bad_crc", "not_a_tar", "gzip_of_non_tar", "empty"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "truncated_trailer", "bad_crc", "not_a_tar", "gzip_of_non_tar", "empty"]
+)
 def test_corrupt_archive(sample, tmp_path, kind):
     good = load(sample, tmp_path, **DATES)  # an earlier cache that must survive the failure
     bad = tmp_path / "bad.tar.gz"
@@ -257,8 +303,9 @@ def test_truncated_all_years_tar(all_years, tmp_path, where):
         boundary = tar.getmembers()[1].offset  # the second member's header starts here
     bad.write_bytes(data[:boundary] if where == "at_a_member_boundary" else data[: len(data) * 2 // 3])
     with pytest.raises(HupdFileError, match="all.tar"):
-        load_hupd("all", metadata_path=all_years["metadata"], archive_path=bad, cache_dir=tmp_path / "c",
-                  uniform_split=True)
+        load_hupd(
+            "all", metadata_path=all_years["metadata"], archive_path=bad, cache_dir=tmp_path / "c", uniform_split=True
+        )
 
 
 @pytest.mark.parametrize("content", [b"", b"not a feather file" * 10])
@@ -335,8 +382,14 @@ def test_multi_member_gzip_archive(sample, tmp_path):
 
 def test_empty_selection_leaves_no_cache(sample, tmp_path):
     with pytest.raises(ValueError, match="selects no records; the HUPD metadata has"):
-        load(sample, tmp_path, train_filing_start_date="2010-01-01", train_filing_end_date="2010-02-01",
-             val_filing_start_date="2016-01-01", val_filing_end_date="2016-02-01")
+        load(
+            sample,
+            tmp_path,
+            train_filing_start_date="2010-01-01",
+            train_filing_end_date="2010-02-01",
+            val_filing_start_date="2016-01-01",
+            val_filing_end_date="2016-02-01",
+        )
     assert not list((tmp_path / "cache").glob("*"))
 
 
@@ -350,9 +403,19 @@ def test_query_on_any_metadata_column(sample, tmp_path):
 # --- upstream's row order, paths, repeats and links ----------------------------------------
 
 
-def official_order(metadata: Path, *, ipcr_label=None, cpc_label=None, query_string=None,
-                   train_filing_start_date=None, train_filing_end_date=None, val_filing_start_date=None,
-                   val_filing_end_date=None, uniform_split=False, val_set_balancer=False) -> dict[str, list[str]]:
+def official_order(
+    metadata: Path,
+    *,
+    ipcr_label=None,
+    cpc_label=None,
+    query_string=None,
+    train_filing_start_date=None,
+    train_filing_end_date=None,
+    val_filing_start_date=None,
+    val_filing_end_date=None,
+    uniform_split=False,
+    val_set_balancer=False,
+) -> dict[str, list[str]]:
     """The official hupd.py's ``_split_generators``, transcribed: each split's application numbers,
     in the order its ``_generate_examples`` yields them (``df.itertuples()``). Plain pandas on the
     raw feather, independent of hfplug's code."""
@@ -382,8 +445,10 @@ def official_order(metadata: Path, *, ipcr_label=None, cpc_label=None, query_str
         else:
             rejected_df = rejected_df.sample(frac=1.0, random_state=1729)[: len(accepted_df)]
         val_df = pd.concat([rejected_df, accepted_df])
-    return {"train": [x.application_number for x in train_df.itertuples()],
-            "validation": [x.application_number for x in val_df.itertuples()]}
+    return {
+        "train": [x.application_number for x in train_df.itertuples()],
+        "validation": [x.application_number for x in val_df.itertuples()],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +457,17 @@ def ordered(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ordered")
     records = make_records(120, seed=31, **SMALL)
     repeated = records[7]
-    write_hupd_files(records, root / "meta.feather", root / "sample.tar.gz",
-                     metadata_extra_rows=[{k: repeated[k] for k in ("application_number", "filing_date", "decision",
-                                                                     "main_ipcr_label", "main_cpc_label")}])
+    write_hupd_files(
+        records,
+        root / "meta.feather",
+        root / "sample.tar.gz",
+        metadata_extra_rows=[
+            {
+                k: repeated[k]
+                for k in ("application_number", "filing_date", "decision", "main_ipcr_label", "main_cpc_label")
+            }
+        ],
+    )
     return {"metadata": root / "meta.feather", "archive": root / "sample.tar.gz", "repeated": repeated}
 
 
@@ -402,28 +475,42 @@ def numbers_of(result, split: str) -> list[str]:
     return list(result[split]["application_number"])
 
 
-@pytest.mark.parametrize("kwargs", [
-    DATES,
-    dict(DATES, ipcr_label="G06F"),
-    dict(DATES, cpc_label="H04L", query="decision != 'PENDING'"),
-    dict(DATES, train_filing_start_date="20160101", val_filing_end_date="20160201"),  # dates as YYYYMMDD
-], ids=["plain", "ipc", "cpc+query", "yyyymmdd"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        DATES,
+        dict(DATES, ipcr_label="G06F"),
+        dict(DATES, cpc_label="H04L", query="decision != 'PENDING'"),
+        dict(DATES, train_filing_start_date="20160101", val_filing_end_date="20160201"),  # dates as YYYYMMDD
+    ],
+    ids=["plain", "ipc", "cpc+query", "yyyymmdd"],
+)
 def test_date_split_in_metadata_order(ordered, tmp_path, kwargs):
     result = load(ordered, tmp_path, **kwargs)
-    expected = official_order(ordered["metadata"], **{("query_string" if k == "query" else k): v
-                                                      for k, v in kwargs.items()})
+    expected = official_order(
+        ordered["metadata"], **{("query_string" if k == "query" else k): v for k, v in kwargs.items()}
+    )
     for split in ("train", "validation"):
         assert numbers_of(result, split) == expected[split]
     assert expected["train"] != sorted(expected["train"])  # the archive's order would fail this test
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(train_filing_start_date="2016-01-05", val_filing_end_date="20160125"),
-                                    dict(query="decision == 'ACCEPTED' or decision == 'REJECTED'")],
-                         ids=["all", "window", "query"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(train_filing_start_date="2016-01-05", val_filing_end_date="20160125"),
+        dict(query="decision == 'ACCEPTED' or decision == 'REJECTED'"),
+    ],
+    ids=["all", "window", "query"],
+)
 def test_uniform_split_in_shuffled_order(ordered, tmp_path, kwargs):
     result = load(ordered, tmp_path, uniform_split=True, **kwargs)
-    expected = official_order(ordered["metadata"], uniform_split=True,
-                              **{("query_string" if k == "query" else k): v for k, v in kwargs.items()})
+    expected = official_order(
+        ordered["metadata"],
+        uniform_split=True,
+        **{("query_string" if k == "query" else k): v for k, v in kwargs.items()},
+    )
     for split in ("train", "validation"):
         assert numbers_of(result, split) == expected[split]
 
@@ -441,40 +528,65 @@ def test_balanced_validation_is_rejected_then_accepted(ordered, tmp_path, kwargs
 
 def test_repeated_metadata_row_is_yielded_twice(ordered, tmp_path, caplog):
     number = ordered["repeated"]["application_number"]
-    result = load(ordered, tmp_path, train_filing_start_date="2016-01-01", train_filing_end_date="2016-02-01",
-                  val_filing_start_date="2016-01-01", val_filing_end_date="2016-02-01")
-    expected = official_order(ordered["metadata"], train_filing_start_date="2016-01-01",
-                              train_filing_end_date="2016-02-01", val_filing_start_date="2016-01-01",
-                              val_filing_end_date="2016-02-01")
+    result = load(
+        ordered,
+        tmp_path,
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-02-01",
+        val_filing_start_date="2016-01-01",
+        val_filing_end_date="2016-02-01",
+    )
+    expected = official_order(
+        ordered["metadata"],
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-02-01",
+        val_filing_start_date="2016-01-01",
+        val_filing_end_date="2016-02-01",
+    )
     for split in ("train", "validation"):
         assert numbers_of(result, split) == expected[split]
         assert numbers_of(result, split).count(number) == 2
         rows = [row for row in result[split] if row["application_number"] == number]
         assert rows[0] == rows[1]
-    assert f"2 repeated metadata rows yielded again, as the official loader does: 2 ({number}, {number})" in caplog.text
-    streamed = load(ordered, tmp_path, streaming=True, train_filing_start_date="2016-01-01",
-                    train_filing_end_date="2016-02-01", val_filing_start_date="2016-01-01",
-                    val_filing_end_date="2016-02-01")
+    assert (
+        f"2 repeated metadata rows yielded again, as the official loader does: 2 ({number}, {number})" in caplog.text
+    )
+    streamed = load(
+        ordered,
+        tmp_path,
+        streaming=True,
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-02-01",
+        val_filing_start_date="2016-01-01",
+        val_filing_end_date="2016-02-01",
+    )
     assert [row["application_number"] for row in streamed["train"]].count(number) == 2
 
 
 def small_files(tmp_path: Path, n: int = 6, **kwargs) -> tuple[dict, list[dict]]:
     records = make_records(n, seed=41, **SMALL)
-    files = {"metadata": tmp_path / "m.feather",
-             "archive": tmp_path / ("all.tar" if kwargs.get("layout") == "all" else "a.tar.gz")}
+    files = {
+        "metadata": tmp_path / "m.feather",
+        "archive": tmp_path / ("all.tar" if kwargs.get("layout") == "all" else "a.tar.gz"),
+    }
     write_hupd_files(records, files["metadata"], files["archive"], **kwargs)
     return files, records
 
 
 def rows_of(files: dict, tmp_path: Path, **kwargs) -> dict[str, dict]:
     """Every loaded row by application number (train and validation of a window holding all of January)."""
-    result = load(files, tmp_path, name="all" if files["archive"].name.endswith(".tar") else "sample", **WHOLE_MONTH,
-                  **kwargs)
+    result = load(
+        files, tmp_path, name="all" if files["archive"].name.endswith(".tar") else "sample", **WHOLE_MONTH, **kwargs
+    )
     return {row["application_number"]: row for row in result["train"]}
 
 
-WHOLE_MONTH = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-02-01",
-                   val_filing_start_date="2016-01-01", val_filing_end_date="2016-02-01")
+WHOLE_MONTH = dict(
+    train_filing_start_date="2016-01-01",
+    train_filing_end_date="2016-02-01",
+    val_filing_start_date="2016-01-01",
+    val_filing_end_date="2016-02-01",
+)
 
 
 def payload(record: dict, **changes) -> bytes:
@@ -486,12 +598,18 @@ def test_only_the_path_upstream_opens_is_read(tmp_path, caplog):
     records = make_records(4, seed=42, **SMALL)
     a, b, c = (r["application_number"] for r in records[:3])
     files = {"metadata": tmp_path / "m.feather", "archive": tmp_path / "a.tar.gz"}
-    write_hupd_files(records, files["metadata"], files["archive"], omit_json_for=[b, c], extra_members=[
-        (f"2016/{a}.json", payload(records[0], title="stray")),  # sorts ahead of sample/2016/<a>.json
-        (f"2016/{b}.json", payload(records[1], title="stray")),  # the only copy of b, at the wrong path
-        (f"sample/2015/{c}.json", payload(records[2])),  # wrong year
-        (f"./sample/2016/{c}.json", payload(records[2], title="dot")),  # extracts to sample/2016/<c>.json
-    ])
+    write_hupd_files(
+        records,
+        files["metadata"],
+        files["archive"],
+        omit_json_for=[b, c],
+        extra_members=[
+            (f"2016/{a}.json", payload(records[0], title="stray")),  # sorts ahead of sample/2016/<a>.json
+            (f"2016/{b}.json", payload(records[1], title="stray")),  # the only copy of b, at the wrong path
+            (f"sample/2015/{c}.json", payload(records[2])),  # wrong year
+            (f"./sample/2016/{c}.json", payload(records[2], title="dot")),  # extracts to sample/2016/<c>.json
+        ],
+    )
     rows = rows_of(files, tmp_path)
     assert rows[a]["title"] == records[0]["title"] and rows[c]["title"] == "dot"
     assert b not in rows and f"no JSON record in {files['archive']} for 1 ({b})" in caplog.text
@@ -503,12 +621,19 @@ def test_all_years_paths(tmp_path):
     records = make_records(4, seed=43, **SMALL)
     a, b, c, d = (r["application_number"] for r in records)
     files, _ = {"metadata": tmp_path / "m.feather", "archive": tmp_path / "all.tar"}, None
-    write_hupd_files(records, files["metadata"], files["archive"], layout="all", omit_json_for=[b, c], extra_members=[
-        (f"data/2016/{a}.json", payload(records[0], title="loose")),  # after data/2016.tar.gz, loses to it
-        (f"data/2016/{b}.json", payload(records[1], title="loose")),  # the only copy: taken
-        (f"sample/2016/{c}.json", payload(records[2])),  # not where upstream looks for `all`
-        (f"2016/{d}.json", payload(records[3], title="inner")),  # inside 2016.tar.gz, a second copy: last wins
-    ])
+    write_hupd_files(
+        records,
+        files["metadata"],
+        files["archive"],
+        layout="all",
+        omit_json_for=[b, c],
+        extra_members=[
+            (f"data/2016/{a}.json", payload(records[0], title="loose")),  # after data/2016.tar.gz, loses to it
+            (f"data/2016/{b}.json", payload(records[1], title="loose")),  # the only copy: taken
+            (f"sample/2016/{c}.json", payload(records[2])),  # not where upstream looks for `all`
+            (f"2016/{d}.json", payload(records[3], title="inner")),  # inside 2016.tar.gz, a second copy: last wins
+        ],
+    )
     rows = rows_of(files, tmp_path)
     assert rows[a]["title"] == records[0]["title"] and rows[b]["title"] == "loose"
     assert c not in rows and rows[d]["title"] == "inner"
@@ -521,18 +646,26 @@ def test_hard_links_read_as_their_target(tmp_path, layout, caplog):
     first, a, b, dangling, outside = (r["application_number"] for r in records[:5])
     top = "sample/2016" if layout == "sample" else "2016"
     files = {"metadata": tmp_path / "m.feather", "archive": tmp_path / ("all.tar" if layout == "all" else "a.tar.gz")}
-    write_hupd_files(records, files["metadata"], files["archive"], layout=layout,
-                     omit_json_for=[a, b, dangling, outside],
-                     extra_members=[
-                         (f"{top}/10000000.json", payload(records[1], title="unselected target")),
-                         (f"{top}/{a}.json", HardLink(f"{top}/10000000.json")),
-                         (f"{top}/{b}.json", HardLink(f"{top}/{first}.json")),  # a selected record's file
-                         (f"{top}/{dangling}.json", HardLink(f"{top}/99999999.json")),  # nothing there
-                         (f"{top}/{outside}.json", HardLink("../../etc/hostname")),  # outside the archive
-                     ])
+    write_hupd_files(
+        records,
+        files["metadata"],
+        files["archive"],
+        layout=layout,
+        omit_json_for=[a, b, dangling, outside],
+        extra_members=[
+            (f"{top}/10000000.json", payload(records[1], title="unselected target")),
+            (f"{top}/{a}.json", HardLink(f"{top}/10000000.json")),
+            (f"{top}/{b}.json", HardLink(f"{top}/{first}.json")),  # a selected record's file
+            (f"{top}/{dangling}.json", HardLink(f"{top}/99999999.json")),  # nothing there
+            (f"{top}/{outside}.json", HardLink("../../etc/hostname")),  # outside the archive
+        ],
+    )
     for streaming in (False, True):
-        rows = rows_of(files, tmp_path, streaming=streaming) if not streaming else {
-            row["application_number"]: row for row in rows_of_stream(files)}
+        rows = (
+            rows_of(files, tmp_path, streaming=streaming)
+            if not streaming
+            else {row["application_number"]: row for row in rows_of_stream(files)}
+        )
         assert rows[a]["title"] == "unselected target" and rows[a]["patent_number"] == a
         assert rows[b]["title"] == records[0]["title"] and rows[b]["patent_number"] == b
         assert dangling not in rows and outside not in rows and len(rows) == len(records) - 2
@@ -541,8 +674,11 @@ def test_hard_links_read_as_their_target(tmp_path, layout, caplog):
 
 def rows_of_stream(files: dict) -> list[dict]:
     name = "all" if files["archive"].name.endswith(".tar") else "sample"
-    return list(load_hupd(name, metadata_path=files["metadata"], archive_path=files["archive"], streaming=True,
-                          **WHOLE_MONTH)["train"])
+    return list(
+        load_hupd(name, metadata_path=files["metadata"], archive_path=files["archive"], streaming=True, **WHOLE_MONTH)[
+            "train"
+        ]
+    )
 
 
 def test_repeated_member_path_last_copy_wins(tmp_path, caplog):
@@ -550,13 +686,19 @@ def test_repeated_member_path_last_copy_wins(tmp_path, caplog):
     records = make_records(4, seed=45, **SMALL)
     a, b, c = (r["application_number"] for r in records[:3])
     files = {"metadata": tmp_path / "m.feather", "archive": tmp_path / "a.tar.gz"}
-    write_hupd_files(records, files["metadata"], files["archive"], omit_json_for=[b, c], extra_members=[
-        (f"sample/2016/{a}.json", payload(records[0], title="second copy")),  # after the generated member
-        (f"sample/2016/{b}.json", b"{not json"),
-        (f"sample/2016/{b}.json", payload(records[1], title="good last")),
-        (f"sample/2016/{c}.json", payload(records[2], title="good first")),
-        (f"sample/2016/{c}.json", b"{not json"),
-    ])
+    write_hupd_files(
+        records,
+        files["metadata"],
+        files["archive"],
+        omit_json_for=[b, c],
+        extra_members=[
+            (f"sample/2016/{a}.json", payload(records[0], title="second copy")),  # after the generated member
+            (f"sample/2016/{b}.json", b"{not json"),
+            (f"sample/2016/{b}.json", payload(records[1], title="good last")),
+            (f"sample/2016/{c}.json", payload(records[2], title="good first")),
+            (f"sample/2016/{c}.json", b"{not json"),
+        ],
+    )
     rows = rows_of(files, tmp_path)
     assert rows[a]["title"] == "second copy" and rows[b]["title"] == "good last" and c not in rows
     assert "3 repeated archive members (used the last copy of each path)" in caplog.text
@@ -599,11 +741,18 @@ def fail_after(monkeypatch, target: str, calls: int, error: OSError) -> None:
     monkeypatch.setattr(owner, attr, failing)
 
 
-@pytest.mark.parametrize("where,error", [
-    ("_Records.add", OSError(errno.ENOSPC, "No space left on device")),
-    ("_Records.add", OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")),  # pyarrow's
-    ("_write_rows", OSError(errno.EDQUOT, "Disk quota exceeded")),
-], ids=["while-reading", "pyarrow-message", "while-ordering"])
+@pytest.mark.parametrize(
+    "where,error",
+    [
+        ("_Records.add", OSError(errno.ENOSPC, "No space left on device")),
+        (
+            "_Records.add",
+            OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
+        ),  # pyarrow's
+        ("_write_rows", OSError(errno.EDQUOT, "Disk quota exceeded")),
+    ],
+    ids=["while-reading", "pyarrow-message", "while-ordering"],
+)
 def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeypatch, where, error):
     good = load(sample, tmp_path, **DATES)  # an earlier cache that must survive
     fail_after(monkeypatch, where, 20 if where == "_Records.add" else 2, error)
@@ -612,8 +761,9 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
     message = str(info.value)
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert message.startswith("The disk is full") and str(tmp_path / "cache") in message
-    assert re.search(r"needs about [1-9]\d* [KMG]?B \(\d+ [KMGT]?B free now\) in " + re.escape(str(tmp_path / "cache")),
-                     message), message
+    assert re.search(
+        r"needs about [1-9]\d* [KMG]?B \(\d+ [KMGT]?B free now\) in " + re.escape(str(tmp_path / "cache")), message
+    ), message
     assert "cache_dir=" in message
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # scratch removed, the good cache kept

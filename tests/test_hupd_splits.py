@@ -19,14 +19,19 @@ from hfplug.data.hupd_selection import (
     validate_split_dates,
 )
 
-DATE_SPLIT = dict(train_filing_start_date="2016-01-01", train_filing_end_date="2016-01-20",
-                  val_filing_start_date="2016-01-20", val_filing_end_date="2016-02-01")
+DATE_SPLIT = dict(
+    train_filing_start_date="2016-01-01",
+    train_filing_end_date="2016-01-20",
+    val_filing_start_date="2016-01-20",
+    val_filing_end_date="2016-02-01",
+)
 
 
 def frame(rows: list[tuple]) -> pd.DataFrame:
     """Metadata from (number, filing date, decision, ipc, cpc) tuples."""
-    df = pd.DataFrame(rows, columns=["application_number", "filing_date", "decision", "main_ipcr_label",
-                                     "main_cpc_label"])
+    df = pd.DataFrame(
+        rows, columns=["application_number", "filing_date", "decision", "main_ipcr_label", "main_cpc_label"]
+    )
     df["filing_date"] = pd.to_datetime(df["filing_date"])
     return df
 
@@ -39,17 +44,37 @@ def numbers(df: pd.DataFrame) -> list[str]:
 def month() -> pd.DataFrame:
     """101 applications over January 2016, deliberately not in date order."""
     decisions = ["ACCEPTED", "REJECTED", "PENDING", "ACCEPTED", "CONT-ACCEPTED", "CONT-REJECTED", "CONT-PENDING"]
-    rows = [(f"{15000000 + i}", f"2016-01-{1 + (i * 7) % 31:02d}", decisions[i % 7],
-             ["G06F17/30", "H04L29/06", None][i % 3], ["G06F16/24", "H04W4/00", "A61K9/00"][i % 3])
-            for i in range(101)]
+    rows = [
+        (
+            f"{15000000 + i}",
+            f"2016-01-{1 + (i * 7) % 31:02d}",
+            decisions[i % 7],
+            ["G06F17/30", "H04L29/06", None][i % 3],
+            ["G06F16/24", "H04W4/00", "A61K9/00"][i % 3],
+        )
+        for i in range(101)
+    ]
     return frame(rows)
 
 
 # --- dates -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["2016/01/01", "2016-1-1", "16-01-01", "2016-01-01T00:00", "", "2016011", "201601011",
-                                 "2016-0101", "201601-01", "01/02/2016"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "2016/01/01",
+        "2016-1-1",
+        "16-01-01",
+        "2016-01-01T00:00",
+        "",
+        "2016011",
+        "201601011",
+        "2016-0101",
+        "201601-01",
+        "01/02/2016",
+    ],
+)
 def test_malformed_date_names_value_and_format(bad):
     with pytest.raises(ValueError, match=r"train_filing_start_date=.*YYYY-MM-DD or YYYYMMDD"):
         parse_filing_date(bad, "train_filing_start_date")
@@ -98,11 +123,15 @@ def test_uniform_split_needs_no_dates():
 
 
 def test_date_split_end_dates_are_exclusive():
-    df = frame([("1", "2016-01-01", "ACCEPTED", "G06F1/00", "G06F1/00"),
-                ("2", "2016-01-19", "ACCEPTED", "G06F1/00", "G06F1/00"),
-                ("3", "2016-01-20", "REJECTED", "G06F1/00", "G06F1/00"),
-                ("4", "2016-01-31", "REJECTED", "G06F1/00", "G06F1/00"),
-                ("5", "2016-02-01", "REJECTED", "G06F1/00", "G06F1/00")])
+    df = frame(
+        [
+            ("1", "2016-01-01", "ACCEPTED", "G06F1/00", "G06F1/00"),
+            ("2", "2016-01-19", "ACCEPTED", "G06F1/00", "G06F1/00"),
+            ("3", "2016-01-20", "REJECTED", "G06F1/00", "G06F1/00"),
+            ("4", "2016-01-31", "REJECTED", "G06F1/00", "G06F1/00"),
+            ("5", "2016-02-01", "REJECTED", "G06F1/00", "G06F1/00"),
+        ]
+    )
     selection = select_splits(df, **DATE_SPLIT)
     assert numbers(selection.train) == ["1", "2"]
     assert numbers(selection.validation) == ["3", "4"]  # 2016-02-01 is the exclusive end
@@ -119,14 +148,19 @@ def test_date_split_matches_upstream_string_comparison(month, compact):
     # upstream compares the datetime column with the raw date strings, and keeps the metadata order
     dates = {k: v.replace("-", "") if compact else v for k, v in DATE_SPLIT.items()}
     selection = select_splits(month, **dates)
-    upstream_train = month[(month["filing_date"] >= dates["train_filing_start_date"])
-                           & (month["filing_date"] < dates["train_filing_end_date"])]
-    upstream_val = month[(month["filing_date"] >= dates["val_filing_start_date"])
-                         & (month["filing_date"] < dates["val_filing_end_date"])]
+    upstream_train = month[
+        (month["filing_date"] >= dates["train_filing_start_date"])
+        & (month["filing_date"] < dates["train_filing_end_date"])
+    ]
+    upstream_val = month[
+        (month["filing_date"] >= dates["val_filing_start_date"])
+        & (month["filing_date"] < dates["val_filing_end_date"])
+    ]
     assert numbers(selection.train) == numbers(upstream_train)
     assert numbers(selection.validation) == numbers(upstream_val)
-    assert numbers(selection.train) != sorted(numbers(selection.train), key=lambda n: month.set_index(
-        "application_number").loc[n, "filing_date"])  # metadata order, not date order
+    assert numbers(selection.train) != sorted(
+        numbers(selection.train), key=lambda n: month.set_index("application_number").loc[n, "filing_date"]
+    )  # metadata order, not date order
 
 
 # --- uniform split -----------------------------------------------------------------------
@@ -161,8 +195,12 @@ def test_uniform_split_drops_the_last_shuffled_row(month):
 
 
 def test_uniform_split_bounds_are_inclusive():
-    df = frame([(str(i), f"2016-01-{d:02d}", "ACCEPTED", "G06F1/00", "G06F1/00")
-                for i, d in enumerate([4, 5, 10, 15, 20, 25, 26] * 3)])
+    df = frame(
+        [
+            (str(i), f"2016-01-{d:02d}", "ACCEPTED", "G06F1/00", "G06F1/00")
+            for i, d in enumerate([4, 5, 10, 15, 20, 25, 26] * 3)
+        ]
+    )
     train, val = uniform_split(df, pd.Timestamp("2016-01-05"), pd.Timestamp("2016-01-25"))
     kept = pd.concat([train, val])["filing_date"]
     assert kept.min() >= pd.Timestamp("2016-01-05") and kept.max() <= pd.Timestamp("2016-01-25")
@@ -200,8 +238,12 @@ def test_uniform_split_sizes_and_disjointness(n):
 
 
 def test_balancer_cuts_the_larger_class_and_drops_others():
-    val = frame([(str(i), "2016-01-01", d, "G06F1/00", "G06F1/00") for i, d in enumerate(
-        ["ACCEPTED"] * 5 + ["REJECTED"] * 2 + ["PENDING", "CONT-ACCEPTED", "CONT-REJECTED"])])
+    val = frame(
+        [
+            (str(i), "2016-01-01", d, "G06F1/00", "G06F1/00")
+            for i, d in enumerate(["ACCEPTED"] * 5 + ["REJECTED"] * 2 + ["PENDING", "CONT-ACCEPTED", "CONT-REJECTED"])
+        ]
+    )
     balanced = balance_validation(val)
     accepted = val[val["decision"] == "ACCEPTED"].sample(frac=1.0, random_state=RANDOM_STATE).iloc[:2]
     assert numbers(balanced) == ["5", "6"] + numbers(accepted)  # rejected first, as upstream
@@ -209,8 +251,9 @@ def test_balancer_cuts_the_larger_class_and_drops_others():
 
 
 def test_balancer_tie_shuffles_rejected():
-    val = frame([(str(i), "2016-01-01", d, "G06F1/00", "G06F1/00")
-                 for i, d in enumerate(["REJECTED"] * 4 + ["ACCEPTED"] * 4)])
+    val = frame(
+        [(str(i), "2016-01-01", d, "G06F1/00", "G06F1/00") for i, d in enumerate(["REJECTED"] * 4 + ["ACCEPTED"] * 4)]
+    )
     balanced = balance_validation(val)
     rejected = val[val["decision"] == "REJECTED"].sample(frac=1.0, random_state=RANDOM_STATE)
     assert numbers(balanced) == numbers(rejected) + ["4", "5", "6", "7"]
@@ -261,8 +304,13 @@ def test_bad_query_names_the_columns(month):
 
 def test_dates_selecting_nothing_describe_the_metadata(month):
     with pytest.raises(ValueError) as info:
-        select_splits(month, train_filing_start_date="2017-01-01", train_filing_end_date="2017-06-01",
-                      val_filing_start_date="2016-01-01", val_filing_end_date="2016-02-01")
+        select_splits(
+            month,
+            train_filing_start_date="2017-01-01",
+            train_filing_end_date="2017-06-01",
+            val_filing_start_date="2016-01-01",
+            val_filing_end_date="2016-02-01",
+        )
     message = str(info.value)
     assert "train_filing_start_date=2017-01-01" in message and "selects no records" in message
     assert "101 records filed 2016-01-01 to 2016-01-31" in message
@@ -270,8 +318,13 @@ def test_dates_selecting_nothing_describe_the_metadata(month):
 
 def test_empty_validation_window_is_an_error(month):
     with pytest.raises(ValueError, match="val_filing_start_date=2018-01-01.*selects no records"):
-        select_splits(month, train_filing_start_date="2016-01-01", train_filing_end_date="2016-02-01",
-                      val_filing_start_date="2018-01-01", val_filing_end_date="2018-02-01")
+        select_splits(
+            month,
+            train_filing_start_date="2016-01-01",
+            train_filing_end_date="2016-02-01",
+            val_filing_start_date="2018-01-01",
+            val_filing_end_date="2018-02-01",
+        )
 
 
 def test_uniform_window_selecting_nothing(month):

@@ -24,11 +24,32 @@ from hfplug.testing.hupd_synthetic import (
 )
 
 RECORD_KEYS = [
-    "application_number", "publication_number", "title", "decision", "date_produced", "date_published",
-    "main_cpc_label", "cpc_labels", "main_ipcr_label", "ipcr_labels", "patent_number", "filing_date",
-    "patent_issue_date", "abandon_date", "uspc_class", "uspc_subclass", "examiner_id", "examiner_name_last",
-    "examiner_name_first", "examiner_name_middle", "inventor_list", "abstract", "claims", "background",
-    "summary", "full_description",
+    "application_number",
+    "publication_number",
+    "title",
+    "decision",
+    "date_produced",
+    "date_published",
+    "main_cpc_label",
+    "cpc_labels",
+    "main_ipcr_label",
+    "ipcr_labels",
+    "patent_number",
+    "filing_date",
+    "patent_issue_date",
+    "abandon_date",
+    "uspc_class",
+    "uspc_subclass",
+    "examiner_id",
+    "examiner_name_last",
+    "examiner_name_first",
+    "examiner_name_middle",
+    "inventor_list",
+    "abstract",
+    "claims",
+    "background",
+    "summary",
+    "full_description",
 ]
 INVENTOR_KEYS = {"inventor_name_last", "inventor_name_first", "inventor_city", "inventor_state", "inventor_country"}
 SMALL = dict(description_words=(20, 60), claims_words=(20, 40), background_words=(10, 20), summary_words=(10, 20))
@@ -53,7 +74,9 @@ def test_same_seed_same_bytes(tmp_path, layout):
 def test_hub_file_names(tmp_path):
     sample = write_hupd_sample(tmp_path / "s", n_records=6, **SMALL)
     assert (sample.metadata_path.name, sample.archive_path.name) == (
-        "hupd_metadata_jan16_2022-02-22.feather", "sample-jan-2016.tar.gz")
+        "hupd_metadata_jan16_2022-02-22.feather",
+        "sample-jan-2016.tar.gz",
+    )
     every = write_hupd_sample(tmp_path / "a", n_records=6, layout="all", **SMALL)
     assert (every.metadata_path.name, every.archive_path.name) == ("hupd_metadata_2022-02-22.feather", "all-years.tar")
     assert sample.n_records == every.n_records == 6
@@ -133,10 +156,14 @@ def test_ipc_subclass_is_learnable_from_topic_words(records):
 
 
 def test_sample_layout_members(tmp_path, records):
-    write_hupd_files(records[:5], tmp_path / "m.feather", tmp_path / "a.tar.gz",
-                     omit_json_for=[records[0]["application_number"]],
-                     extra_members=[("sample/README.txt", b"hi"), ("sample/2016/junk", None)],
-                     metadata_extra_rows=[{"application_number": "19999999", "filing_date": "2016-01-05"}])
+    write_hupd_files(
+        records[:5],
+        tmp_path / "m.feather",
+        tmp_path / "a.tar.gz",
+        omit_json_for=[records[0]["application_number"]],
+        extra_members=[("sample/README.txt", b"hi"), ("sample/2016/junk", None)],
+        metadata_extra_rows=[{"application_number": "19999999", "filing_date": "2016-01-05"}],
+    )
     with tarfile.open(tmp_path / "a.tar.gz", "r:gz") as tar:
         names = tar.getnames()
         assert tar.getmember("sample/2016/junk").isdir()
@@ -149,14 +176,27 @@ def test_sample_layout_members(tmp_path, records):
     df = pd.read_feather(tmp_path / "m.feather")
     assert list(df["application_number"]) == [r["application_number"] for r in records[:5]] + ["19999999"]
     assert pd.api.types.is_datetime64_any_dtype(df["filing_date"])
-    assert {"decision", "main_ipcr_label", "main_cpc_label", "patent_number", "examiner_id", "examiner_art_unit",
-            "small_entity_indicator", "continuation"} <= set(df.columns)
+    assert {
+        "decision",
+        "main_ipcr_label",
+        "main_cpc_label",
+        "patent_number",
+        "examiner_id",
+        "examiner_art_unit",
+        "small_entity_indicator",
+        "continuation",
+    } <= set(df.columns)
 
 
 def test_all_layout_members(tmp_path):
     records = make_records(12, seed=2, start_date="2015-12-20", end_date="2016-01-10", **SMALL)
-    write_hupd_files(records, tmp_path / "m.feather", tmp_path / "all.tar", layout="all",
-                     extra_members=[("README", b"x"), ("2016/notes.txt", b"y")])
+    write_hupd_files(
+        records,
+        tmp_path / "m.feather",
+        tmp_path / "all.tar",
+        layout="all",
+        extra_members=[("README", b"x"), ("2016/notes.txt", b"y")],
+    )
     with tarfile.open(tmp_path / "all.tar", "r:") as outer:  # uncompressed outer tar, years under data/ as on the Hub
         assert outer.getnames() == ["README", "data", "data/2015.tar.gz", "data/2016.tar.gz"]
         inner = outer.extractfile("data/2016.tar.gz").read()
@@ -172,9 +212,16 @@ def test_all_layout_members(tmp_path):
 def test_repeated_names_keep_their_order_and_hard_links(tmp_path):
     records = make_records(2, seed=4, **SMALL)
     number = records[0]["application_number"]
-    write_hupd_files(records, tmp_path / "m.feather", tmp_path / "a.tar.gz", extra_members=[
-        (f"sample/2016/{number}.json", b"second"), (f"sample/2016/{number}.json", b"third"),
-        ("sample/2016/link.json", HardLink(f"sample/2016/{number}.json"))])
+    write_hupd_files(
+        records,
+        tmp_path / "m.feather",
+        tmp_path / "a.tar.gz",
+        extra_members=[
+            (f"sample/2016/{number}.json", b"second"),
+            (f"sample/2016/{number}.json", b"third"),
+            ("sample/2016/link.json", HardLink(f"sample/2016/{number}.json")),
+        ],
+    )
     with tarfile.open(tmp_path / "a.tar.gz", "r:gz") as tar:
         copies = [m for m in tar.getmembers() if m.name == f"sample/2016/{number}.json"]
         assert [tar.extractfile(m).read()[:6] for m in copies] == [b'{"appl', b"second", b"third"]

@@ -68,8 +68,14 @@ def test_no_such_repo_distinguished_from_offline(tmp_path):
             "from hfplug.loading import from_pretrained\n"
             "from_pretrained(AutoConfig, 'someone/no-such-model')\n"
         )
-        env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_CACHE=str(tmp_path),
-                   HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+        env = dict(
+            os.environ,
+            HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+            HF_HUB_CACHE=str(tmp_path),
+            HF_HUB_OFFLINE="0",
+            HF_HUB_ETAG_TIMEOUT="5",
+            HF_HUB_DOWNLOAD_TIMEOUT="5",
+        )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     finally:
         server.shutdown()
@@ -95,7 +101,9 @@ def test_max_length_above_model_limit():
     tok = build_bert_tokenizer(TEXT, vocab_size=200, model_max_length=512)
     config = tiny_bert_config(len(tok), max_position_embeddings=128)
     check_max_length(128, tok, config)
-    with pytest.raises(ValueError, match=r"max_length 256 is above this model's limit of 128 tokens.*--max_length 128"):
+    with pytest.raises(
+        ValueError, match=r"max_length 256 is above this model's limit of 128 tokens.*--max_length 128"
+    ):
         check_max_length(256, tok, config)
 
 
@@ -103,10 +111,24 @@ def test_memory_plan_message_warns_with_settings_that_fit():
     from hfplug.fit import memory_plan_message
     from hfplug.testing.tiny import tiny_llama_config
 
-    config = tiny_llama_config(32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                               num_attention_heads=16, num_key_value_heads=4)
-    settings = dict(quant="4bit", lora_r=16, task="decision", max_length=2048, batch_size=64,
-                    activation_checkpointing=True, optim="paged_adamw_8bit", num_labels=2)
+    config = tiny_llama_config(
+        32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    )
+    settings = dict(
+        quant="4bit",
+        lora_r=16,
+        task="decision",
+        max_length=2048,
+        batch_size=64,
+        activation_checkpointing=True,
+        optim="paged_adamw_8bit",
+        num_labels=2,
+    )
     fits, roomy = memory_plan_message(config, gpu_mem=80 * 2**30, model_name="m", **settings)
     assert fits and roomy.startswith("Memory plan: ~") and "of 80.0 GiB" in roomy
     fits, tight = memory_plan_message(config, gpu_mem=4 * 2**30, model_name="m", **settings)
@@ -129,12 +151,15 @@ def _hub_error(cls, message):
     return err
 
 
-@pytest.mark.parametrize("error, offline, reason, words", [
-    ("GatedRepoError", False, "gated", ["gated", "license", "HF_TOKEN"]),
-    ("RepositoryNotFoundError", False, "no_such_repo", ["no such model repo"]),
-    ("LocalEntryNotFoundError", True, "offline_not_cached", ["HF_HUB_OFFLINE", "not in the local cache"]),
-    ("LocalEntryNotFoundError", False, "unreachable", ["could not be reached"]),
-])
+@pytest.mark.parametrize(
+    "error, offline, reason, words",
+    [
+        ("GatedRepoError", False, "gated", ["gated", "license", "HF_TOKEN"]),
+        ("RepositoryNotFoundError", False, "no_such_repo", ["no such model repo"]),
+        ("LocalEntryNotFoundError", True, "offline_not_cached", ["HF_HUB_OFFLINE", "not in the local cache"]),
+        ("LocalEntryNotFoundError", False, "unreachable", ["could not be reached"]),
+    ],
+)
 def test_unreadable_hub_configs_say_why(monkeypatch, error, offline, reason, words):
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -160,6 +185,22 @@ def test_one_hub_id_rule(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "gpt2").mkdir()
-    for name in ("", "./x", "../x", "/x", "~/x", "a/b/c", "a//b", "my model", "a--b", "a..b", ".x", "x.git",
-                 "outputs", "outputs/run-1", "gpt2", "x" * 97):
+    for name in (
+        "",
+        "./x",
+        "../x",
+        "/x",
+        "~/x",
+        "a/b/c",
+        "a//b",
+        "my model",
+        "a--b",
+        "a..b",
+        ".x",
+        "x.git",
+        "outputs",
+        "outputs/run-1",
+        "gpt2",
+        "x" * 97,
+    ):
         assert not is_hub_id(name), name

@@ -29,26 +29,60 @@ REPO = Path(__file__).resolve().parents[1]
 
 # meta-llama/Llama-3.1-8B's config.json (reference.md)
 LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
 }
 
 
 def tiny_llama(**overrides) -> LlamaConfig:
-    values = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    values = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=300,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 
 
 def tiny_bert() -> BertConfig:
-    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=300, max_position_embeddings=64)
+    return BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +110,18 @@ def llama8b(llama8b_dir):
 def on_cpu(monkeypatch):
     from hfplug import quantization
 
-    monkeypatch.setattr(quantization, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True))
+    monkeypatch.setattr(
+        quantization, "device_capability", lambda device_type=None: DeviceCapability("cpu", "cpu", True)
+    )
 
 
 # --------------------------------------------------------------------------- counting
 
 
-@pytest.mark.parametrize("config_fn, task", [(tiny_llama, "decision"), (tiny_llama, "causal_lm"),
-                                              (tiny_bert, "decision"), (tiny_bert, "ipc")])
+@pytest.mark.parametrize(
+    "config_fn, task",
+    [(tiny_llama, "decision"), (tiny_llama, "causal_lm"), (tiny_bert, "decision"), (tiny_bert, "ipc")],
+)
 def test_parameter_counts_match_the_instantiated_model(config_fn, task):
     config = config_fn()
     counts = parameter_counts(config, task=task)
@@ -93,8 +131,9 @@ def test_parameter_counts_match_the_instantiated_model(config_fn, task):
     model = cls.from_config(config)
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     heads = ("lm_head", "score", "classifier")
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if type(m) is torch.nn.Linear and not n.endswith(heads))
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith(heads)
+    )
     assert counts.quantizable_params == linear
 
 
@@ -111,8 +150,9 @@ def test_quantized_sizes_match_bitsandbytes_exactly(llama_dir, on_cpu):
             weight = getattr(module, "weight", None)
             if type(weight).__name__ == "Params4bit":
                 actual += weight.numel() * weight.element_size()
-                actual += sum(t.numel() * t.element_size() for t in weight.quant_state.as_dict().values()
-                              if torch.is_tensor(t))
+                actual += sum(
+                    t.numel() * t.element_size() for t in weight.quant_state.as_dict().values() if torch.is_tensor(t)
+                )
             elif type(weight).__name__ == "Int8Params":
                 actual += weight.numel() + module.weight.SCB.numel() * 4
         est = memory.estimate_memory(config, quant=quant, lora_r=4, task="decision", max_length=8, batch_size=1)
@@ -126,7 +166,9 @@ def test_trainable_counts_match_peft(llama_dir, on_cpu):
         llama_dir, quantization_config=get_quantization_config(args, device_type="cpu"), dtype=torch.float32
     )
     model = prepare_for_training(model, args, activation_checkpointing=False)
-    est = memory.estimate_memory(config, quant="4bit", lora_r=4, task="decision", max_length=8, batch_size=1, num_labels=2)
+    est = memory.estimate_memory(
+        config, quant="4bit", lora_r=4, task="decision", max_length=8, batch_size=1, num_labels=2
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.trainable_count == trainable
     assert est.head_count == 64 * 2 and est.lora_count == trainable - 64 * 2
@@ -142,8 +184,11 @@ def test_llama31_8b_weights_and_lora_match_the_published_numbers(llama8b):
     est = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=2048, batch_size=1)
     assert est.lora_count == 41_943_040
     assert abs(est.weights_at_load / 1e9 - 5.70) < 0.02  # NF4 + double quant, 16-bit embeddings/head
-    no_dq = sum(memory.quantized_weight_bytes(lin.in_features * lin.out_features, lin.out_features, "4bit", double_quant=False)
-                for lin in counts.linears if lin.quantized)
+    no_dq = sum(
+        memory.quantized_weight_bytes(lin.in_features * lin.out_features, lin.out_features, "4bit", double_quant=False)
+        for lin in counts.linears
+        if lin.quantized
+    )
     assert abs((no_dq + counts.other_params * 2) / 1e9 - 6.03) < 0.02
     # prepare_model_for_kbit_training keeps embeddings and lm_head in fp32 for training.
     assert est.other_weights == counts.other_params * 4
@@ -153,14 +198,28 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
     t4 = GPU_MEMORY["t4"]
     est = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="decision", max_length=512, batch_size=8)
     assert est.total < t4
-    assert memory.estimate_memory(llama8b, quant="none", lora_r=16, task="decision", max_length=512,
-                               batch_size=8).total > t4  # 16 GB of bf16 weights never fit
+    assert (
+        memory.estimate_memory(llama8b, quant="none", lora_r=16, task="decision", max_length=512, batch_size=8).total
+        > t4
+    )  # 16 GB of bf16 weights never fit
     plain = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1)
-    chunked = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192,
-                                  batch_size=1, loss_chunk_size=1024)
+    chunked = memory.estimate_memory(
+        llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1, loss_chunk_size=1024
+    )
     assert plain.logits_peak > 8 * GiB > chunked.logits_peak
-    assert memory.max_seq_len(llama8b, gpu_mem=t4, quant="4bit", lora_r=16, task="causal_lm", batch_size=1,
-                           loss_chunk_size=1024, offload_activations=True) >= 8192
+    assert (
+        memory.max_seq_len(
+            llama8b,
+            gpu_mem=t4,
+            quant="4bit",
+            lora_r=16,
+            task="causal_lm",
+            batch_size=1,
+            loss_chunk_size=1024,
+            offload_activations=True,
+        )
+        >= 8192
+    )
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -226,13 +285,27 @@ def t4_fit():
 
 def test_benchmark_builds_a_quantized_random_model_through_from_pretrained(t4_fit, on_cpu):
     """The GPU benchmark's loader, on CPU with a tiny config: same quantization path as real loading."""
-    small = dict(t4_fit.LLAMA31_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
-                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    small = dict(
+        t4_fit.LLAMA31_8B,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     args = ModelArguments(quant="4bit", lora=True, lora_r=4, dtype="float32")
-    model = t4_fit.build_model(small, "causal_lm", device="cpu",
-                               quantization_config=get_quantization_config(args, device_type="cpu"),
-                               dtype=torch.float32)
+    model = t4_fit.build_model(
+        small,
+        "causal_lm",
+        device="cpu",
+        quantization_config=get_quantization_config(args, device_type="cpu"),
+        dtype=torch.float32,
+    )
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested
     assert type(model.lm_head).__name__ == "Linear"

@@ -58,8 +58,9 @@ def executed(tmp_path_factory) -> tuple:
     env_patch.setenv("HFPLUG_NOTEBOOK_OUTPUT_DIR", str(output_dir))
     env_patch.setenv("HF_HUB_OFFLINE", "1")
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(REPO)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        )
         client.execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
     finally:
         env_patch.undo()
@@ -91,8 +92,14 @@ def test_colab_commands_name_files_that_exist():
     """The Colab run is not executed here: at least the files its commands name must exist."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     source = "\n".join(cell.source for cell in code_cells(nb))
-    for command in ("accelerate launch --config_file", "recipes/finetune_hupd.py", "recipes/chat.py --adapter",
-                    "recipes/push_run.py", "pip install -q -e .", 'userdata.get("HF_TOKEN")'):
+    for command in (
+        "accelerate launch --config_file",
+        "recipes/finetune_hupd.py",
+        "recipes/chat.py --adapter",
+        "recipes/push_run.py",
+        "pip install -q -e .",
+        'userdata.get("HF_TOKEN")',
+    ):
         assert command in source, command
     paths = set(re.findall(r"\b((?:recipes|accelerate_configs)/[\w./-]+\.(?:py|yaml))", source))
     assert "recipes/configs/hupd_llama31_8b_abstract_qlora_t4.yaml" in paths  # the Colab default
@@ -132,7 +139,8 @@ def test_fine_tune_wrote_results_and_the_results_cell_shows_them(executed):
     shown = output_text(cell_running(nb, "all_results.json"))
     assert "eval_rougeL" in shown and str(results["eval_rougeL"]) in shown
     assert "recipes/finetune_hupd.py --config recipes/configs/quickstart.yaml" in output_text(
-        cell_running(nb, "finetune_hupd.py"))
+        cell_running(nb, "finetune_hupd.py")
+    )
 
 
 def test_chat_cell_replied_through_the_adapter(executed):

@@ -33,15 +33,22 @@ NUM_LABELS = 3
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    values = dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  num_labels=NUM_LABELS)
+    values = dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        num_labels=NUM_LABELS,
+    )
     values.update(overrides)
     return tiny.tiny_llama_config(300, **values)
 
 
 def tiny_bert_config() -> BertConfig:
-    return tiny.tiny_bert_config(300, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
-                                 num_labels=NUM_LABELS)
+    return tiny.tiny_bert_config(
+        300, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64, num_labels=NUM_LABELS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +95,20 @@ def load(path, args, cls=AutoModelForSequenceClassification):
     )
 
 
-def expected_lora_params(config, r, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+def expected_lora_params(
+    config, r, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+):
     """r * (in + out) for each adapted projection, from the config alone."""
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     shapes = {
-        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
     }
     return config.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets)
 
@@ -105,7 +119,16 @@ def expected_lora_params(config, r, targets=("q_proj", "k_proj", "v_proj", "o_pr
 def test_arguments_parse_from_cli_and_yaml_style_dicts():
     parser = HfArgumentParser((ModelArguments, TrainingArguments))
     model_args, _ = parser.parse_args_into_dataclasses(
-        ["--output_dir", "/tmp/unused", "--quant", "4bit", "--lora", "--lora_target_modules", "q_proj,v_proj", "o_proj"]
+        [
+            "--output_dir",
+            "/tmp/unused",
+            "--quant",
+            "4bit",
+            "--lora",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "o_proj",
+        ]
     )
     assert model_args.quant == "4bit" and model_args.lora
     assert model_args.lora_target_modules == ["q_proj", "v_proj", "o_proj"]
@@ -257,7 +280,9 @@ def test_quant_storage_follows_the_compute_dtype_under_fsdp(under_fsdp, monkeypa
     monkeypatch.setattr(mo, "device_capability", lambda device_type=None: A100)
     config = get_quantization_config(ModelArguments(quant="4bit", lora=True, dtype="auto"))
     assert config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == torch.bfloat16
-    assert mo.resolve_quant_storage(ModelArguments(quant="4bit", quant_storage="float32"), torch.float32) == torch.float32
+    assert (
+        mo.resolve_quant_storage(ModelArguments(quant="4bit", quant_storage="float32"), torch.float32) == torch.float32
+    )
     with pytest.raises(ValueError) as err:
         mo.resolve_quant_storage(ModelArguments(quant="4bit", quant_storage="uint8"), torch.bfloat16)
     assert "under FSDP" in str(err.value) and "--quant_storage bfloat16 (or auto)" in str(err.value)
@@ -371,8 +396,11 @@ def test_4bit_llama_classifier_trains_only_lora_and_head(llama_cls_dir, on_cpu, 
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "adapter")
-    saved = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = set(
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+            tmp_path / "adapter" / "adapter_model.safetensors"
+        )
+    )
     assert any("score" in k for k in saved) and all("lora_" in k or "score" in k for k in saved)
     reloaded = PeftModel.from_pretrained(load(llama_cls_dir, args), tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -416,11 +444,14 @@ def test_4bit_bert_detects_classifier_and_counts_exactly(bert_cls_dir, on_cpu):
 
 
 def test_causal_lm_gets_no_head_in_modules_to_save(llama_lm_dir, on_cpu):
-    model = prepare_for_training(load(llama_lm_dir, qlora_args(), AutoModelForCausalLM), qlora_args(),
-                                 activation_checkpointing=False)
+    model = prepare_for_training(
+        load(llama_lm_dir, qlora_args(), AutoModelForCausalLM), qlora_args(), activation_checkpointing=False
+    )
     names = lora_and_head_names(model)
     assert names and all("lora_" in n for n in names)  # lm_head stays frozen
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_lora_params(tiny_llama_config(), R)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected_lora_params(
+        tiny_llama_config(), R
+    )
 
 
 def test_named_targets(llama_cls_dir, on_cpu):

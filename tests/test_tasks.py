@@ -26,14 +26,22 @@ def _records(decisions, ipcs):
 @pytest.fixture
 def splits():
     return DatasetDict(
-        train=Dataset.from_dict(_records(DECISIONS + ["ACCEPTED"], ["G06F17/30", "H01L21/00", "G06F3/01", "A61K9/00", "", "H01L1/1", "G06F1/1"])),
-        validation=Dataset.from_dict(_records(["REJECTED", "ACCEPTED", "PENDING"], ["G06F9/44", "B65D1/1", "H01L3/3"])),
+        train=Dataset.from_dict(
+            _records(
+                DECISIONS + ["ACCEPTED"], ["G06F17/30", "H01L21/00", "G06F3/01", "A61K9/00", "", "H01L1/1", "G06F1/1"]
+            )
+        ),
+        validation=Dataset.from_dict(
+            _records(["REJECTED", "ACCEPTED", "PENDING"], ["G06F9/44", "B65D1/1", "H01L3/3"])
+        ),
     )
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_bert_tokenizer(["an abstract about widget claim title"] * 20 + [str(i) for i in range(10)], vocab_size=200)
+    return build_bert_tokenizer(
+        ["an abstract about widget claim title"] * 20 + [str(i) for i in range(10)], vocab_size=200
+    )
 
 
 def test_decision_keeps_accepted_and_rejected_only(splits, caplog):
@@ -77,7 +85,9 @@ def test_text_fields_parsing():
 
 def test_tokenize_joins_sections_in_order_without_padding(splits, tokenizer):
     task = prepare_task(splits, "decision")
-    enc = tokenize_splits(task.splits, tokenizer, text_fields=["abstract", "title", "claims"], max_length=64, add_length=True)
+    enc = tokenize_splits(
+        task.splits, tokenizer, text_fields=["abstract", "title", "claims"], max_length=64, add_length=True
+    )
     assert set(enc["train"].column_names) == {"input_ids", "attention_mask", "label", "length"}
     first = tokenizer.decode(enc["train"][0]["input_ids"])
     assert first == "[CLS] an abstract about widget 0 [SEP] title 0 [SEP]"  # empty claims skipped, no padding
@@ -86,21 +96,30 @@ def test_tokenize_joins_sections_in_order_without_padding(splits, tokenizer):
 
 
 def test_tokenize_truncates_to_max_length(splits, tokenizer):
-    enc = tokenize_splits(prepare_task(splits, "decision").splits, tokenizer, text_fields=["title", "abstract"], max_length=5)
+    enc = tokenize_splits(
+        prepare_task(splits, "decision").splits, tokenizer, text_fields=["title", "abstract"], max_length=5
+    )
     assert max(len(ids) for ids in enc["train"]["input_ids"]) == 5
 
 
 def test_collator_pads_batch_to_multiple_of_8_exactly(tokenizer):
     collate = padding_collator(tokenizer)
     pad = tokenizer.pad_token_id
-    batch = collate([
-        {"input_ids": [2, 10, 11, 3], "attention_mask": [1, 1, 1, 1], "label": 1},
-        {"input_ids": [2, 12, 13, 14, 15, 16, 17, 18, 19, 3], "attention_mask": [1] * 10, "label": 0},
-    ])
-    assert torch.equal(batch["input_ids"], torch.tensor([
-        [2, 10, 11, 3] + [pad] * 12,
-        [2, 12, 13, 14, 15, 16, 17, 18, 19, 3] + [pad] * 6,
-    ]))
+    batch = collate(
+        [
+            {"input_ids": [2, 10, 11, 3], "attention_mask": [1, 1, 1, 1], "label": 1},
+            {"input_ids": [2, 12, 13, 14, 15, 16, 17, 18, 19, 3], "attention_mask": [1] * 10, "label": 0},
+        ]
+    )
+    assert torch.equal(
+        batch["input_ids"],
+        torch.tensor(
+            [
+                [2, 10, 11, 3] + [pad] * 12,
+                [2, 12, 13, 14, 15, 16, 17, 18, 19, 3] + [pad] * 6,
+            ]
+        ),
+    )
     assert torch.equal(batch["attention_mask"], torch.tensor([[1] * 4 + [0] * 12, [1] * 10 + [0] * 6]))
     assert torch.equal(batch["labels"], torch.tensor([1, 0]))
 
@@ -134,13 +153,23 @@ def test_causal_lm_collator_pads_labels_with_ignore_index_exactly(tokenizer):
     from hfplug.data.collate import causal_lm_collator
 
     pad = tokenizer.pad_token_id
-    batch = causal_lm_collator(tokenizer)([
-        {"input_ids": [2, 10, 11], "attention_mask": [1, 1, 1], "labels": [-100, 11, 3]},
-        {"input_ids": [2, 12, 13, 14, 15, 16, 17, 18, 19], "attention_mask": [1] * 9, "labels": [-100] * 5 + [16, 17, 18, 19]},
-    ])
-    assert torch.equal(batch["input_ids"], torch.tensor([[2, 10, 11] + [pad] * 13, [2, 12, 13, 14, 15, 16, 17, 18, 19] + [pad] * 7]))
+    batch = causal_lm_collator(tokenizer)(
+        [
+            {"input_ids": [2, 10, 11], "attention_mask": [1, 1, 1], "labels": [-100, 11, 3]},
+            {
+                "input_ids": [2, 12, 13, 14, 15, 16, 17, 18, 19],
+                "attention_mask": [1] * 9,
+                "labels": [-100] * 5 + [16, 17, 18, 19],
+            },
+        ]
+    )
+    assert torch.equal(
+        batch["input_ids"], torch.tensor([[2, 10, 11] + [pad] * 13, [2, 12, 13, 14, 15, 16, 17, 18, 19] + [pad] * 7])
+    )
     assert torch.equal(batch["attention_mask"], torch.tensor([[1] * 3 + [0] * 13, [1] * 9 + [0] * 7]))
-    assert torch.equal(batch["labels"], torch.tensor([[-100, 11, 3] + [-100] * 13, [-100] * 5 + [16, 17, 18, 19] + [-100] * 7]))
+    assert torch.equal(
+        batch["labels"], torch.tensor([[-100, 11, 3] + [-100] * 13, [-100] * 5 + [16, 17, 18, 19] + [-100] * 7])
+    )
 
 
 def test_causal_lm_collator_needs_pad_token():

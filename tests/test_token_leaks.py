@@ -54,8 +54,15 @@ def _assert_no_canary(text):
 def quiet_hub(tmp_path):
     """A loopback Hub that would accept the canaries; the recipes must never get as far as calling it."""
     with HubServer({SHORT: Token("alice"), LONG: Token("alice")}, lifetime=300) as server:
-        yield server, {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-                       "HF_HUB_DISABLE_TELEMETRY": "1"}
+        yield (
+            server,
+            {
+                "HF_ENDPOINT": server.url,
+                "HF_HUB_OFFLINE": "0",
+                "HF_HOME": str(tmp_path / "hf_home"),
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+            },
+        )
 
 
 # --------------------------------------------------------------------------- the rules, in-process
@@ -71,17 +78,20 @@ def test_mask_tokens_masks_any_length_and_keeps_identifiers():
     assert mask_tokens(ordinary) == ordinary
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["run", "--hub_model_id", "a/b", "--hub_token", SHORT], "--hub_token"),
-    (["run", f"--hub_token={LONG}"], "--hub_token"),
-    (["run", "--hf_token", SHORT], "--hf_token"),
-    (["run", "--token", LONG], "--token"),
-    (["run", "--hub-token", "not-token-shaped-secret"], "--hub-token"),
-    (["run", "--hub_tok", SHORT], "--hub_tok"),  # argparse would take the abbreviation
-    (["run", "--hub_model_id", "a/b", SHORT], "argument 4"),
-    (["run", f"--license={LONG}"], "the value of --license"),
-    (["run", f"HF_TOKEN={SHORT}"], "argument 2"),
-])
+@pytest.mark.parametrize(
+    "argv, where",
+    [
+        (["run", "--hub_model_id", "a/b", "--hub_token", SHORT], "--hub_token"),
+        (["run", f"--hub_token={LONG}"], "--hub_token"),
+        (["run", "--hf_token", SHORT], "--hf_token"),
+        (["run", "--token", LONG], "--token"),
+        (["run", "--hub-token", "not-token-shaped-secret"], "--hub-token"),
+        (["run", "--hub_tok", SHORT], "--hub_tok"),  # argparse would take the abbreviation
+        (["run", "--hub_model_id", "a/b", SHORT], "argument 4"),
+        (["run", f"--license={LONG}"], "the value of --license"),
+        (["run", f"HF_TOKEN={SHORT}"], "argument 2"),
+    ],
+)
 def test_refuse_token_flags(argv, where, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     for name in redaction.SIMPLE_LAUNCHER_ENV:
@@ -100,8 +110,20 @@ def test_refuse_token_flags(argv, where, monkeypatch):
 
 
 def test_ordinary_command_lines_pass():
-    refuse_token_flags(["outputs/hf_run2", "--hub_model_id", "alice/hf_Model1", "--max_new_tokens", "64",
-                        "--output_dir=/content/drive/My Drive/hf_runs", "--hub_token", "", "--push_to_hub", "true"])
+    refuse_token_flags(
+        [
+            "outputs/hf_run2",
+            "--hub_model_id",
+            "alice/hf_Model1",
+            "--max_new_tokens",
+            "64",
+            "--output_dir=/content/drive/My Drive/hf_runs",
+            "--hub_token",
+            "",
+            "--push_to_hub",
+            "true",
+        ]
+    )
 
 
 def test_exit_status_is_zero_only_for_a_refused_token_under_the_simple_launcher():
@@ -121,25 +143,34 @@ def test_exit_status_is_zero_only_for_a_refused_token_under_the_simple_launcher(
 
 def test_retry_command_quotes_paths():
     command = retry_command("/content/drive/My Drive/runs/llama lora", "alice/hupd-lora", private=True)
-    assert command == ("python recipes/push_run.py '/content/drive/My Drive/runs/llama lora' "
-                       "--hub_model_id alice/hupd-lora --hub_private_repo")
-    assert retry_command("outputs/quick", "alice/x") == "python recipes/push_run.py outputs/quick --hub_model_id alice/x"
+    assert command == (
+        "python recipes/push_run.py '/content/drive/My Drive/runs/llama lora' "
+        "--hub_model_id alice/hupd-lora --hub_private_repo"
+    )
+    assert (
+        retry_command("outputs/quick", "alice/x") == "python recipes/push_run.py outputs/quick --hub_model_id alice/x"
+    )
 
 
 # --------------------------------------------------------------------------- 1. the recipe's command line
 
 
-@pytest.mark.parametrize("flags", [
-    ["--hub_token", SHORT],
-    [f"--hub_token={LONG}"],
-    ["--hf_token", LONG],  # not a flag of the recipe: its "unknown argument" error would echo it
-    ["--token", SHORT],
-    ["--hub_private_repo", LONG],  # a token where another value belongs
-], ids=["hub_token", "hub_token=", "hf_token", "token", "stray"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--hub_token", SHORT],
+        [f"--hub_token={LONG}"],
+        ["--hf_token", LONG],  # not a flag of the recipe: its "unknown argument" error would echo it
+        ["--token", SHORT],
+        ["--hub_private_repo", LONG],  # a token where another value belongs
+    ],
+    ids=["hub_token", "hub_token=", "hf_token", "token", "stray"],
+)
 def test_push_script_refuses_a_token_flag_without_echoing_it(flags, quiet_hub, adapter_run):
     server, env = quiet_hub
-    out = run_command([sys.executable, PUSH_SCRIPT, str(adapter_run), "--hub_model_id", "alice/leak", *flags],
-                      env=env, timeout=120)
+    out = run_command(
+        [sys.executable, PUSH_SCRIPT, str(adapter_run), "--hub_model_id", "alice/leak", *flags], env=env, timeout=120
+    )
     assert out.returncode == 2, out.stdout
     assert "error: " in out.stdout and "HF_TOKEN" in out.stdout and "hf auth login" in out.stdout
     assert "Traceback" not in out.stdout
@@ -149,8 +180,11 @@ def test_push_script_refuses_a_token_flag_without_echoing_it(flags, quiet_hub, a
 
 def test_push_script_user_errors_exit_2_without_traceback(quiet_hub, tmp_path):
     _, env = quiet_hub
-    out = run_command([sys.executable, PUSH_SCRIPT, str(tmp_path / "missing"), "--hub_model_id", "alice/x"],
-                      env={**env, "HF_TOKEN": SHORT}, timeout=120)
+    out = run_command(
+        [sys.executable, PUSH_SCRIPT, str(tmp_path / "missing"), "--hub_model_id", "alice/x"],
+        env={**env, "HF_TOKEN": SHORT},
+        timeout=120,
+    )
     assert out.returncode == 2, out.stdout
     assert "error: " in out.stdout and "is not a directory" in out.stdout
     assert "Traceback" not in out.stdout
@@ -190,9 +224,24 @@ def test_accelerate_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_
 def test_accelerate_torchrun_launch_with_a_token_flag_prints_no_token(quiet_hub, adapter_run):
     """torchrun-based launch (--multi_gpu; the script refuses before touching a device): non-zero, no token."""
     server, env = quiet_hub
-    launch = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "0", PUSH_SCRIPT, str(adapter_run),
-              "--hub_model_id", "alice/leak"]
+    launch = [
+        *ACCELERATE,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        PUSH_SCRIPT,
+        str(adapter_run),
+        "--hub_model_id",
+        "alice/leak",
+    ]
     out = run_command([*launch, "--hf_token", SHORT], env=env, timeout=180)
     _assert_no_canary(out.stdout)
     assert out.returncode != 0, out.stdout

@@ -52,7 +52,9 @@ def tiny_data():
 
 def tiny_model():
     torch.manual_seed(0)
-    config = tiny_bert_config(100, hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_labels=NUM_LABELS)
+    config = tiny_bert_config(
+        100, hidden_size=32, intermediate_size=64, max_position_embeddings=64, num_labels=NUM_LABELS
+    )
     return BertForSequenceClassification(config)
 
 
@@ -203,7 +205,14 @@ def test_plot_training_curves_function(tmp_path):
     history = [
         {"loss": 2.0, "step": 1},
         {"loss": float("nan"), "step": 2},  # skipped, not a crash
-        {"eval_loss": 1.5, "eval_f1": 0.4, "eval_runtime": 0.1, "eval_samples_per_second": 9.0, "epoch": 1.0, "step": 2},
+        {
+            "eval_loss": 1.5,
+            "eval_f1": 0.4,
+            "eval_runtime": 0.1,
+            "eval_samples_per_second": 9.0,
+            "epoch": 1.0,
+            "step": 2,
+        },
         {"loss": 1.0, "step": 3},
         {"train_runtime": 3.0, "train_loss": 1.5, "step": 3},
     ]
@@ -324,9 +333,12 @@ def llama_parts():
 
     tok = build_llama3_tokenizer(["A widget comprising a wheel. 1. A widget."] * 20, vocab_size=300)
     chat_format = training_chat_format(tok)
-    examples = [encode_abstract_example(chat_format, {"claims": c}, "A widget.", 512) for c in ("1. A widget.", "1. A wheel.")]
-    records = generation_records(Dataset.from_dict({"input_ids": [e[0] for e in examples],
-                                                    "labels": [e[1] for e in examples]}), 2, tok)
+    examples = [
+        encode_abstract_example(chat_format, {"claims": c}, "A widget.", 512) for c in ("1. A widget.", "1. A wheel.")
+    ]
+    records = generation_records(
+        Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}), 2, tok
+    )
     return build_tiny_llama(tok, max_position_embeddings=512).eval(), chat_format, records
 
 
@@ -341,7 +353,11 @@ def test_sample_callback_appends_generations_with_step(tmp_path, llama_parts, ca
             callback.on_evaluate(args, TrainerState(global_step=step), TrainerControl(), model=model)
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(line["step"], line["index"], line["reference"]) for line in lines] == [
-        (3, 0, "A widget."), (3, 1, "A widget."), (6, 0, "A widget."), (6, 1, "A widget.")]
+        (3, 0, "A widget."),
+        (3, 1, "A widget."),
+        (6, 0, "A widget."),
+        (6, 1, "A widget."),
+    ]
     assert lines[0]["generated"] == lines[2]["generated"]  # greedy, fixed records: comparable across steps
     assert "Sample generation, step 6, validation record 1" in caplog.text
 
@@ -352,7 +368,9 @@ def test_sample_callback_writes_on_the_main_process_only(tmp_path, llama_parts):
     model, chat_format, records = llama_parts
     state = TrainerState(global_step=1)
     state.is_world_process_zero = False
-    SampleGenerationCallback(chat_format, records).on_evaluate(make_args(tmp_path), state, TrainerControl(), model=model)
+    SampleGenerationCallback(chat_format, records).on_evaluate(
+        make_args(tmp_path), state, TrainerControl(), model=model
+    )
     assert not (tmp_path / "samples.jsonl").exists()
 
 

@@ -187,14 +187,17 @@ def test_rouge_hand_computed():
     assert rouge_scores(["the cat sat"], ["The cat sat down."]) == pytest.approx(expected)
     # Mean over pairs; nothing in common (or nothing at all) scores 0.
     assert rouge_scores(["the cat sat", "dog", ""], ["the cat sat down", "cat", ""]) == pytest.approx(
-        {k: v / 3 for k, v in expected.items()})
+        {k: v / 3 for k, v in expected.items()}
+    )
 
 
 def test_rouge_tokenization_and_order():
     from hfplug.training.metrics import rouge_scores
 
     # rouge_score's tokenizer: lower-case, anything but a-z0-9 splits (non-ASCII letters too).
-    assert rouge_scores(["dog s caf 42 a"], ["Dog's café-42!  A"]) == pytest.approx(dict.fromkeys(("rouge1", "rouge2", "rougeL"), 1.0))
+    assert rouge_scores(["dog s caf 42 a"], ["Dog's café-42!  A"]) == pytest.approx(
+        dict.fromkeys(("rouge1", "rouge2", "rougeL"), 1.0)
+    )
     # ROUGE-L of a reordering: LCS "a c" of 3 tokens each -> 2/3.
     assert rouge_scores(["a b c"], ["a c b"])["rougeL"] == pytest.approx(2 / 3)
 

@@ -21,8 +21,10 @@ from hfplug.training.resilience import (
 from hfplug.training.trainer import SafeCheckpointTrainer
 
 
-@pytest.mark.parametrize("text, seconds", [("11h30m", 41400), ("90m", 5400), ("45s", 45), ("1.5h", 5400),
-                                           ("3600", 3600), (120, 120), ("1h0m30s", 3630)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("11h30m", 41400), ("90m", 5400), ("45s", 45), ("1.5h", 5400), ("3600", 3600), (120, 120), ("1h0m30s", 3630)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -88,24 +90,40 @@ class _Data:
 def test_resume_with_other_arguments_names_each_difference(tmp_path):
     record_run_args(tmp_path, model=_Model(), data=_Data())
     check_resume_args(tmp_path, model=_Model(), data=_Data())  # same: fine
-    with pytest.raises(ValueError, match=r"lora_r: 8 in the checkpoint, 16 now; task: 'decision' in the checkpoint, 'ipc' now"):
+    with pytest.raises(
+        ValueError, match=r"lora_r: 8 in the checkpoint, 16 now; task: 'decision' in the checkpoint, 'ipc' now"
+    ):
         check_resume_args(tmp_path, model=_Model(lora_r=16), data=_Data(task="ipc"))
     check_resume_args(tmp_path, ignore=("max_length",), model=_Model(), data=_Data(max_length=64))
 
 
 # --- a real Trainer on a tiny model -----------------------------------------------------------
 
+
 def _trainer(tmp_path, callbacks=(), evaluate=False, **kwargs):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                        num_labels=2)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
     model = BertForSequenceClassification(config)
-    data = Dataset.from_dict({"input_ids": [[2, i % 40 + 5, 3] for i in range(64)], "label": [i % 2 for i in range(64)]})
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, use_cpu=True,
-                    report_to="none", save_strategy="steps", save_steps=4, logging_steps=100, disable_tqdm=True)
+    data = Dataset.from_dict(
+        {"input_ids": [[2, i % 40 + 5, 3] for i in range(64)], "label": [i % 2 for i in range(64)]}
+    )
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="steps",
+        save_steps=4,
+        logging_steps=100,
+        disable_tqdm=True,
+    )
     args = TrainingArguments(**{**settings, **kwargs})
-    return SafeCheckpointTrainer(model=model, args=args, train_dataset=data, eval_dataset=data if evaluate else None,
-                                 callbacks=list(callbacks))
+    return SafeCheckpointTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data if evaluate else None, callbacks=list(callbacks)
+    )
 
 
 def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path):
@@ -127,7 +145,9 @@ def test_full_disk_on_save_is_clear_and_keeps_the_previous_checkpoint(tmp_path, 
         return original(self, output_dir, _internal_call)
 
     monkeypatch.setattr(SafeCheckpointTrainer, "save_model", save_model)
-    with pytest.raises(OSError, match=r"No space left on the device while saving checkpoint-8.*checkpoint-4 is intact"):
+    with pytest.raises(
+        OSError, match=r"No space left on the device while saving checkpoint-8.*checkpoint-4 is intact"
+    ):
         trainer.train()
     assert find_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert not (tmp_path / "checkpoint-8").exists() and not (tmp_path / STAGING_DIR).exists()
@@ -168,7 +188,9 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    with pytest.raises(ValueError, match=r"started 8 processes on this machine but it has 1 GPU\(s\). Use --num_processes 1"):
+    with pytest.raises(
+        ValueError, match=r"started 8 processes on this machine but it has 1 GPU\(s\). Use --num_processes 1"
+    ):
         check_launch_matches_machine(SimpleNamespace(use_cpu=False))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     check_launch_matches_machine(SimpleNamespace(use_cpu=False))
@@ -177,6 +199,7 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
 
 
 # --- issue 9: the private Trainer methods hfplug overrides or calls ----------------------------
+
 
 def test_private_trainer_methods_hfplug_relies_on_still_exist():
     """Fails with the method's name when a transformers upgrade drops or changes one of them."""
@@ -187,18 +210,24 @@ def test_private_trainer_methods_hfplug_relies_on_still_exist():
 
     for name in TRAINER_PRIVATE_API:
         assert callable(getattr(Trainer, name, None)), (
-            f"transformers.Trainer has no {name} any more; SafeCheckpointTrainer relies on it (hfplug.training.checkpoints)")
+            f"transformers.Trainer has no {name} any more; SafeCheckpointTrainer relies on it (hfplug.training.checkpoints)"
+        )
     check_trainer_api()  # the same check SafeCheckpointTrainer makes when it is built
     # Every private Trainer method hfplug overrides is listed (so the check above covers it).
     for cls in (SafeCheckpointTrainer, GenerativeTrainer):
         overridden = {n for n in vars(cls) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)}
-        assert overridden <= set(TRAINER_PRIVATE_API), f"{cls.__name__} overrides unlisted private methods: {overridden}"
+        assert overridden <= set(TRAINER_PRIVATE_API), (
+            f"{cls.__name__} overrides unlisted private methods: {overridden}"
+        )
 
     class Older(Trainer):
         _save_checkpoint = None
 
-    with pytest.raises(RuntimeError, match=r"no Trainer._save_checkpoint; hfplug's SafeCheckpointTrainer needs "
-                                           r"Trainer._save_checkpoint\(model, trial\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"no Trainer._save_checkpoint; hfplug's SafeCheckpointTrainer needs "
+        r"Trainer._save_checkpoint\(model, trial\)",
+    ):
         check_trainer_api(Older)
 
     class Renamed(Trainer):
@@ -210,6 +239,7 @@ def test_private_trainer_methods_hfplug_relies_on_still_exist():
 
 
 # --- issue 10.4: complete means complete (manifest) ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
@@ -235,8 +265,10 @@ def test_a_checkpoint_has_a_manifest_of_every_file(two_checkpoints):
     names = {p.name for p in checkpoint.iterdir()} - {MANIFEST_FILE}
     assert set(manifest["files"]) == names
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= names
-    assert all(entry["size"] == (checkpoint / n).stat().st_size and len(entry["sha256"]) == 64
-               for n, entry in manifest["files"].items())
+    assert all(
+        entry["size"] == (checkpoint / n).stat().st_size and len(entry["sha256"]) == 64
+        for n, entry in manifest["files"].items()
+    )
     assert checkpoint_problems(checkpoint) == []
 
 
@@ -248,16 +280,21 @@ def _zero(path):
     path.write_bytes(bytes(path.stat().st_size))  # the right size, the wrong bytes (power lost before the flush)
 
 
-@pytest.mark.parametrize("name, damage, problem", [
-    ("optimizer.pt", _truncate, "optimizer.pt is truncated"),
-    ("model.safetensors", _truncate, "model.safetensors is truncated"),
-    ("scheduler.pt", _truncate, "scheduler.pt is truncated"),
-    ("rng_state.pth", _truncate, "rng_state.pth is truncated"),
-    ("optimizer.pt", lambda p: p.unlink(), "optimizer.pt is missing"),
-    ("scheduler.pt", lambda p: p.unlink(), "scheduler.pt is missing"),
-    ("model.safetensors", _zero, "model.safetensors is damaged (its SHA-256 differs"),
-])
-def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(two_checkpoints, tmp_path, caplog, name, damage, problem):
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("optimizer.pt", _truncate, "optimizer.pt is truncated"),
+        ("model.safetensors", _truncate, "model.safetensors is truncated"),
+        ("scheduler.pt", _truncate, "scheduler.pt is truncated"),
+        ("rng_state.pth", _truncate, "rng_state.pth is truncated"),
+        ("optimizer.pt", lambda p: p.unlink(), "optimizer.pt is missing"),
+        ("scheduler.pt", lambda p: p.unlink(), "scheduler.pt is missing"),
+        ("model.safetensors", _zero, "model.safetensors is damaged (its SHA-256 differs"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(
+    two_checkpoints, tmp_path, caplog, name, damage, problem
+):
     out = _copy(two_checkpoints, tmp_path / "out")
     damage(out / "checkpoint-8" / name)
     with caplog.at_level("WARNING"):
@@ -301,16 +338,30 @@ def test_a_checkpoint_without_manifest_needs_its_optimizer_and_scheduler(tmp_pat
 
 # --- issue 10.5: a failure while saving is one clear error ---------------------------------------
 
+
 def _tokenizers_disk_full():
     return Exception("No space left on device (os error 28)")  # what tokenizers' Rust save raises: a plain Exception
 
 
-@pytest.mark.parametrize("where, exc, expected", [
-    ("save_model", lambda: OSError(errno.ENOSPC, "No space left on device"), r"No space left on the device while saving checkpoint-8"),
-    ("optimizer", lambda: RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
-                                       "file data/0: file write failed"), r"Saving checkpoint-8 failed \(RuntimeError: .*file write failed\)"),
-    ("save_model", _tokenizers_disk_full, r"No space left on the device while saving checkpoint-8"),
-])
+@pytest.mark.parametrize(
+    "where, exc, expected",
+    [
+        (
+            "save_model",
+            lambda: OSError(errno.ENOSPC, "No space left on device"),
+            r"No space left on the device while saving checkpoint-8",
+        ),
+        (
+            "optimizer",
+            lambda: RuntimeError(
+                "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                "file data/0: file write failed"
+            ),
+            r"Saving checkpoint-8 failed \(RuntimeError: .*file write failed\)",
+        ),
+        ("save_model", _tokenizers_disk_full, r"No space left on the device while saving checkpoint-8"),
+    ],
+)
 def test_a_failure_while_saving_is_one_clear_error(tmp_path, monkeypatch, where, exc, expected):
     from hfplug.training.trainer import CheckpointSaveError
 
@@ -360,15 +411,29 @@ def test_other_errors_while_saving_pass_through_and_leave_no_staging(tmp_path, m
     monkeypatch.setattr(SafeCheckpointTrainer, "save_model", save_model)
     with pytest.raises(KeyError, match="a bug"):
         trainer.train()
-    assert not (tmp_path / STAGING_DIR).exists() and find_resumable_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / STAGING_DIR).exists() and find_resumable_checkpoint(tmp_path) == str(
+        tmp_path / "checkpoint-4"
+    )
 
 
 # --- issue 10.2: final paths in the trainer state; the best model survives a kill -----------------
 
+
 def _eval_trainer(tmp_path, callbacks=(), **kwargs):
-    return _trainer(tmp_path, callbacks=callbacks, evaluate=True, eval_strategy="steps", eval_steps=4, save_steps=4,
-                    load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
-                    per_device_eval_batch_size=64, learning_rate=1e-2, **kwargs)  # "best" = highest loss: an early one
+    return _trainer(
+        tmp_path,
+        callbacks=callbacks,
+        evaluate=True,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-2,
+        **kwargs,
+    )  # "best" = highest loss: an early one
 
 
 class _StopAt(TrainerCallback):
@@ -425,6 +490,7 @@ def test_a_best_checkpoint_recorded_under_the_staging_folder_is_repaired_on_resu
 
 # --- issue 10.3: a finished run trains nothing ---------------------------------------------------
 
+
 def test_finished_run_is_recognised_and_its_final_weights_loaded(two_checkpoints, tmp_path, caplog):
     from hfplug.training.checkpoints import finished_run
 
@@ -454,6 +520,7 @@ def test_finished_run_is_recognised_and_its_final_weights_loaded(two_checkpoints
 
 # --- issue 10.6: one run per output_dir -------------------------------------------------------
 
+
 def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_path):
     import os
     import socket
@@ -462,8 +529,11 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tmp_pa
 
     with OutputDirLock(tmp_path / "out") as lock:
         assert lock.held
-        with pytest.raises(OutputDirInUse, match=rf"out is in use by another run \(pid {os.getpid()} on host "
-                                                 rf"{socket.gethostname()}, started .*One run per output_dir"):
+        with pytest.raises(
+            OutputDirInUse,
+            match=rf"out is in use by another run \(pid {os.getpid()} on host "
+            rf"{socket.gethostname()}, started .*One run per output_dir",
+        ):
             OutputDirLock(tmp_path / "out").acquire()
     OutputDirLock(tmp_path / "out").acquire().release()  # released on exit from the with block
     assert lock_output_dir(tmp_path / "out", main_process=False) is None
@@ -481,8 +551,10 @@ def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
 
     from hfplug.training.resilience import OutputDirInUse, OutputDirLock
 
-    code = ("import sys, time; from hfplug.training.resilience import OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from hfplug.training.resilience import OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -496,17 +568,25 @@ def test_the_lock_of_a_killed_run_is_free_at_once(tmp_path):
 
 # --- issue 10.1: the launcher's death reaches the trainer ------------------------------------------
 
+
 def test_under_a_launcher_the_parent_death_signal_is_sigterm(tmp_path):
     import os
     import subprocess
     import sys
 
-    code = ("import ctypes, signal; from hfplug.training.resilience import follow_launcher; print(follow_launcher()); "
-            "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)")
+    code = (
+        "import ctypes, signal; from hfplug.training.resilience import follow_launcher; print(follow_launcher()); "
+        "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); print(v.value)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")}
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    launched = subprocess.run([sys.executable, "-c", code], env={**env, "ACCELERATE_USE_CPU": "True"},
-                              capture_output=True, text=True, check=True)
+    launched = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "ACCELERATE_USE_CPU": "True"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux only")
     assert plain.stdout.split() == ["False", "0"]
@@ -540,10 +620,22 @@ def test_a_launcher_gone_before_follow_launcher_is_noticed(monkeypatch):
 def test_resume_command_quotes_every_word(monkeypatch):
     from hfplug.training import resilience
 
-    monkeypatch.setattr(resilience, "_LAUNCHER_ARGV", ["accelerate", "launch", "--config_file", "my configs/cpu.yaml",
-                                                       "recipes/finetune_hupd.py", "--output_dir", "out dir;rm"])
-    assert resilience.resume_command() == ("accelerate launch --config_file 'my configs/cpu.yaml' "
-                                           "recipes/finetune_hupd.py --output_dir 'out dir;rm'")
+    monkeypatch.setattr(
+        resilience,
+        "_LAUNCHER_ARGV",
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "my configs/cpu.yaml",
+            "recipes/finetune_hupd.py",
+            "--output_dir",
+            "out dir;rm",
+        ],
+    )
+    assert resilience.resume_command() == (
+        "accelerate launch --config_file 'my configs/cpu.yaml' recipes/finetune_hupd.py --output_dir 'out dir;rm'"
+    )
     monkeypatch.setattr(resilience, "_LAUNCHER_ARGV", None)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

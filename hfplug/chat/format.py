@@ -44,7 +44,15 @@ BUILTIN_TEMPLATES = {
 }
 # Tokens that end a turn (or the text) in the formats people use; whichever the
 # vocabulary has become stop tokens, next to the tokenizer's eos.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|end|>",
+)
 # A base model chatting in the plain format goes on to write the user's next turn.
 PLAIN_STOP_STRINGS = ("\nUser:",)
 
@@ -88,7 +96,9 @@ class ChatFormat:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, override: str | None = None, *, template_kwargs: dict | None = None) -> ChatFormat:
+    def from_tokenizer(
+        cls, tokenizer, override: str | None = None, *, template_kwargs: dict | None = None
+    ) -> ChatFormat:
         """The tokenizer's own template, else a built-in one picked from its special tokens (with a warning).
 
         ``override``: a built-in name (``llama3``, ``chatml``, ``plain``) or a path to a
@@ -107,7 +117,9 @@ class ChatFormat:
             logger.warning(
                 "The tokenizer has no chat template; using hfplug's built-in '%s' format (%s). "
                 "Pass --chat_template NAME or FILE.jinja to choose another (built-in: %s).",
-                name, _why(name), ", ".join(BUILTIN_TEMPLATES),
+                name,
+                _why(name),
+                ", ".join(BUILTIN_TEMPLATES),
             )
         bos = tokenizer.bos_token_id
         fmt = cls(
@@ -145,8 +157,11 @@ class ChatFormat:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
-            tokenize=False, **self.template_kwargs,
+            messages,
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **self.template_kwargs,
         )
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -158,8 +173,13 @@ class ChatFormat:
         """
         with self._template_errors(messages):
             ids = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False, sanitize_control_tokens=True, **self.template_kwargs,
+                messages,
+                chat_template=self.template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
+                sanitize_control_tokens=True,
+                **self.template_kwargs,
             )
         return self._one_bos(list(ids))
 
@@ -175,12 +195,16 @@ class ChatFormat:
         which = "The tokenizer's chat template" if self.name == "tokenizer" else f"The chat template {self.name!r}"
         reason = str(err) or type(err).__name__
         if self._system_message_is_refused(messages):  # Gemma-2: "System role not supported"
-            hint = ("This model's format has no system prompt: leave out --system (in a chat, '/system' with no "
-                    "text removes it) and put the instructions in your message instead")
+            hint = (
+                "This model's format has no system prompt: leave out --system (in a chat, '/system' with no "
+                "text removes it) and put the instructions in your message instead"
+            )
         else:
             hint = "Change the conversation (/reset starts over)"
-        return (f"{which} refused this conversation: {reason}. {hint}, or choose another format with "
-                f"--chat_template ({', '.join(BUILTIN_TEMPLATES)} or a .jinja file).")
+        return (
+            f"{which} refused this conversation: {reason}. {hint}, or choose another format with "
+            f"--chat_template ({', '.join(BUILTIN_TEMPLATES)} or a .jinja file)."
+        )
 
     def _system_message_is_refused(self, messages: list[dict]) -> bool:
         """Whether the same chat renders without its system message (then that message is what the template refuses)."""
@@ -230,7 +254,7 @@ class ChatFormat:
                 raise ValueError(
                     f"Chat template {self.name!r} does not render the generation prompt before assistant message {i} "
                     f"as a prefix of the chat with that reply (they differ from character {at}: "
-                    f"{prompt_text[at:at + 40]!r} vs {upto_text[at:at + 40]!r}), so the reply's tokens cannot be "
+                    f"{prompt_text[at : at + 40]!r} vs {upto_text[at : at + 40]!r}), so the reply's tokens cannot be "
                     "told from the prompt's, and the model would be trained on a prompt it never sees when chatting. "
                     + ("Leave out the system message, or use " if messages[0]["role"] == "system" else "Use ")
                     + "a built-in template (--chat_template llama3|chatml|plain)."
@@ -271,8 +295,9 @@ def check_system_prompt(chat_format: ChatFormat, system: str | None) -> None:
     messages (Gemma-2's) is a ``ChatTemplateError`` (a ``ValueError``) with a hint when the prompt is
     given, before the model is loaded, and not a failed first reply."""
     if system:
-        chat_format.encode([{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
-                           add_generation_prompt=True)
+        chat_format.encode(
+            [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], add_generation_prompt=True
+        )
 
 
 def visible_text(text: str, stop_strings: Iterable[str], *, final: bool) -> tuple[str, bool]:
@@ -341,7 +366,9 @@ def _load_override(override: str, vocab) -> tuple[str, str]:
     if override.endswith(".jinja") or os.sep in override:
         path = os.path.expanduser(override)
         if not os.path.isfile(path):
-            raise ValueError(f"--chat_template {override!r}: no such file. Give an existing .jinja file or a built-in name.")
+            raise ValueError(
+                f"--chat_template {override!r}: no such file. Give an existing .jinja file or a built-in name."
+            )
         with open(path, encoding="utf-8") as f:
             return f.read(), override
     raise ValueError(

@@ -92,6 +92,7 @@ def _isatty(stream) -> bool:
 
 def answer(session: ChatSession, text: str, *, out: TextIO, err: TextIO, stream: bool, show_stats: bool) -> Reply:
     """One turn: the reply is streamed to ``out`` (``stream``) or printed whole, then notes and stats on ``err``."""
+
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
@@ -107,8 +108,15 @@ def answer(session: ChatSession, text: str, *, out: TextIO, err: TextIO, stream:
     return reply
 
 
-def run_chat(session: ChatSession, *, prompt: str | None = None, stdin: TextIO | None = None,
-             out: TextIO | None = None, err: TextIO | None = None, show_stats: bool = False) -> int:
+def run_chat(
+    session: ChatSession,
+    *,
+    prompt: str | None = None,
+    stdin: TextIO | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    show_stats: bool = False,
+) -> int:
     """The chat modes: ``prompt`` -> one turn; stdin not a terminal -> a turn per line; else interactive.
 
     Replies are streamed when ``out`` is a terminal. Lines starting with ``/`` are commands
@@ -121,8 +129,11 @@ def run_chat(session: ChatSession, *, prompt: str | None = None, stdin: TextIO |
         return 0
     interactive = _isatty(stdin)
     if interactive:
-        print(f"Chatting with {session.info.get('model', 'the model')} ({session.format.name} format). "
-              "/help lists commands; /exit or Ctrl-D quits.", file=out)
+        print(
+            f"Chatting with {session.info.get('model', 'the model')} ({session.format.name} format). "
+            "/help lists commands; /exit or Ctrl-D quits.",
+            file=out,
+        )
     for line in _terminal_lines(stdin, out) if interactive else (line.rstrip("\n") for line in stdin):
         if not line.strip():
             continue
@@ -131,13 +142,22 @@ def run_chat(session: ChatSession, *, prompt: str | None = None, stdin: TextIO |
                 break
             continue
         try:
-            answer(session, line[1:] if line.startswith("//") else line, out=out, err=err, stream=stream,
-                   show_stats=show_stats)
+            answer(
+                session,
+                line[1:] if line.startswith("//") else line,
+                out=out,
+                err=err,
+                stream=stream,
+                show_stats=show_stats,
+            )
         except KeyboardInterrupt:  # Ctrl-C before generation took it over (e.g. while a long prompt was encoded)
             print("\n[stopped before the reply started; the message was not kept]", file=err)
         except ValueError as error:  # ContextError, ChatTemplateError (a template that refuses the chat), ...
             print(f"error: {error}", file=err)
         except torch.OutOfMemoryError:
-            print("error: out of GPU memory for this reply; /reset the conversation or start with a smaller "
-                  "--max_context. The message was not kept.", file=err)
+            print(
+                "error: out of GPU memory for this reply; /reset the conversation or start with a smaller "
+                "--max_context. The message was not kept.",
+                file=err,
+            )
     return 0

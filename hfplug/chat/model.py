@@ -19,9 +19,20 @@ from hfplug.model_args import ModelArguments
 
 GiB = 1024**3
 # The files a saved tokenizer may consist of (transformers 5 writes the template to chat_template.jinja).
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "additional_chat_templates/*", "tokenizer.model",
-                   "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*",
+    "tokenizer.model",
+    "*.tiktoken",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +60,9 @@ def load_chat_tokenizer(model_args: ModelArguments, adapter: str | None = None):
     if adapter and not model_args.tokenizer_name:
         folder = adapter_tokenizer_dir(adapter)
         if folder:
-            logger.info("Using the tokenizer saved with the adapter %s (the chat format it was trained with).", adapter)
+            logger.info(
+                "Using the tokenizer saved with the adapter %s (the chat format it was trained with).", adapter
+            )
             model_args = dataclasses.replace(model_args, tokenizer_name=folder)
     return load_tokenizer(model_args)
 
@@ -76,9 +89,11 @@ def adapter_tokenizer_dir(adapter: str) -> str | None:
         return snapshot_download(adapter, allow_patterns=list(TOKENIZER_FILES))
     except hub_errors.LocalEntryNotFoundError:  # offline (or no connection) and not in the cache
         if try_to_load_from_cache(adapter, "tokenizer_config.json") is not _CACHED_NO_EXIST:  # not known to be absent
-            logger.warning("Could not check whether the adapter %s has its own tokenizer (offline and not cached); "
-                           "using the base model's, whose chat format may differ from the one it was trained with.",
-                           adapter)
+            logger.warning(
+                "Could not check whether the adapter %s has its own tokenizer (offline and not cached); "
+                "using the base model's, whose chat format may differ from the one it was trained with.",
+                adapter,
+            )
         return None
     except hub_errors.EntryNotFoundError:  # the Hub says the repo has no such file
         return None
@@ -88,8 +103,11 @@ def adapter_tokenizer_dir(adapter: str) -> str | None:
 
 def context_limit(model, tokenizer, max_context: int | None = None) -> int:
     """Tokens a chat may use (prompt + reply): the smallest of the model's, the tokenizer's and ``max_context``."""
-    limits = [n for n in (model_max_positions(model.config), getattr(tokenizer, "model_max_length", None), max_context)
-              if isinstance(n, int) and 0 < n < 10**8]  # transformers uses ~1e30 for "no limit"
+    limits = [
+        n
+        for n in (model_max_positions(model.config), getattr(tokenizer, "model_max_length", None), max_context)
+        if isinstance(n, int) and 0 < n < 10**8
+    ]  # transformers uses ~1e30 for "no limit"
     return min(limits) if limits else 4096
 
 

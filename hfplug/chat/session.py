@@ -60,8 +60,10 @@ class Reply:
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else float("nan")
 
     def stats_line(self) -> str:
-        return (f"[stats] {self.new_tokens} tokens in {self.total_s:.2f} s: first token after {self.first_token_s:.3f} s, "
-                f"{self.tokens_per_s:.1f} tokens/s; prompt {self.prompt_tokens} tokens")
+        return (
+            f"[stats] {self.new_tokens} tokens in {self.total_s:.2f} s: first token after {self.first_token_s:.3f} s, "
+            f"{self.tokens_per_s:.1f} tokens/s; prompt {self.prompt_tokens} tokens"
+        )
 
 
 class _ReplyStreamer(BaseStreamer):
@@ -92,11 +94,12 @@ class _ReplyStreamer(BaseStreamer):
     def _show(self, *, final: bool) -> None:
         if self._done:
             return
-        text, stopped = visible_text(self.tokenizer.decode(self.token_ids, skip_special_tokens=True),
-                                     self.stop_strings, final=final)
+        text, stopped = visible_text(
+            self.tokenizer.decode(self.token_ids, skip_special_tokens=True), self.stop_strings, final=final
+        )
         self._done = stopped
         if len(text) > self._shown:
-            self.on_text(text[self._shown:])
+            self.on_text(text[self._shown :])
             self._shown = len(text)
 
 
@@ -117,9 +120,18 @@ class ContextError(ValueError):
 class ChatSession:
     """A conversation with a model: system prompt, history, settings, generation and saving."""
 
-    def __init__(self, model, tokenizer, chat_format: ChatFormat, settings: GenerationSettings | None = None, *,
-                 system: str | None = None, max_context: int | None = None, info: dict | None = None,
-                 notify: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        chat_format: ChatFormat,
+        settings: GenerationSettings | None = None,
+        *,
+        system: str | None = None,
+        max_context: int | None = None,
+        info: dict | None = None,
+        notify: Callable[[str], None] | None = None,
+    ):
         self.model, self.tokenizer, self.format = model, tokenizer, chat_format
         self.settings = settings or GenerationSettings()
         self.system = system
@@ -132,7 +144,9 @@ class ChatSession:
         self._check_system(system)
         # Stop where the format ends a turn *and* where the model's own config says.
         self._stopping = chat_format.stopping_kwargs(getattr(model.generation_config, "eos_token_id", None))
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stopping["eos_token_id"][0]
+        self._pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stopping["eos_token_id"][0]
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -175,8 +189,12 @@ class ChatSession:
         file name should not silently replace an earlier conversation.
         """
         path = Path(path).expanduser()
-        record = {**self.info, "chat_template": self.format.name, "settings": dataclasses.asdict(self.settings),
-                  "messages": self.messages}
+        record = {
+            **self.info,
+            "chat_template": self.format.name,
+            "settings": dataclasses.asdict(self.settings),
+            "messages": self.messages,
+        }
         try:
             # "x" creates the file or fails if it exists, in one step (no check-then-write race).
             with path.open("w" if overwrite else "x", encoding="utf-8") as f:
@@ -184,7 +202,9 @@ class ChatSession:
         except FileExistsError:
             if path.is_dir():
                 raise ValueError(f"{str(path)!r} is a folder; give a file name, e.g. {path / 'chat.json'}.") from None
-            raise ValueError(f"{str(path)!r} already exists. Use /save! {path} to replace it, or give another name.") from None
+            raise ValueError(
+                f"{str(path)!r} already exists. Use /save! {path} to replace it, or give another name."
+            ) from None
         except OSError as err:
             raise ValueError(
                 f"Cannot write {str(path)!r}: {err.strerror}. Give a path in an existing, writable folder."
@@ -193,8 +213,10 @@ class ChatSession:
 
     def _check_room(self, max_new_tokens: int) -> None:
         if max_new_tokens >= self.context:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context of "
-                             f"{self.context} tokens; use a smaller max_new_tokens.")
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a context of "
+                f"{self.context} tokens; use a smaller max_new_tokens."
+            )
 
     # ------------------------------------------------------------------ replying
 
@@ -217,9 +239,10 @@ class ChatSession:
         try:
             ids, trimmed = self._fit_prompt()
             output, streamer = self._generate(ids, on_text)
-            new_ids = output[0, len(ids):].tolist()
-            reply_text, by_string = visible_text(self.tokenizer.decode(new_ids, skip_special_tokens=True),
-                                                 self.format.stop_strings, final=True)
+            new_ids = output[0, len(ids) :].tolist()
+            reply_text, by_string = visible_text(
+                self.tokenizer.decode(new_ids, skip_special_tokens=True), self.format.stop_strings, final=True
+            )
             self.history.append({"role": "assistant", "content": reply_text})
         except BaseException:
             self.history[:] = before
@@ -231,9 +254,15 @@ class ChatSession:
         else:
             stopped_by = "stop string" if by_string else "max_new_tokens"
         ended = time.perf_counter()
-        return Reply(reply_text, len(ids), len(new_ids), stopped_by,
-                     first_token_s=(streamer.first_token_at or ended) - started, total_s=ended - started,
-                     trimmed_turns=trimmed)
+        return Reply(
+            reply_text,
+            len(ids),
+            len(new_ids),
+            stopped_by,
+            first_token_s=(streamer.first_token_at or ended) - started,
+            total_s=ended - started,
+            trimmed_turns=trimmed,
+        )
 
     def _fit_prompt(self) -> tuple[list[int], int]:
         """Prompt ids that leave ``max_new_tokens`` of room, dropping the oldest turns as needed."""
@@ -248,7 +277,8 @@ class ChatSession:
             raise ContextError(
                 f"The message needs {alone} prompt tokens but only {budget} fit ({self.context} tokens of context "
                 f"minus max_new_tokens={self.settings.max_new_tokens}). Shorten it, /set a smaller max_new_tokens, "
-                "or shorten the system prompt.")
+                "or shorten the system prompt."
+            )
         dropped = 0
         while len(ids) > budget:
             self._drop_oldest_turn()

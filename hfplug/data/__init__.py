@@ -14,4 +14,3 @@ __all__ = [
     "prepare_task",
     "tokenize_splits",
 ]
-

@@ -24,7 +24,9 @@ def padding_collator(tokenizer, *, pad_to_multiple_of: int | None = PAD_TO_MULTI
     The tokenizer must have a pad token (see ``hfplug.loading.ensure_pad_token``).
     """
     _check_pad_token(tokenizer)
-    return DataCollatorWithPadding(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    return DataCollatorWithPadding(
+        tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+    )
 
 
 def causal_lm_collator(tokenizer, *, pad_to_multiple_of: int | None = PAD_TO_MULTIPLE_OF) -> DataCollatorForSeq2Seq:
@@ -38,5 +40,10 @@ def causal_lm_collator(tokenizer, *, pad_to_multiple_of: int | None = PAD_TO_MUL
     learn to emit, whatever the pad token is.
     """
     _check_pad_token(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
-                                  label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(
+        tokenizer,
+        padding="longest",
+        pad_to_multiple_of=pad_to_multiple_of,
+        label_pad_token_id=IGNORE_INDEX,
+        return_tensors="pt",
+    )

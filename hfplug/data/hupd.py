@@ -180,10 +180,15 @@ def load_hupd(
     if name not in HUB_FILES:
         raise ValueError(f"name must be one of {sorted(HUB_FILES)}, got {name!r}")
     selection = _selection_args(
-        train_filing_start_date=train_filing_start_date, train_filing_end_date=train_filing_end_date,
-        val_filing_start_date=val_filing_start_date, val_filing_end_date=val_filing_end_date,
-        uniform_split=uniform_split, val_set_balancer=val_set_balancer, ipcr_label=ipcr_label,
-        cpc_label=cpc_label, query=query,
+        train_filing_start_date=train_filing_start_date,
+        train_filing_end_date=train_filing_end_date,
+        val_filing_start_date=val_filing_start_date,
+        val_filing_end_date=val_filing_end_date,
+        uniform_split=uniform_split,
+        val_set_balancer=val_set_balancer,
+        ipcr_label=ipcr_label,
+        cpc_label=cpc_label,
+        query=query,
     )
     metadata_file, archive_file = _resolve_files(name, metadata_path, archive_path, token)
     if streaming:
@@ -203,9 +208,13 @@ def load_hupd(
 
 def _selection_args(**args: Any) -> dict[str, Any]:
     """Validate the selection arguments (before any file is touched) and normalise them."""
-    validate_split_dates(args["train_filing_start_date"], args["train_filing_end_date"],
-                         args["val_filing_start_date"], args["val_filing_end_date"],
-                         uniform_split=args["uniform_split"])
+    validate_split_dates(
+        args["train_filing_start_date"],
+        args["train_filing_end_date"],
+        args["val_filing_start_date"],
+        args["val_filing_end_date"],
+        uniform_split=args["uniform_split"],
+    )
     for date in ("train_filing_start_date", "train_filing_end_date", "val_filing_start_date", "val_filing_end_date"):
         if args[date] is not None:  # YYYYMMDD and YYYY-MM-DD are the same day: one cache entry
             args[date] = str(parse_filing_date(args[date], date).date())
@@ -224,13 +233,19 @@ def _selection_args(**args: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _resolve_files(name: str, metadata_path: str | os.PathLike | None, archive_path: str | os.PathLike | None,
-                   token: str | bool | None) -> tuple[Path, Path]:
+def _resolve_files(
+    name: str,
+    metadata_path: str | os.PathLike | None,
+    archive_path: str | os.PathLike | None,
+    token: str | bool | None,
+) -> tuple[Path, Path]:
     """Local paths of the metadata and the archive: given ones are checked, others downloaded."""
     hub_metadata, hub_archive = HUB_FILES[name]
     resolved = []
-    for given, hub_name, what, argument in ((metadata_path, hub_metadata, "metadata", "metadata_path"),
-                                            (archive_path, hub_archive, "archive", "archive_path")):
+    for given, hub_name, what, argument in (
+        (metadata_path, hub_metadata, "metadata", "metadata_path"),
+        (archive_path, hub_archive, "archive", "archive_path"),
+    ):
         if given is None:
             resolved.append(_download(hub_name, token))
             continue
@@ -307,9 +322,15 @@ def _select(metadata_file: Path, selection: Mapping[str, Any]) -> tuple[HupdSele
     # A query may name any column; without one, the selection columns are enough.
     df = read_metadata(metadata_file, columns=None if selection["query"] else ())
     dates = df["filing_date"].dropna()
-    logger.info("HUPD metadata %s: %d records filed %s to %s", metadata_file, len(df),
-                dates.min().date() if len(dates) else "?", dates.max().date() if len(dates) else "?")
+    logger.info(
+        "HUPD metadata %s: %d records filed %s to %s",
+        metadata_file,
+        len(df),
+        dates.min().date() if len(dates) else "?",
+        dates.max().date() if len(dates) else "?",
+    )
     date_bounded = not selection["uniform_split"] or any(
-        selection[name] for name in ("train_filing_start_date", "val_filing_end_date"))
+        selection[name] for name in ("train_filing_start_date", "val_filing_end_date")
+    )
     undated = int(df["filing_date"].isna().sum()) if date_bounded else 0
     return select_splits(df, **selection), undated

@@ -35,6 +35,7 @@ _QUEUE_CHUNKS = 4  # inflated pieces buffered ahead of the parser (<= 32 MB); fe
 class HupdFileError(OSError):
     """A HUPD metadata or archive file exists but cannot be read (corrupt, truncated, wrong kind)."""
 
+
 def _corrupt(path: Path, what: str, reason: object) -> HupdFileError:
     """The error for an unreadable input file, saying what to do about it."""
     return HupdFileError(
@@ -42,7 +43,6 @@ def _corrupt(path: Path, what: str, reason: object) -> HupdFileError:
         f"download it again (hf_hub_download(..., force_download=True)); if you passed it as a "
         "path, check that it is the complete HUPD file of that name."
     )
-
 
 
 def _normalise(name: str) -> str | None:
@@ -55,6 +55,7 @@ def _normalise(name: str) -> str | None:
     if path in (".", "..") or path.startswith("../"):
         return None
     return path
+
 
 class _Gunzip:
     """Decompressed bytes of a gzip stream, inflated ahead on a second core, fully checked.
@@ -187,8 +188,15 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
 _YEAR_TARBALL = re.compile(r"data/([^/]+)\.tar\.gz")  # what upstream unpacks for ``all``: data/<year>.tar.gz
 
 
-def _iter_tar_gz(source: BinaryIO, wanted: Mapping[str, Any] | set[str], *, stream: str = "", prefix: str = "",
-                 rank: int = 0, done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+def _iter_tar_gz(
+    source: BinaryIO,
+    wanted: Mapping[str, Any] | set[str],
+    *,
+    stream: str = "",
+    prefix: str = "",
+    rank: int = 0,
+    done: Callable[[], bool] | None = None,
+) -> Iterator[_Member]:
     """The members of a ``.tar.gz`` stream whose path is ``wanted``, and every hard link.
 
     ``prefix`` is the folder the tarball unpacks into. Other members (directories, junk,
@@ -209,8 +217,14 @@ def _iter_tar_gz(source: BinaryIO, wanted: Mapping[str, Any] | set[str], *, stre
         gunzip.verify_rest()
 
 
-def _iter_outer_tar(path: Path, wanted: Mapping[str, Any] | set[str], years: set[str], *, stream: str | None = None,
-                    done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+def _iter_outer_tar(
+    path: Path,
+    wanted: Mapping[str, Any] | set[str],
+    years: set[str],
+    *,
+    stream: str | None = None,
+    done: Callable[[], bool] | None = None,
+) -> Iterator[_Member]:
     """The ``all`` layout: an uncompressed tar of ``data/<year>.tar.gz`` (and maybe loose JSON).
 
     Opened in random-access mode, so the headers are read first (seeking over the data) and
@@ -237,13 +251,19 @@ def _iter_outer_tar(path: Path, wanted: Mapping[str, Any] | set[str], years: set
                 if stream not in (None, name):
                     continue
                 if last[name] is not info or year.group(1) not in years:
-                    logger.debug("Skipping %s: %s", name, "a later copy follows" if last[name] is not info
-                                 else f"no selected application was filed in {year.group(1)}")
+                    logger.debug(
+                        "Skipping %s: %s",
+                        name,
+                        "a later copy follows"
+                        if last[name] is not info
+                        else f"no selected application was filed in {year.group(1)}",
+                    )
                     continue
                 logger.debug("Reading %s", name)
                 try:
-                    yield from _iter_tar_gz(outer.extractfile(info), wanted, stream=name, prefix="data/", rank=1,
-                                            done=done)
+                    yield from _iter_tar_gz(
+                        outer.extractfile(info), wanted, stream=name, prefix="data/", rank=1, done=done
+                    )
                 except (tarfile.TarError, EOFError, zlib.error) as exc:
                     raise tarfile.ReadError(f"member {name}: {type(exc).__name__}: {exc}") from exc
             elif stream in (None, "") and info.islnk():
@@ -254,8 +274,14 @@ def _iter_outer_tar(path: Path, wanted: Mapping[str, Any] | set[str], years: set
                 return
 
 
-def _iter_archive(path: Path, wanted: Mapping[str, Any] | set[str], years: set[str], *, stream: str | None = None,
-                  done: Callable[[], bool] | None = None) -> Iterator[_Member]:
+def _iter_archive(
+    path: Path,
+    wanted: Mapping[str, Any] | set[str],
+    years: set[str],
+    *,
+    stream: str | None = None,
+    done: Callable[[], bool] | None = None,
+) -> Iterator[_Member]:
     """The ``wanted`` members (and all hard links) of a HUPD archive of either layout, in archive order.
 
     The layout is told by content, not by name: a gzip file is a ``.tar.gz`` of JSON (the
@@ -278,8 +304,9 @@ def _iter_archive(path: Path, wanted: Mapping[str, Any] | set[str], years: set[s
 _Link = tuple[str, int, str]  # (stream, index, target) of a hard link member
 
 
-def _resolve_links(archive: Path, wanted: Iterable[_Link], links: Iterable[tuple[str, int, str, str]],
-                   years: set[str]) -> dict[_Link, bytes | None]:
+def _resolve_links(
+    archive: Path, wanted: Iterable[_Link], links: Iterable[tuple[str, int, str, str]], years: set[str]
+) -> dict[_Link, bytes | None]:
     """The content of each wanted hard link: its target's copy at that point of the archive.
 
     Extraction links to the target as already unpacked, i.e. its last copy before the link.

@@ -52,6 +52,7 @@ class HupdCacheError(OSError):
     needs there. The scratch folder is removed and any earlier cache is left as it was.
     """
 
+
 @dataclasses.dataclass
 class _Progress:
     """Rows (and their bytes) written so far, and rows to write in all: the full-disk estimate."""
@@ -156,7 +157,9 @@ def _collect(archive: Path, plan: _Plan, records: _Records, report: _SkipReport)
     return found
 
 
-def _write_splits(out_dir: Path, archive: Path, plan: _Plan, report: _SkipReport, progress: _Progress) -> dict[str, int]:
+def _write_splits(
+    out_dir: Path, archive: Path, plan: _Plan, report: _SkipReport, progress: _Progress
+) -> dict[str, int]:
     """Write ``<split>.arrow`` for each split, rows in upstream's order; return the example counts."""
     records_path = out_dir / _RECORDS_FILE
     progress.total = plan.n_selected + sum(key is not None for keys in plan.rows.values() for key in keys)
@@ -237,13 +240,20 @@ def _build_cache(target: Path, archive: Path, plan: _Plan) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_scratch(target.parent)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_host_id()}-{os.getpid()}.", suffix=".incomplete",
-                                        dir=target.parent))
+        scratch = Path(
+            tempfile.mkdtemp(
+                prefix=f".{target.name}.{_host_id()}-{os.getpid()}.", suffix=".incomplete", dir=target.parent
+            )
+        )
         report = _SkipReport.for_plan(archive, plan)
         counts = _write_splits(scratch, archive, plan, report, progress)
         report.log()
-        info = {"num_examples": counts, "archive": str(archive), "skipped": report.counts(),
-                "skip_message": report.message()}
+        info = {
+            "num_examples": counts,
+            "archive": str(archive),
+            "skipped": report.counts(),
+            "skip_message": report.message(),
+        }
         (scratch / _INFO_FILE).write_text(json.dumps(info, indent=1))
         if _is_complete_cache(target):  # another process finished the same cache meanwhile: keep its
             shutil.rmtree(scratch)
@@ -253,8 +263,11 @@ def _build_cache(target: Path, archive: Path, plan: _Plan) -> None:
         os.rename(scratch, target)
     except BaseException as exc:
         # only our writes raise a plain OSError here: archive read errors are HupdFileError
-        error = (_cache_error(exc, target, progress)
-                 if isinstance(exc, OSError) and not isinstance(exc, (HupdFileError, HupdCacheError)) else None)
+        error = (
+            _cache_error(exc, target, progress)
+            if isinstance(exc, OSError) and not isinstance(exc, (HupdFileError, HupdCacheError))
+            else None
+        )
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         if _is_complete_cache(target):  # the rename lost a race against another process
@@ -269,12 +282,16 @@ def _cache_error(exc: OSError, target: Path, progress: _Progress) -> HupdCacheEr
     where = target.parent
     text = str(exc)
     full = exc.errno in _NO_SPACE or any(os.strerror(code) in text for code in _NO_SPACE)  # pyarrow sets no errno
-    advice = ("free some space there, or point cache_dir= (--hupd_cache_dir) at a disk with more room. The partial "
-              "build was removed; earlier caches are untouched.")
+    advice = (
+        "free some space there, or point cache_dir= (--hupd_cache_dir) at a disk with more room. The partial "
+        "build was removed; earlier caches are untouched."
+    )
     if not full:
-        return HupdCacheError(f"Could not write the HUPD cache {target} ({type(exc).__name__}: {exc}). Check that "
-                              f"{where} is writable and has room, or point cache_dir= (--hupd_cache_dir) elsewhere. "
-                              "The partial build was removed; earlier caches are untouched.")
+        return HupdCacheError(
+            f"Could not write the HUPD cache {target} ({type(exc).__name__}: {exc}). Check that "
+            f"{where} is writable and has room, or point cache_dir= (--hupd_cache_dir) elsewhere. "
+            "The partial build was removed; earlier caches are untouched."
+        )
     try:
         free = f"{_size(shutil.disk_usage(where).free)} free now"
     except OSError:
@@ -284,9 +301,11 @@ def _cache_error(exc: OSError, target: Path, progress: _Progress) -> HupdCacheEr
         need = f"about {_size(progress.nbytes / progress.written * progress.total)} ({free})"
     else:
         need = f"more than is free ({free})"
-    error = HupdCacheError(f"The disk is full: could not write the HUPD cache {target} ({exc}). Building it "
-                           f"needs {need} in {where}: the selected records are written once in archive order, then "
-                           f"again per split in the official order. To fix: {advice}")
+    error = HupdCacheError(
+        f"The disk is full: could not write the HUPD cache {target} ({exc}). Building it "
+        f"needs {need} in {where}: the selected records are written once in archive order, then "
+        f"again per split in the official order. To fix: {advice}"
+    )
     error.errno = errno.ENOSPC
     return error
 
@@ -331,8 +350,9 @@ def _remove_stale_scratch(root: Path) -> None:
     for entry in entries:
         match = _SCRATCH_RE.fullmatch(entry.name)
         if match and match["host"] == _host_id() and not _pid_alive(int(match["pid"])):
-            logger.info("Removing %s, left by an interrupted HUPD cache build (process %s is gone)",
-                        entry, match["pid"])
+            logger.info(
+                "Removing %s, left by an interrupted HUPD cache build (process %s is gone)", entry, match["pid"]
+            )
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -349,7 +369,8 @@ def _log_cached_skips(target: Path) -> None:
 def _open_cache(target: Path) -> datasets.DatasetDict:
     result = datasets.DatasetDict()
     for split in _SPLITS:
-        result[split] = datasets.Dataset.from_file(str(target / f"{split}.arrow"), info=dataset_info(),
-                                                   split=datasets.NamedSplit(split))
+        result[split] = datasets.Dataset.from_file(
+            str(target / f"{split}.arrow"), info=dataset_info(), split=datasets.NamedSplit(split)
+        )
         logger.info("HUPD %s split: %d examples", split, result[split].num_rows)
     return result

@@ -72,6 +72,7 @@ def _plan(parts: Iterable[tuple[str, pd.DataFrame]], json_dir: str, *, undated_r
             keys.append(key)
     return plan
 
+
 @dataclasses.dataclass
 class _SkipReport:
     """Everything a load left out or repeated, reported in one warning at the end (and kept in the cache).
@@ -95,30 +96,51 @@ class _SkipReport:
 
     @classmethod
     def for_plan(cls, archive: Path, plan: _Plan, copy: str = "last") -> _SkipReport:
-        return cls(archive, plan.n_selected, copy, undated=list(plan.undated),
-                   duplicate_rows=list(plan.duplicate_rows), undated_rows=plan.undated_rows)
+        return cls(
+            archive,
+            plan.n_selected,
+            copy,
+            undated=list(plan.undated),
+            duplicate_rows=list(plan.duplicate_rows),
+            undated_rows=plan.undated_rows,
+        )
 
     def counts(self) -> dict[str, int]:
-        return {"selected": self.n_selected, "missing": len(self.missing), "undated": len(self.undated),
-                "malformed": len(self.malformed), "duplicate_rows": len(self.duplicate_rows),
-                "duplicate_members": len(self.duplicate_members), "undated_rows": self.undated_rows}
+        return {
+            "selected": self.n_selected,
+            "missing": len(self.missing),
+            "undated": len(self.undated),
+            "malformed": len(self.malformed),
+            "duplicate_rows": len(self.duplicate_rows),
+            "duplicate_members": len(self.duplicate_members),
+            "undated_rows": self.undated_rows,
+        }
 
     def message(self) -> str | None:
         """The warning text, or None when nothing was left out or repeated."""
         parts = []
         skipped = len(self.missing) + len(self.undated) + len(self.malformed)
         if skipped:
-            reasons = [f"{what} {_listing(numbers)}" for what, numbers in (
-                (f"no JSON record in {self.archive} for", self.missing),
-                ("no valid filing date in the metadata (so no JSON path) for", self.undated),
-                ("unreadable JSON for", self.malformed)) if numbers]
+            reasons = [
+                f"{what} {_listing(numbers)}"
+                for what, numbers in (
+                    (f"no JSON record in {self.archive} for", self.missing),
+                    ("no valid filing date in the metadata (so no JSON path) for", self.undated),
+                    ("unreadable JSON for", self.malformed),
+                )
+                if numbers
+            ]
             parts.append(f"{skipped} of {self.n_selected} selected applications skipped: {'; '.join(reasons)}")
         if self.duplicate_rows:
-            parts.append(f"{len(self.duplicate_rows)} repeated metadata rows yielded again, as the official loader "
-                         f"does: {_listing(self.duplicate_rows)}")
+            parts.append(
+                f"{len(self.duplicate_rows)} repeated metadata rows yielded again, as the official loader "
+                f"does: {_listing(self.duplicate_rows)}"
+            )
         if self.duplicate_members:
-            parts.append(f"{len(self.duplicate_members)} repeated archive members (used the {self.copy} copy of "
-                         f"each path): {_listing(self.duplicate_members)}")
+            parts.append(
+                f"{len(self.duplicate_members)} repeated archive members (used the {self.copy} copy of "
+                f"each path): {_listing(self.duplicate_members)}"
+            )
         if self.undated_rows:
             parts.append(f"{self.undated_rows} metadata rows have no valid filing date, so no date range selects them")
         return ". ".join(parts) or None

@@ -19,9 +19,20 @@ __all__ = ["FEATURES", "OFFICIAL_FIELDS", "record_to_example"]
 
 # The official loader's 14 string fields, in its order.
 OFFICIAL_FIELDS = (
-    "patent_number", "decision", "title", "abstract", "claims", "background", "summary",
-    "description", "cpc_label", "ipc_label", "filing_date", "patent_issue_date",
-    "date_published", "examiner_id",
+    "patent_number",
+    "decision",
+    "title",
+    "abstract",
+    "claims",
+    "background",
+    "summary",
+    "description",
+    "cpc_label",
+    "ipc_label",
+    "filing_date",
+    "patent_issue_date",
+    "date_published",
+    "examiner_id",
 )
 FEATURES = datasets.Features(
     {
@@ -33,10 +44,18 @@ FEATURES = datasets.Features(
 )
 # output field -> key in the JSON record (patent_number is filled from the metadata instead)
 _JSON_KEYS = {
-    "decision": "decision", "title": "title", "abstract": "abstract", "claims": "claims",
-    "background": "background", "summary": "summary", "description": "full_description",
-    "cpc_label": "main_cpc_label", "ipc_label": "main_ipcr_label", "filing_date": "filing_date",
-    "patent_issue_date": "patent_issue_date", "date_published": "date_published",
+    "decision": "decision",
+    "title": "title",
+    "abstract": "abstract",
+    "claims": "claims",
+    "background": "background",
+    "summary": "summary",
+    "description": "full_description",
+    "cpc_label": "main_cpc_label",
+    "ipc_label": "main_ipcr_label",
+    "filing_date": "filing_date",
+    "patent_issue_date": "patent_issue_date",
+    "date_published": "date_published",
     "examiner_id": "examiner_id",
 }
 
@@ -48,8 +67,9 @@ _DESCRIPTION = (
 
 def dataset_info() -> datasets.DatasetInfo:
     """The ``DatasetInfo`` every split carries (description, :data:`FEATURES`, homepage)."""
-    return datasets.DatasetInfo(description=_DESCRIPTION, features=FEATURES,
-                                homepage="https://github.com/suzgunmirac/hupd")
+    return datasets.DatasetInfo(
+        description=_DESCRIPTION, features=FEATURES, homepage="https://github.com/suzgunmirac/hupd"
+    )
 
 
 def _parse_record(data: bytes) -> dict[str, Any] | None:

@@ -170,7 +170,7 @@ def _filing_dates(df: pd.DataFrame) -> pd.Series:
 
 
 def _describe(df: pd.DataFrame) -> str:
-    """"N records filed A to B" for error messages."""
+    """ "N records filed A to B" for error messages."""
     dates = _filing_dates(df).dropna()
     if dates.empty:
         return f"{len(df)} records"
@@ -222,8 +222,13 @@ def filter_by_query(df: pd.DataFrame, query: str | None = None) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------
 
 
-def date_split(df: pd.DataFrame, train_start: pd.Timestamp, train_end: pd.Timestamp,
-               val_start: pd.Timestamp, val_end: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+def date_split(
+    df: pd.DataFrame,
+    train_start: pd.Timestamp,
+    train_end: pd.Timestamp,
+    val_start: pd.Timestamp,
+    val_end: pd.Timestamp,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train = ``train_start <= filing_date < train_end``; validation likewise.
 
     End dates are exclusive. The windows may overlap; a row in both goes to both, as upstream.
@@ -234,8 +239,9 @@ def date_split(df: pd.DataFrame, train_start: pd.Timestamp, train_end: pd.Timest
     return train, val
 
 
-def uniform_split(df: pd.DataFrame, start: pd.Timestamp | None = None,
-                  end: pd.Timestamp | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def uniform_split(
+    df: pd.DataFrame, start: pd.Timestamp | None = None, end: pd.Timestamp | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The official random split, row for row.
 
     Keeps ``start <= filing_date <= end`` (both inclusive, each only if given), shuffles with
@@ -289,19 +295,35 @@ def select_splits(
     and for date windows that select no records (the message says how many records the
     metadata has and their filing-date range).
     """
-    dates = validate_split_dates(train_filing_start_date, train_filing_end_date, val_filing_start_date,
-                                 val_filing_end_date, uniform_split=uniform_split)
+    dates = validate_split_dates(
+        train_filing_start_date,
+        train_filing_end_date,
+        val_filing_start_date,
+        val_filing_end_date,
+        uniform_split=uniform_split,
+    )
     filtered = filter_by_query(filter_by_label(df, ipcr_label, cpc_label), query)
     if filtered.empty:
-        filters = ", ".join(f"{k}={v!r}" for k, v in
-                            [("ipcr_label", ipcr_label), ("cpc_label", None if ipcr_label else cpc_label),
-                             ("query", query)] if v)
+        filters = ", ".join(
+            f"{k}={v!r}"
+            for k, v in [
+                ("ipcr_label", ipcr_label),
+                ("cpc_label", None if ipcr_label else cpc_label),
+                ("query", query),
+            ]
+            if v
+        )
         raise ValueError(f"{filters} matched none of the {_describe(df)} in the HUPD metadata")
     if uniform_split:
         train, val = _uniform(df, filtered, dates)
     else:
-        train, val = date_split(filtered, dates["train_filing_start_date"], dates["train_filing_end_date"],
-                                dates["val_filing_start_date"], dates["val_filing_end_date"])
+        train, val = date_split(
+            filtered,
+            dates["train_filing_start_date"],
+            dates["train_filing_end_date"],
+            dates["val_filing_start_date"],
+            dates["val_filing_end_date"],
+        )
         for split, part in (("train", train), ("val", val)):
             if part.empty:
                 raise ValueError(
@@ -312,21 +334,25 @@ def select_splits(
     if val_set_balancer:
         unbalanced = len(val)
         val = balance_validation(val)
-        logger.info("val_set_balancer: validation cut from %d to %d rows (equal ACCEPTED and REJECTED)",
-                    unbalanced, len(val))
+        logger.info(
+            "val_set_balancer: validation cut from %d to %d rows (equal ACCEPTED and REJECTED)", unbalanced, len(val)
+        )
         if val.empty:
             logger.warning("val_set_balancer left the validation split empty: it lacks ACCEPTED or REJECTED rows")
     return HupdSelection(train=train, validation=val)
 
 
-def _uniform(df_all: pd.DataFrame, filtered: pd.DataFrame,
-             dates: dict[str, pd.Timestamp | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _uniform(
+    df_all: pd.DataFrame, filtered: pd.DataFrame, dates: dict[str, pd.Timestamp | None]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Uniform split with an informative error when the date range keeps nothing."""
     start, end = dates["train_filing_start_date"], dates["val_filing_end_date"]
     ignored = [n for n in ("train_filing_end_date", "val_filing_start_date") if dates[n] is not None]
     if ignored:
-        logger.warning("uniform_split=True ignores %s (only train_filing_start_date and "
-                       "val_filing_end_date bound its range)", " and ".join(ignored))
+        logger.warning(
+            "uniform_split=True ignores %s (only train_filing_start_date and val_filing_end_date bound its range)",
+            " and ".join(ignored),
+        )
     train, val = uniform_split(filtered, start, end)
     if train.empty and val.empty:
         # 0 or 1 rows in the window: int(0.85 * 1) == 0 and iloc[0:-1] drops the only row
@@ -337,8 +363,10 @@ def _uniform(df_all: pd.DataFrame, filtered: pd.DataFrame,
         if end is not None:
             in_window &= dates <= end
         window = f"filing dates {_iso(start) or 'any'} to {_iso(end) or 'any'} (inclusive)"
-        raise ValueError(f"uniform_split over {window} selects {int(in_window.sum())} record(s), "
-                         f"too few to split; {_context(df_all, filtered)}")
+        raise ValueError(
+            f"uniform_split over {window} selects {int(in_window.sum())} record(s), "
+            f"too few to split; {_context(df_all, filtered)}"
+        )
     return train, val
 
 

@@ -64,8 +64,9 @@ def _repeat(number: str, data: bytes, times: int, report: _SkipReport) -> Iterat
         yield example
 
 
-def streaming_splits(splits: Mapping[str, pd.DataFrame], undated: int, archive_file: Path,
-                     json_dir: str) -> datasets.IterableDatasetDict:
+def streaming_splits(
+    splits: Mapping[str, pd.DataFrame], undated: int, archive_file: Path, json_dir: str
+) -> datasets.IterableDatasetDict:
     """The selected ``splits``, each read lazily from ``archive_file`` on every iteration.
 
     What the metadata alone shows (``undated``: rows no date range can select) is reported
@@ -76,7 +77,8 @@ def streaming_splits(splits: Mapping[str, pd.DataFrame], undated: int, archive_f
     for split, df in splits.items():
         plan = _plan([(split, df)], json_dir)
         result[split] = datasets.IterableDataset.from_generator(
-            _generate_split, features=FEATURES,
+            _generate_split,
+            features=FEATURES,
             gen_kwargs={"archive": str(archive_file), "plan": plan, "split": split},
             split=datasets.NamedSplit(split),
         )

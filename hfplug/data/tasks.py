@@ -30,8 +30,13 @@ SECTIONS = ("title", "abstract", "claims", "background", "summary", "description
 # What the model reads when --text_fields is not given.
 DEFAULT_TEXT_FIELDS = {"decision": "title,abstract", "ipc": "title,abstract", "abstract": "claims"}
 # How a section is introduced inside an abstract prompt.
-SECTION_TITLES = {"title": "Title", "claims": "Claims", "background": "Background", "summary": "Summary",
-                  "description": "Description"}
+SECTION_TITLES = {
+    "title": "Title",
+    "claims": "Claims",
+    "background": "Background",
+    "summary": "Summary",
+    "description": "Description",
+}
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross-entropy default)
 DECISION_LABELS = ("REJECTED", "ACCEPTED")  # index = label id
 IPC_SUBCLASS_CHARS = 4
@@ -95,8 +100,11 @@ class TaskData:
         for name, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
             if limit is not None and name in self.splits:
                 split = self.splits[name]
-                self.splits[name] = (split.take(limit) if isinstance(split, IterableDataset)
-                                     else split.select(range(min(limit, len(split)))))
+                self.splits[name] = (
+                    split.take(limit)
+                    if isinstance(split, IterableDataset)
+                    else split.select(range(min(limit, len(split))))
+                )
 
     def add_dropped(self, counts: dict[str, int]) -> None:
         """Add records dropped at a later stage (e.g. too long to tokenize) to ``dropped``."""
@@ -109,8 +117,9 @@ def ipc_subclass(ipc_label: str | None) -> str:
     return (ipc_label or "").strip()[:IPC_SUBCLASS_CHARS]
 
 
-def prepare_task(splits: DatasetDict | IterableDatasetDict, task: str, *,
-                 text_fields: Sequence[str] | None = None) -> TaskData:
+def prepare_task(
+    splits: DatasetDict | IterableDatasetDict, task: str, *, text_fields: Sequence[str] | None = None
+) -> TaskData:
     """Keep the records ``task`` uses and, for classification, add its int ``label`` column.
 
     Labels are computed from one column and attached with ``add_column`` + a
@@ -165,8 +174,13 @@ def _prepare_abstract(splits: DatasetDict | IterableDatasetDict, sources: list[s
         kept[name] = split.filter(complete, input_columns=needed, batched=True)
         if not streaming and len(kept[name]) < len(split):
             dropped[name] = len(split) - len(kept[name])
-            logger.warning("--task abstract: dropped %d of %d %s record(s): empty %s.",
-                           dropped[name], len(split), name, " or ".join(needed))
+            logger.warning(
+                "--task abstract: dropped %d of %d %s record(s): empty %s.",
+                dropped[name],
+                len(split),
+                name,
+                " or ".join(needed),
+            )
     kept = IterableDatasetDict(kept) if streaming else DatasetDict(kept)
     if not streaming and "train" in kept and len(kept["train"]) == 0:
         raise ValueError(f"No training records left for --task abstract: none has a non-empty {' and '.join(needed)}.")
@@ -271,7 +285,9 @@ def encode_abstract_example(chat_format, sections: dict[str, str], abstract: str
     fixed = len(chat_format.encode(abstract_messages(instruction, abstract)))
     keep = min(len(body_ids), max_length - fixed)
     while keep > 0:
-        text = body if keep == len(body_ids) else tokenizer.decode(body_ids[:keep]).rstrip("\ufffd")  # no half character
+        text = (
+            body if keep == len(body_ids) else tokenizer.decode(body_ids[:keep]).rstrip("\ufffd")
+        )  # no half character
         ids, mask = chat_format.encode_with_assistant_mask(abstract_messages(f"{instruction}\n\n{text}", abstract))
         over = len(ids) - max_length
         if over <= 0:
@@ -324,7 +340,12 @@ def tokenize_abstract_splits(
         for name in splits:
             too_long[name] = len(splits[name]) - len(encoded[name])
             if too_long[name]:
-                logger.warning("--task abstract: dropped %d of %d %s record(s): the abstract alone does not fit "
-                               "max_length=%d (raise --max_length to keep them).",
-                               too_long[name], len(splits[name]), name, max_length)
+                logger.warning(
+                    "--task abstract: dropped %d of %d %s record(s): the abstract alone does not fit "
+                    "max_length=%d (raise --max_length to keep them).",
+                    too_long[name],
+                    len(splits[name]),
+                    name,
+                    max_length,
+                )
     return encoded, too_long

@@ -18,6 +18,14 @@ from hfplug.hub.arguments import HubArguments, HubSettings, check_repo_id, hub_s
 from hfplug.hub.errors import HubError, MergeError, ModelAccessError, PreflightError, PushError
 
 __all__ = [
-    "HubArguments", "HubError", "HubSettings", "MergeError", "ModelAccessError", "PreflightError", "PushError",
-    "check_repo_id", "hub_settings", "take_hub_token",
+    "HubArguments",
+    "HubError",
+    "HubSettings",
+    "MergeError",
+    "ModelAccessError",
+    "PreflightError",
+    "PushError",
+    "check_repo_id",
+    "hub_settings",
+    "take_hub_token",
 ]

@@ -26,14 +26,23 @@ PUSH_SCRIPT = "python recipes/push_run.py"  # pushes a finished run later; its f
 class HubArguments:
     """hfplug's Hub flags beside TrainingArguments' ``--push_to_hub``, ``--hub_model_id``, ``--hub_private_repo``."""
 
-    merge_adapter: bool = field(default=False, metadata={
-        "help": "Push the base model with the LoRA adapter merged in (loaded in 16-bit; refused for a 4-bit base or "
-                "when it will not fit in memory) instead of the adapter alone."})
-    merge_base_model: str | None = field(default=None, metadata={
-        "help": "The 16-bit model to merge into (default: the adapter's base). Set it when training used a "
-                "pre-quantized 4-bit checkpoint."})
-    hub_license: str | None = field(default=None, metadata={
-        "help": "License for the model card (default: the base model's license on the Hub)."})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Push the base model with the LoRA adapter merged in (loaded in 16-bit; refused for a 4-bit base or "
+            "when it will not fit in memory) instead of the adapter alone."
+        },
+    )
+    merge_base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The 16-bit model to merge into (default: the adapter's base). Set it when training used a "
+            "pre-quantized 4-bit checkpoint."
+        },
+    )
+    hub_license: str | None = field(
+        default=None, metadata={"help": "License for the model card (default: the base model's license on the Hub)."}
+    )
 
 
 @dataclass
@@ -111,6 +120,10 @@ def hub_settings(training_args) -> HubSettings | None:
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
     settings = HubSettings(check_repo_id(repo_id), training_args.hub_private_repo, strategy)
     training_args.push_to_hub = False
-    logger.info("--push_to_hub: hfplug pushes the adapter/model, tokenizer, results and a model card to %s "
-                "(hub_strategy=%s); the Trainer's own push is switched off.", settings.repo_id, strategy)
+    logger.info(
+        "--push_to_hub: hfplug pushes the adapter/model, tokenizer, results and a model card to %s "
+        "(hub_strategy=%s); the Trainer's own push is switched off.",
+        settings.repo_id,
+        strategy,
+    )
     return settings

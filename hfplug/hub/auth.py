@@ -88,7 +88,9 @@ def _token_from_colab() -> str | None:
         return clean_token(userdata.get(COLAB_SECRET))
     except Exception as err:  # SecretNotFoundError, NotebookAccessError, or Colab's own errors
         # The class name says which (missing secret / access not granted); the value is never in it.
-        logger.info("Colab secret %s not available (%s); trying the cached login next.", COLAB_SECRET, type(err).__name__)
+        logger.info(
+            "Colab secret %s not available (%s); trying the cached login next.", COLAB_SECRET, type(err).__name__
+        )
         return None
 
 
@@ -162,8 +164,9 @@ def _found(value: str, source: str) -> ResolvedToken:
     return ResolvedToken(value, source)
 
 
-def resolve_token(token: str | None = None, *, required: bool = False, prompt: bool = True,
-                  purpose: str = "this step") -> str | None:
+def resolve_token(
+    token: str | None = None, *, required: bool = False, prompt: bool = True, purpose: str = "this step"
+) -> str | None:
     """The token value from ``resolve_token_with_source`` (``None`` when none and not required)."""
     found = resolve_token_with_source(token, required=required, prompt=prompt, purpose=purpose)
     return found.value if found else None
@@ -209,8 +212,9 @@ def whoami(found: ResolvedToken, *, endpoint: str | None = None, timeout: float 
     return _within(timeout, api.whoami, token=found.value)
 
 
-def auth_check(repo_id: str, found: ResolvedToken | None, *, endpoint: str | None = None,
-               timeout: float = HTTP_TIMEOUT) -> None:
+def auth_check(
+    repo_id: str, found: ResolvedToken | None, *, endpoint: str | None = None, timeout: float = HTTP_TIMEOUT
+) -> None:
     """``HfApi.auth_check``: may this token (or no token) read the model ``repo_id``? Raises huggingface_hub's errors."""
     api = hub_api(endpoint)
     _within(timeout, api.auth_check, repo_id, token=found.value if found else False)

@@ -113,16 +113,22 @@ def hub_call(error: type[HubError], explain: Explain) -> Iterator[None]:
 
 def invalid_token_message(source: str) -> str:
     """A token the Hub rejected (401), from ``source``."""
-    return (f"The Hugging Face token from {source} was rejected (401 Unauthorized): it is invalid, expired "
-            f"or revoked. Create a new token at {TOKEN_SETTINGS_URL} and replace the one in {source}.")
+    return (
+        f"The Hugging Face token from {source} was rejected (401 Unauthorized): it is invalid, expired "
+        f"or revoked. Create a new token at {TOKEN_SETTINGS_URL} and replace the one in {source}."
+    )
 
 
 def offline_message(what: str, retry: str) -> str:
-    return (f"HF_HUB_OFFLINE=1 is set, so {what} cannot reach the Hub. Unset HF_HUB_OFFLINE (or set it to 0) "
-            f"and run again, or leave --push_to_hub out now and push the finished run later with: {retry}")
+    return (
+        f"HF_HUB_OFFLINE=1 is set, so {what} cannot reach the Hub. Unset HF_HUB_OFFLINE (or set it to 0) "
+        f"and run again, or leave --push_to_hub out now and push the finished run later with: {retry}"
+    )
 
 
 def unreachable_message(endpoint: str, err: BaseException, retry: str) -> str:
-    return (f"Could not reach the Hub at {endpoint} ({type(err).__name__}: {err}). Check the network "
-            f"connection (and HF_ENDPOINT, if set), then run again; or leave --push_to_hub out now and push the "
-            f"finished run later with: {retry}")
+    return (
+        f"Could not reach the Hub at {endpoint} ({type(err).__name__}: {err}). Check the network "
+        f"connection (and HF_ENDPOINT, if set), then run again; or leave --push_to_hub out now and push the "
+        f"finished run later with: {retry}"
+    )

@@ -73,9 +73,11 @@ def _quantization_of(config) -> str | None:
 
 
 def _quantized_refusal(what: str, quant: str) -> str:
-    return (f"Refusing to merge the LoRA adapter into {what}, which is {quant}: the merged weights would be rounded to "
-            f"{quant} and lose what the adapter learned (precision loss). Push the adapter (the default), or merge "
-            f"into the 16-bit base: {MERGE_COMMAND} --merge_base_model <the original 16-bit model>.")
+    return (
+        f"Refusing to merge the LoRA adapter into {what}, which is {quant}: the merged weights would be rounded to "
+        f"{quant} and lose what the adapter learned (precision loss). Push the adapter (the default), or merge "
+        f"into the 16-bit base: {MERGE_COMMAND} --merge_base_model <the original 16-bit model>."
+    )
 
 
 def _count_params(config) -> int:
@@ -83,8 +85,9 @@ def _count_params(config) -> int:
     return parameter_counts(config, task="causal_lm" if causal else "decision").total_params
 
 
-def plan_merge(base_model: str, *, token: str | None = None, device: str = "cpu",
-               available_bytes: int | None = None) -> MergePlan:
+def plan_merge(
+    base_model: str, *, token: str | None = None, device: str = "cpu", available_bytes: int | None = None
+) -> MergePlan:
     """Check that the adapter can be merged into ``base_model`` here: a 16-bit checkpoint that fits in memory.
 
     Reads ``config.json`` only. Raises ``MergeError`` for a quantized (4-bit/8-bit) checkpoint,
@@ -170,8 +173,14 @@ def merge_adapter_into_base(
         raise MergeError(f"{adapter_dir} has no adapter_config.json: nothing to merge.", "no_adapter")
     base_model = base_model or adapter.get("base_model_name_or_path")
     plan = plan_merge(base_model, token=token, device=device)
-    logger.info("Merging the adapter in %s into %s (%.2fB params, ~%.1f GiB needed, %.1f GiB available).",
-                adapter_dir, base_model, plan.params / 1e9, plan.needed_bytes / 2**30, plan.available_bytes / 2**30)
+    logger.info(
+        "Merging the adapter in %s into %s (%.2fB params, ~%.1f GiB needed, %.1f GiB available).",
+        adapter_dir,
+        base_model,
+        plan.params / 1e9,
+        plan.needed_bytes / 2**30,
+        plan.available_bytes / 2**30,
+    )
     kwargs: dict[str, Any] = {"dtype": _merge_dtype(base_model, token), "token": token}
     task_type = adapter.get("task_type")
     if task_type == "SEQ_CLS":

@@ -95,8 +95,9 @@ def preflight_push(
     return PushTarget(full_id, str(url), user, private, found.value, found.source, endpoint)
 
 
-def _whoami_failure(kind: str, err: BaseException, *, endpoint: str, found: ResolvedToken,
-                    retry: str) -> tuple[str, str] | None:
+def _whoami_failure(
+    kind: str, err: BaseException, *, endpoint: str, found: ResolvedToken, retry: str
+) -> tuple[str, str] | None:
     if kind == "invalid_token":
         return "invalid_token", invalid_token_message(found.source)
     if kind == "offline":
@@ -108,8 +109,9 @@ def _whoami_failure(kind: str, err: BaseException, *, endpoint: str, found: Reso
     return None
 
 
-def _create_failure(kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, who: dict, endpoint: str,
-                    retry: str) -> tuple[str, str] | None:
+def _create_failure(
+    kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, who: dict, endpoint: str, retry: str
+) -> tuple[str, str] | None:
     namespace = repo_id.split("/")[0]
     if kind == "invalid_token":
         return "invalid_token", invalid_token_message(found.source)
@@ -117,11 +119,13 @@ def _create_failure(kind: str, err: BaseException, *, repo_id: str, found: Resol
         return "fine_grained_scope", (
             f"{repo_id} does not exist yet and the fine-grained token from {found.source} may write to it "
             f"but not create repos in {namespace}. Create the repo at {HUB_URL}/new-model, or give "
-            f"the token write access to all repos under {namespace} at {TOKEN_SETTINGS_URL}.")
+            f"the token write access to all repos under {namespace} at {TOKEN_SETTINGS_URL}."
+        )
     if kind == "forbidden":
         return "no_rights", (
             f"The Hub refused to create {repo_id} (403 Forbidden): the token from {found.source} has no right to "
-            f"create repos in {namespace}. Use a write token of an account that may, at {TOKEN_SETTINGS_URL}.")
+            f"create repos in {namespace}. Use a write token of an account that may, at {TOKEN_SETTINGS_URL}."
+        )
     if kind in ("offline", "unreachable"):
         return "unreachable", unreachable_message(endpoint, err, retry)
     if kind in ("not_found", "gated", "http"):
@@ -137,16 +141,21 @@ def _warn_if_public(api, repo_id: str, found: ResolvedToken) -> None:
         logger.debug("Could not read %s's visibility: %s", repo_id, type(err).__name__)
         return
     if info.private is False:
-        logger.warning("%s already exists and is public; --hub_private_repo only applies to new repos. Make it "
-                       "private in its settings (%s/%s/settings) before pushing if it must be.",
-                       repo_id, HUB_URL, repo_id)
+        logger.warning(
+            "%s already exists and is public; --hub_private_repo only applies to new repos. Make it "
+            "private in its settings (%s/%s/settings) before pushing if it must be.",
+            repo_id,
+            HUB_URL,
+            repo_id,
+        )
 
 
 # --------------------------------------------------------------------------- gated base models
 
 
-def check_model_access(model_id: str, token: str | None = None, *, endpoint: str | None = None,
-                       timeout: float = HTTP_TIMEOUT) -> None:
+def check_model_access(
+    model_id: str, token: str | None = None, *, endpoint: str | None = None, timeout: float = HTTP_TIMEOUT
+) -> None:
     """Check early that ``model_id`` (e.g. a gated Llama) can be read with the resolved token.
 
     Local paths, and offline mode (the cache is then all there is), are not checked.
@@ -156,21 +165,28 @@ def check_model_access(model_id: str, token: str | None = None, *, endpoint: str
     if not is_hub_id(model_id) or offline():
         return
     found = resolve_token_with_source(token, required=False)
-    explain = partial(_access_failure, model_id=model_id, found=found, endpoint=hub_api(endpoint).endpoint,
-                      timeout=timeout)
+    explain = partial(
+        _access_failure, model_id=model_id, found=found, endpoint=hub_api(endpoint).endpoint, timeout=timeout
+    )
     with hub_call(ModelAccessError, explain):
         auth_check(model_id, found, endpoint=endpoint, timeout=timeout)
 
 
-def _access_failure(kind: str, err: BaseException, *, model_id: str, found: ResolvedToken | None, endpoint: str,
-                    timeout: float) -> tuple[str, str] | None:
+def _access_failure(
+    kind: str, err: BaseException, *, model_id: str, found: ResolvedToken | None, endpoint: str, timeout: float
+) -> tuple[str, str] | None:
     if kind == "gated":
         return "gated", _gated_message(model_id, found, endpoint, timeout)
     if kind == "not_found":
-        hint = ("no token was found, so only public models can be read: set HF_TOKEN or run `hf auth login`"
-                if found is None else f"the token from {found.source} has no access to it")
-        return "not_found", (f"Model {model_id!r} was not found on the Hub, or it is private/gated and {hint}. "
-                             "Check the spelling, or pass a local directory.")
+        hint = (
+            "no token was found, so only public models can be read: set HF_TOKEN or run `hf auth login`"
+            if found is None
+            else f"the token from {found.source} has no access to it"
+        )
+        return "not_found", (
+            f"Model {model_id!r} was not found on the Hub, or it is private/gated and {hint}. "
+            "Check the spelling, or pass a local directory."
+        )
     if kind == "invalid_token" and found is not None:
         return "invalid_token", invalid_token_message(found.source)
     if kind in ("invalid_token", "forbidden", "http"):
@@ -178,25 +194,32 @@ def _access_failure(kind: str, err: BaseException, *, model_id: str, found: Reso
     if kind in ("offline", "unreachable"):
         return "unreachable", (
             f"Could not reach the Hub at {endpoint} to check access to {model_id} ({type(err).__name__}). "
-            "Check the network (and HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the local cache only.")
+            "Check the network (and HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the local cache only."
+        )
     return None
 
 
 def _gated_message(model_id: str, found: ResolvedToken | None, endpoint: str, timeout: float) -> str:
     page = f"{HUB_URL}/{model_id}"
     if found is None:
-        return (f"{model_id} is a gated model and no token was found. Request access on {page} (log in, accept the "
-                "license, wait for approval), then make a read token of that account available: HF_TOKEN, the Colab "
-                "secret HF_TOKEN, or `hf auth login`.")
-    message = (f"{model_id} is a gated model and the account of the token from {found.source} has no access yet. "
-               f"Open {page}, log in as that account, accept the license / request access, and wait for approval "
-               "(you get an email); then run again. A read token is enough to download it.")
+        return (
+            f"{model_id} is a gated model and no token was found. Request access on {page} (log in, accept the "
+            "license, wait for approval), then make a read token of that account available: HF_TOKEN, the Colab "
+            "secret HF_TOKEN, or `hf auth login`."
+        )
+    message = (
+        f"{model_id} is a gated model and the account of the token from {found.source} has no access yet. "
+        f"Open {page}, log in as that account, accept the license / request access, and wait for approval "
+        "(you get an email); then run again. A read token is enough to download it."
+    )
     try:  # a fine-grained token may lack the gated-repo permission even when the account has access
         access = token_access(whoami(found, endpoint=endpoint, timeout=timeout))
         if access.get("role") == "fineGrained" and not (access.get("fineGrained") or {}).get("canReadGatedRepos"):
-            message += (" Note: this fine-grained token lacks 'Read access to contents of all public gated repos you "
-                        f"can access'; enable it at {TOKEN_SETTINGS_URL} (access granted to the account alone is not "
-                        "enough for such a token).")
+            message += (
+                " Note: this fine-grained token lacks 'Read access to contents of all public gated repos you "
+                f"can access'; enable it at {TOKEN_SETTINGS_URL} (access granted to the account alone is not "
+                "enough for such a token)."
+            )
     except Exception:  # only a note: the message above stands without it
         pass
     return message

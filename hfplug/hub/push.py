@@ -89,8 +89,9 @@ def run_kind(folder: str | os.PathLike) -> str:
         raise PushError(f"{folder} is not a directory; pass a run's output_dir.", "no_output")
     if (folder / "adapter_config.json").is_file():
         if not any((folder / name).is_file() for name in ADAPTER_FILES[1:]):
-            raise PushError(f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors).",
-                            "no_output")
+            raise PushError(
+                f"{folder} has adapter_config.json but no adapter weights (adapter_model.safetensors).", "no_output"
+            )
         return "adapter"
     if (folder / "config.json").is_file() and _select([p.name for p in folder.iterdir()], MODEL_WEIGHTS):
         return "model"
@@ -165,18 +166,34 @@ def retry_command(output_dir, repo_id: str, *, private: bool | None = None, merg
     return command + (" --hub_private_repo" if private else "") + (" --merge_adapter" if merge_adapter else "")
 
 
-def _push_failure(kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, retry: str,
-                  folder: Path) -> tuple[str, str]:
+def _push_failure(
+    kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, retry: str, folder: Path
+) -> tuple[str, str]:
     """``(reason, message)`` for a failed upload: the cause, that the local files are intact, how to retry."""
     if kind in ("not_found", "gated"):
-        cause, reason = (f"the repo {repo_id} does not exist (deleted?) or the token from {found.source} cannot see "
-                         "it; the push script creates it"), "not_found"
+        cause, reason = (
+            (
+                f"the repo {repo_id} does not exist (deleted?) or the token from {found.source} cannot see "
+                "it; the push script creates it"
+            ),
+            "not_found",
+        )
     elif kind == "invalid_token":
-        cause, reason = (f"the token from {found.source} was rejected (401): invalid, expired or revoked. Create a new "
-                         f"one at {TOKEN_SETTINGS_URL}"), "invalid_token"
+        cause, reason = (
+            (
+                f"the token from {found.source} was rejected (401): invalid, expired or revoked. Create a new "
+                f"one at {TOKEN_SETTINGS_URL}"
+            ),
+            "invalid_token",
+        )
     elif kind == "forbidden":
-        cause, reason = (f"the token from {found.source} may not write to {repo_id} (403). Use a write token, or a "
-                         f"fine-grained one with write access to it ({TOKEN_SETTINGS_URL})"), "no_rights"
+        cause, reason = (
+            (
+                f"the token from {found.source} may not write to {repo_id} (403). Use a write token, or a "
+                f"fine-grained one with write access to it ({TOKEN_SETTINGS_URL})"
+            ),
+            "no_rights",
+        )
     elif kind == "http":
         cause, reason = f"the Hub answered {status_of(err)}: {err}", "hub_error"
     elif kind == "offline":
@@ -184,8 +201,10 @@ def _push_failure(kind: str, err: BaseException, *, repo_id: str, found: Resolve
     else:  # unreachable, or a local file that could not be read
         cause, reason = f"the Hub could not be reached ({type(err).__name__}: {err})", "network"
     intact = f"The run's files in {folder} are intact (nothing local was deleted)."
-    return reason, (f"Pushing {folder} to {repo_id} failed: {cause}. {intact} Retry (safe to repeat: files already "
-                    f"on the Hub are skipped) with: {retry}")
+    return reason, (
+        f"Pushing {folder} to {repo_id} failed: {cause}. {intact} Retry (safe to repeat: files already "
+        f"on the Hub are skipped) with: {retry}"
+    )
 
 
 def _copy_run_files(src: Path, dst: Path) -> None:
@@ -226,27 +245,44 @@ def push_run(
     kind = run_kind(folder)
     repo_id = check_repo_id(repo_id)
     if "/" not in repo_id:
-        raise PushError(f"push_run needs the full repo id (namespace/name), got {repo_id!r}; preflight_push returns it.",
-                        "bad_repo_id")
+        raise PushError(
+            f"push_run needs the full repo id (namespace/name), got {repo_id!r}; preflight_push returns it.",
+            "bad_repo_id",
+        )
     retry = retry_command(output_dir, repo_id, private=private, merge_adapter=merge_adapter)
     try:
         found = resolve_token_with_source(token, required=True, purpose=f"pushing to {repo_id}")
     except TokenError as err:
-        raise PushError(f"{err} Nothing was pushed; {folder} is intact. Then retry with: {retry}", "no_token") from None
+        raise PushError(
+            f"{err} Nothing was pushed; {folder} is intact. Then retry with: {retry}", "no_token"
+        ) from None
     api = hub_api(endpoint)
     if merge_adapter:
         if kind != "adapter":
-            raise MergeError(f"--merge_adapter needs a LoRA adapter, but {folder} holds full model weights, which are "
-                             "pushed as they are. Leave --merge_adapter out.", "no_adapter")
+            raise MergeError(
+                f"--merge_adapter needs a LoRA adapter, but {folder} holds full model weights, which are "
+                "pushed as they are. Leave --merge_adapter out.",
+                "no_adapter",
+            )
         base_model = base_model or read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-        merged = merge_adapter_into_base(folder, folder / "merged", base_model=base_model, token=found.value,
-                                         label_names=label_names, task=task)
+        merged = merge_adapter_into_base(
+            folder, folder / "merged", base_model=base_model, token=found.value, label_names=label_names, task=task
+        )
         _copy_run_files(folder, merged)
         folder, kind = merged, "merged"
     base = base_model or read_json(folder / "adapter_config.json").get("base_model_name_or_path")
     facts = _base_facts(api, base, found.value)
-    card = build_model_card(folder, repo_id, kind=kind, base_model=base, license=license or facts.get("license"),
-                            task=task, hupd_config=hupd_config, step=step, base_gated=bool(facts.get("gated")))
+    card = build_model_card(
+        folder,
+        repo_id,
+        kind=kind,
+        base_model=base,
+        license=license or facts.get("license"),
+        task=task,
+        hupd_config=hupd_config,
+        step=step,
+        base_gated=bool(facts.get("gated")),
+    )
     card.save(folder / CARD_FILE)
     files = files_to_push(folder, "adapter" if kind == "adapter" else "model")
     check_no_secrets(folder, files, secrets=[found.value])
@@ -301,15 +337,26 @@ class HubPushCallback(TrainerCallback):
         if not checkpoint.is_dir():
             return
         try:
-            push_run(checkpoint, self.target.repo_id, token=self.target.token, endpoint=self.target.endpoint,
-                     commit_message=f"Training in progress, step {state.global_step}", step=state.global_step,
-                     **self.card_kwargs)
+            push_run(
+                checkpoint,
+                self.target.repo_id,
+                token=self.target.token,
+                endpoint=self.target.endpoint,
+                commit_message=f"Training in progress, step {state.global_step}",
+                step=state.global_step,
+                **self.card_kwargs,
+            )
         except HubError as err:
-            logger.warning("Push of the checkpoint at step %d failed; training goes on and the final push "
-                           "will send it all: %s", state.global_step, err)
+            logger.warning(
+                "Push of the checkpoint at step %d failed; training goes on and the final push will send it all: %s",
+                state.global_step,
+                err,
+            )
 
 
-def hub_push_callback(target: PushTarget | None, settings: HubSettings | None, **card_kwargs) -> HubPushCallback | None:
+def hub_push_callback(
+    target: PushTarget | None, settings: HubSettings | None, **card_kwargs
+) -> HubPushCallback | None:
     """A ``HubPushCallback`` for ``--hub_strategy every_save``; ``None`` otherwise (or without a target)."""
     if target is None or settings is None or settings.strategy != "every_save":
         return None

@@ -38,8 +38,17 @@ _TOKEN_CHARS = re.compile(r"[A-Z0-9]")
 # An all-lowercase run at least this long is masked too (no hfplug/transformers/huggingface_hub
 # identifier has a single lowercase word this long after "hf_"; a random token almost surely is).
 LOWERCASE_TOKEN_LENGTH = 16
-TOKEN_FLAGS = ("hub_token", "hf_token", "token", "use_auth_token", "auth_token", "hub_auth_token",
-               "huggingface_token", "hugging_face_hub_token", "hf_hub_token")
+TOKEN_FLAGS = (
+    "hub_token",
+    "hf_token",
+    "token",
+    "use_auth_token",
+    "auth_token",
+    "hub_auth_token",
+    "huggingface_token",
+    "hugging_face_hub_token",
+    "hf_hub_token",
+)
 REDACTED_LOGGERS = ("hfplug", "transformers", "huggingface_hub")
 
 
@@ -180,7 +189,11 @@ def refuse_token_flags(argv: Sequence[str] | None = None) -> None:
         else:
             value = arg.split("=", 1)[1] if "=" in arg else arg  # --flag=VALUE, NAME=VALUE
             if _is_token_shaped(arg) or _is_token_shaped(value):
-                label = f"the value of {mask_tokens(arg.split('=', 1)[0])}" if name and value != arg else f"argument {i + 1}"
+                label = (
+                    f"the value of {mask_tokens(arg.split('=', 1)[0])}"
+                    if name and value != arg
+                    else f"argument {i + 1}"
+                )
                 found.append((label, clean_token(value) or arg))
         i += 1
     if not found:

@@ -91,14 +91,22 @@ class HupdSampleFiles:
 
 
 METADATA_COLUMNS = (
-    "application_number", "filing_date", "decision", "main_ipcr_label", "main_cpc_label",
-    "patent_number", "examiner_id", "examiner_art_unit", "small_entity_indicator",
-    "continuation", "uspc_class", "title",
+    "application_number",
+    "filing_date",
+    "decision",
+    "main_ipcr_label",
+    "main_cpc_label",
+    "patent_number",
+    "examiner_id",
+    "examiner_art_unit",
+    "small_entity_indicator",
+    "continuation",
+    "uspc_class",
+    "title",
 )
 
 
-def metadata_frame(records: Iterable[Mapping[str, Any]],
-                   extra_rows: Iterable[Mapping[str, Any]] = ()) -> pd.DataFrame:
+def metadata_frame(records: Iterable[Mapping[str, Any]], extra_rows: Iterable[Mapping[str, Any]] = ()) -> pd.DataFrame:
     """The metadata DataFrame HUPD ships for ``records`` (plus hand-made ``extra_rows``).
 
     ``filing_date`` becomes datetime64 (as in the real feather); columns the JSON lacks
@@ -216,8 +224,11 @@ def write_hupd_files(
         _write_all_years(archive_path, by_year, outer_extras)
 
 
-def _write_all_years(archive_path: Path, by_year: Mapping[str, list[tuple[str, bytes | HardLink | None]]],
-                     outer_extras: list[tuple[str, bytes | HardLink | None]]) -> None:
+def _write_all_years(
+    archive_path: Path,
+    by_year: Mapping[str, list[tuple[str, bytes | HardLink | None]]],
+    outer_extras: list[tuple[str, bytes | HardLink | None]],
+) -> None:
     """The ``all-years.tar`` layout (``data/<year>.tar.gz``); each year is spooled to a temp file, not RAM."""
     with open(archive_path, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.GNU_FORMAT) as outer:
         entries = [("data", None)] + [(f"data/{year}.tar.gz", year) for year in by_year] + list(outer_extras)
@@ -294,8 +305,14 @@ def write_hupd_sample(
     if layout not in FILE_NAMES:
         raise ValueError(f"layout must be 'sample' or 'all', got {layout!r}")
     out_dir = Path(out_dir)
-    records = make_records(n_records, seed=seed, start_date=start_date, end_date=end_date,
-                           description_words=description_words, **record_options)
+    records = make_records(
+        n_records,
+        seed=seed,
+        start_date=start_date,
+        end_date=end_date,
+        description_words=description_words,
+        **record_options,
+    )
     metadata_name, archive_name = FILE_NAMES[layout]
     files = HupdSampleFiles(out_dir / metadata_name, out_dir / archive_name, len(records), layout)
     write_hupd_files(records, files.metadata_path, files.archive_path, layout=layout)
@@ -310,12 +327,24 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layout", choices=sorted(FILE_NAMES), default="sample")
     parser.add_argument("--start-date", default="2016-01-01")
     parser.add_argument("--end-date", default="2016-02-01", help="exclusive")
-    parser.add_argument("--description-words", type=int, nargs=2, default=(300, 900), metavar=("MIN", "MAX"),
-                        help="words in each detailed description (real ones run to thousands)")
+    parser.add_argument(
+        "--description-words",
+        type=int,
+        nargs=2,
+        default=(300, 900),
+        metavar=("MIN", "MAX"),
+        help="words in each detailed description (real ones run to thousands)",
+    )
     args = parser.parse_args(argv)
-    files = write_hupd_sample(args.out_dir, n_records=args.n_records, seed=args.seed, layout=args.layout,
-                              start_date=args.start_date, end_date=args.end_date,
-                              description_words=tuple(args.description_words))
+    files = write_hupd_sample(
+        args.out_dir,
+        n_records=args.n_records,
+        seed=args.seed,
+        layout=args.layout,
+        start_date=args.start_date,
+        end_date=args.end_date,
+        description_words=tuple(args.description_words),
+    )
     for path in (files.metadata_path, files.archive_path):
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
 

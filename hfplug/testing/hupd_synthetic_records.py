@@ -32,81 +32,324 @@ IPC_SUBCLASSES: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "G06F": (
         ("17/30", "3/0484", "9/455", "21/62", "16/245"),
         "707",
-        ("processor", "memory", "database", "query", "cache", "index", "software", "compiler",
-         "thread", "virtual", "storage", "file", "kernel", "instruction", "register", "buffer"),
+        (
+            "processor",
+            "memory",
+            "database",
+            "query",
+            "cache",
+            "index",
+            "software",
+            "compiler",
+            "thread",
+            "virtual",
+            "storage",
+            "file",
+            "kernel",
+            "instruction",
+            "register",
+            "buffer",
+        ),
     ),
     "H04L": (
         ("29/06", "12/28", "9/32", "5/00", "67/10"),
         "709",
-        ("packet", "network", "protocol", "router", "bandwidth", "latency", "encryption", "node",
-         "channel", "transmission", "header", "session", "gateway", "switch", "frame", "payload"),
+        (
+            "packet",
+            "network",
+            "protocol",
+            "router",
+            "bandwidth",
+            "latency",
+            "encryption",
+            "node",
+            "channel",
+            "transmission",
+            "header",
+            "session",
+            "gateway",
+            "switch",
+            "frame",
+            "payload",
+        ),
     ),
     "H01L": (
         ("21/02", "27/12", "29/78", "23/48", "33/00"),
         "257",
-        ("wafer", "transistor", "substrate", "dielectric", "gate", "silicon", "doping", "etching",
-         "electrode", "semiconductor", "oxide", "trench", "epitaxial", "contact", "diode", "junction"),
+        (
+            "wafer",
+            "transistor",
+            "substrate",
+            "dielectric",
+            "gate",
+            "silicon",
+            "doping",
+            "etching",
+            "electrode",
+            "semiconductor",
+            "oxide",
+            "trench",
+            "epitaxial",
+            "contact",
+            "diode",
+            "junction",
+        ),
     ),
     "A61K": (
         ("31/4439", "9/00", "39/395", "38/17", "47/10"),
         "514",
-        ("compound", "dosage", "formulation", "tablet", "excipient", "antibody", "peptide", "oral",
-         "pharmaceutical", "salt", "solvent", "administration", "therapeutic", "inhibitor",
-         "emulsion", "capsule"),
+        (
+            "compound",
+            "dosage",
+            "formulation",
+            "tablet",
+            "excipient",
+            "antibody",
+            "peptide",
+            "oral",
+            "pharmaceutical",
+            "salt",
+            "solvent",
+            "administration",
+            "therapeutic",
+            "inhibitor",
+            "emulsion",
+            "capsule",
+        ),
     ),
     "A61B": (
         ("5/00", "17/34", "8/08", "1/00", "6/03"),
         "600",
-        ("catheter", "patient", "imaging", "probe", "endoscope", "ultrasound", "tissue", "incision",
-         "monitor", "heart", "blood", "vessel", "surgical", "needle", "biopsy", "implant"),
+        (
+            "catheter",
+            "patient",
+            "imaging",
+            "probe",
+            "endoscope",
+            "ultrasound",
+            "tissue",
+            "incision",
+            "monitor",
+            "heart",
+            "blood",
+            "vessel",
+            "surgical",
+            "needle",
+            "biopsy",
+            "implant",
+        ),
     ),
     "B65D": (
         ("81/32", "25/20", "43/16", "5/42", "77/04"),
         "206",
-        ("container", "lid", "bottle", "closure", "carton", "package", "tray", "flap", "seal",
-         "cap", "pouch", "hinge", "sleeve", "liner", "spout", "cardboard"),
+        (
+            "container",
+            "lid",
+            "bottle",
+            "closure",
+            "carton",
+            "package",
+            "tray",
+            "flap",
+            "seal",
+            "cap",
+            "pouch",
+            "hinge",
+            "sleeve",
+            "liner",
+            "spout",
+            "cardboard",
+        ),
     ),
     "G01N": (
         ("33/53", "21/64", "27/327", "35/00", "1/28"),
         "436",
-        ("sample", "assay", "reagent", "fluorescence", "analyte", "sensor", "chamber", "spectrum",
-         "detector", "concentration", "specimen", "cuvette", "antigen", "calibration", "optical",
-         "chromatography"),
+        (
+            "sample",
+            "assay",
+            "reagent",
+            "fluorescence",
+            "analyte",
+            "sensor",
+            "chamber",
+            "spectrum",
+            "detector",
+            "concentration",
+            "specimen",
+            "cuvette",
+            "antigen",
+            "calibration",
+            "optical",
+            "chromatography",
+        ),
     ),
     "B60W": (
         ("30/09", "10/06", "50/14", "40/10", "20/00"),
         "701",
-        ("vehicle", "driver", "engine", "brake", "steering", "torque", "wheel", "speed", "battery",
-         "motor", "lane", "throttle", "gearbox", "axle", "acceleration", "cruise"),
+        (
+            "vehicle",
+            "driver",
+            "engine",
+            "brake",
+            "steering",
+            "torque",
+            "wheel",
+            "speed",
+            "battery",
+            "motor",
+            "lane",
+            "throttle",
+            "gearbox",
+            "axle",
+            "acceleration",
+            "cruise",
+        ),
     ),
 }
 
 # Disjoint marker vocabularies: the ACCEPTED/REJECTED signal. Neither list shares a word
 # with the filler or the topic vocabularies.
-ACCEPT_MARKERS = ("streamlined", "synergistic", "adaptive", "unexpectedly", "hybrid",
-                  "optimized", "scalable", "resilient")
-REJECT_MARKERS = ("conventional", "generic", "routine", "ordinary", "typical", "customary",
-                  "rudimentary", "commonplace")
+ACCEPT_MARKERS = (
+    "streamlined",
+    "synergistic",
+    "adaptive",
+    "unexpectedly",
+    "hybrid",
+    "optimized",
+    "scalable",
+    "resilient",
+)
+REJECT_MARKERS = (
+    "conventional",
+    "generic",
+    "routine",
+    "ordinary",
+    "typical",
+    "customary",
+    "rudimentary",
+    "commonplace",
+)
 SIGNAL_RATE = 0.95  # share of records whose markers agree with their decision (the rest: label noise)
 
 _FILLER = (
-    "a", "the", "method", "system", "apparatus", "device", "comprising", "including",
-    "configured", "to", "wherein", "at", "least", "one", "first", "second", "plurality", "of",
-    "based", "on", "each", "in", "response", "determining", "receiving", "providing",
-    "generating", "unit", "module", "portion", "member", "surface", "said", "such", "that",
-    "and", "or", "for", "with", "by", "may", "is", "are", "an", "embodiment", "disclosed",
-    "herein", "further", "corresponding", "associated", "control", "signal", "data", "value",
-    "predetermined", "position", "structure", "element", "process", "operation", "respective",
-    "coupled", "connected", "between", "within", "via", "output", "input", "set", "mode",
+    "a",
+    "the",
+    "method",
+    "system",
+    "apparatus",
+    "device",
+    "comprising",
+    "including",
+    "configured",
+    "to",
+    "wherein",
+    "at",
+    "least",
+    "one",
+    "first",
+    "second",
+    "plurality",
+    "of",
+    "based",
+    "on",
+    "each",
+    "in",
+    "response",
+    "determining",
+    "receiving",
+    "providing",
+    "generating",
+    "unit",
+    "module",
+    "portion",
+    "member",
+    "surface",
+    "said",
+    "such",
+    "that",
+    "and",
+    "or",
+    "for",
+    "with",
+    "by",
+    "may",
+    "is",
+    "are",
+    "an",
+    "embodiment",
+    "disclosed",
+    "herein",
+    "further",
+    "corresponding",
+    "associated",
+    "control",
+    "signal",
+    "data",
+    "value",
+    "predetermined",
+    "position",
+    "structure",
+    "element",
+    "process",
+    "operation",
+    "respective",
+    "coupled",
+    "connected",
+    "between",
+    "within",
+    "via",
+    "output",
+    "input",
+    "set",
+    "mode",
 )
 _TITLE_NOUNS = ("system", "method", "apparatus", "device", "assembly", "arrangement")
-_LAST_NAMES = ("Smith", "Johnson", "Lee", "Garcia", "Chen", "Mueller", "Tanaka", "Patel",
-               "Kim", "Nguyen", "Brown", "Rossi", "Novak", "Silva", "Cohen", "Okafor")
-_FIRST_NAMES = ("James", "Maria", "Wei", "Anna", "David", "Yuki", "Priya", "Carlos", "Olga",
-                "John", "Fatima", "Lars", "Min", "Sara", "Tom", "Elena")
-_CITIES = (("San Jose", "CA", "US"), ("Austin", "TX", "US"), ("Boston", "MA", "US"),
-           ("Seattle", "WA", "US"), ("Munich", None, "DE"), ("Tokyo", None, "JP"),
-           ("Seoul", None, "KR"), ("Raleigh", "NC", "US"))
+_LAST_NAMES = (
+    "Smith",
+    "Johnson",
+    "Lee",
+    "Garcia",
+    "Chen",
+    "Mueller",
+    "Tanaka",
+    "Patel",
+    "Kim",
+    "Nguyen",
+    "Brown",
+    "Rossi",
+    "Novak",
+    "Silva",
+    "Cohen",
+    "Okafor",
+)
+_FIRST_NAMES = (
+    "James",
+    "Maria",
+    "Wei",
+    "Anna",
+    "David",
+    "Yuki",
+    "Priya",
+    "Carlos",
+    "Olga",
+    "John",
+    "Fatima",
+    "Lars",
+    "Min",
+    "Sara",
+    "Tom",
+    "Elena",
+)
+_CITIES = (
+    ("San Jose", "CA", "US"),
+    ("Austin", "TX", "US"),
+    ("Boston", "MA", "US"),
+    ("Seattle", "WA", "US"),
+    ("Munich", None, "DE"),
+    ("Tokyo", None, "JP"),
+    ("Seoul", None, "KR"),
+    ("Raleigh", "NC", "US"),
+)
 
 _TOPIC_COPIES = 2  # 70 filler words + 2 x 16 topic words: ~30% of prose is topic words
 
@@ -137,9 +380,13 @@ def make_records(
     start, end = _parse_day(start_date, "start_date"), _parse_day(end_date, "end_date")
     if end <= start:
         raise ValueError(f"end_date ({end_date}) must be after start_date ({start_date})")
-    for name, (low, high) in [("description_words", description_words), ("claims_words", claims_words),
-                              ("background_words", background_words), ("summary_words", summary_words),
-                              ("abstract_words", abstract_words)]:
+    for name, (low, high) in [
+        ("description_words", description_words),
+        ("claims_words", claims_words),
+        ("background_words", background_words),
+        ("summary_words", summary_words),
+        ("abstract_words", abstract_words),
+    ]:
         if not 1 <= low <= high:
             raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(low, high)}")
 
@@ -151,11 +398,17 @@ def make_records(
     for i, decision in enumerate(list(DECISIONS)[: min(n_records, len(DECISIONS))]):
         decisions[i] = decision
     span = (end - start).days
-    sizes = {"description": description_words, "claims": claims_words, "background": background_words,
-             "summary": summary_words, "abstract": abstract_words}
+    sizes = {
+        "description": description_words,
+        "claims": claims_words,
+        "background": background_words,
+        "summary": summary_words,
+        "abstract": abstract_words,
+    }
     return [
-        _make_record(rng, str(number), decision, start + dt.timedelta(days=rng.randrange(span)),
-                     sizes, null_section_rate)
+        _make_record(
+            rng, str(number), decision, start + dt.timedelta(days=rng.randrange(span)), sizes, null_section_rate
+        )
         for number, decision in zip(numbers, decisions)
     ]
 
@@ -179,8 +432,14 @@ def _marker_side(rng: random.Random, decision: str) -> tuple[str, ...]:
     return own if rng.random() < SIGNAL_RATE else other
 
 
-def _make_record(rng: random.Random, number: str, decision: str, filed: dt.date,
-                 sizes: Mapping[str, tuple[int, int]], null_rate: float) -> dict[str, Any]:
+def _make_record(
+    rng: random.Random,
+    number: str,
+    decision: str,
+    filed: dt.date,
+    sizes: Mapping[str, tuple[int, int]],
+    null_rate: float,
+) -> dict[str, Any]:
     """One record with the full HUPD JSON schema, keys in the real files' order."""
     subclass = rng.choice(list(IPC_SUBCLASSES))
     groups, uspc_class, topic = IPC_SUBCLASSES[subclass]
@@ -200,8 +459,7 @@ def _make_record(rng: random.Random, number: str, decision: str, filed: dt.date,
     summary = None if rng.random() < null_rate else _prose(rng, words("summary"), topic)
     detail = _prose(rng, words("description"), topic, paragraph=6)
     full_description = "\n\n".join(
-        part for part in ("BACKGROUND", background, "SUMMARY", summary, "DETAILED DESCRIPTION", detail)
-        if part
+        part for part in ("BACKGROUND", background, "SUMMARY", summary, "DETAILED DESCRIPTION", detail) if part
     )
     examiner = rng.randrange(len(_LAST_NAMES))
     return {
@@ -258,8 +516,9 @@ def _word_list(rng: random.Random, n_words: int, topic: Sequence[str]) -> list[s
     return rng.choices(_FILLER + tuple(topic) * _TOPIC_COPIES, k=n_words)
 
 
-def _prose(rng: random.Random, n_words: int, topic: Sequence[str], markers: Sequence[str] = (),
-           paragraph: int = 0) -> str:
+def _prose(
+    rng: random.Random, n_words: int, topic: Sequence[str], markers: Sequence[str] = (), paragraph: int = 0
+) -> str:
     """Sentences of exactly ``n_words`` words; ``markers`` replace words at random positions.
 
     ``paragraph`` > 0 starts a new paragraph every that many sentences.

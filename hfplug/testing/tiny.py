@@ -28,7 +28,9 @@ LLAMA3_SPECIAL_TOKENS = [
 ]
 
 
-def build_bert_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, model_max_length: int = 512) -> PreTrainedTokenizerFast:
+def build_bert_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 2000, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
     """A lower-cased WordPiece tokenizer (BERT's recipe) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -36,7 +38,9 @@ def build_bert_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, model_
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS))
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -54,7 +58,9 @@ def build_bert_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, model_
     )
 
 
-def build_llama3_tokenizer(texts: Iterable[str], *, vocab_size: int = 1000, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def build_llama3_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 1000, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with Llama 3's special tokens, BOS added, and no pad token (like Llama 3.1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

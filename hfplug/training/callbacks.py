@@ -133,7 +133,9 @@ def _add_to_logs(logs: dict, state: TrainerState, extra: dict) -> None:
     logs.update(extra)
     entry = state.log_history[-1] if state.log_history else None
     # Only touch the last entry if it is this record (on_log may be called by other code).
-    if entry is not None and all(k in logs and (logs[k] is v or logs[k] == v) for k, v in entry.items() if k != "step"):
+    if entry is not None and all(
+        k in logs and (logs[k] is v or logs[k] == v) for k, v in entry.items() if k != "step"
+    ):
         entry.update(extra)
 
 
@@ -301,15 +303,23 @@ class SampleGenerationCallback(TrainerCallback):
     generations of at most ``max_new_tokens`` tokens per evaluation.
     """
 
-    def __init__(self, chat_format, records: list[GenerationRecord], *, max_new_tokens: int = 256,
-                 filename: str = "samples.jsonl"):
+    def __init__(
+        self,
+        chat_format,
+        records: list[GenerationRecord],
+        *,
+        max_new_tokens: int = 256,
+        filename: str = "samples.jsonl",
+    ):
         if not records:
             raise ValueError("SampleGenerationCallback needs at least one record to generate for.")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if not isinstance(filename, str) or not filename.endswith(".jsonl") or os.path.isabs(filename):
-            raise ValueError(f"SampleGenerationCallback filename must be a relative path ending in .jsonl "
-                             f"(it is written inside output_dir), got {filename!r}.")
+            raise ValueError(
+                f"SampleGenerationCallback filename must be a relative path ending in .jsonl "
+                f"(it is written inside output_dir), got {filename!r}."
+            )
         self.chat_format, self.records = chat_format, list(records)
         self.max_new_tokens, self.filename = max_new_tokens, filename
 
@@ -322,25 +332,40 @@ class SampleGenerationCallback(TrainerCallback):
         replies = []
         for start in range(0, len(self.records), args.per_device_eval_batch_size):
             batch = self.records[start : start + args.per_device_eval_batch_size]
-            replies += generate_batch(model, self.chat_format, [r.prompt_ids for r in batch],
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad_token_id)
-        lines = [{"step": state.global_step, "index": r.index, "generated": reply, "reference": r.reference}
-                 for r, reply in zip(self.records, replies)]
+            replies += generate_batch(
+                model,
+                self.chat_format,
+                [r.prompt_ids for r in batch],
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad_token_id,
+            )
+        lines = [
+            {"step": state.global_step, "index": r.index, "generated": reply, "reference": r.reference}
+            for r, reply in zip(self.records, replies)
+        ]
         path = os.path.join(args.output_dir, self.filename)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         for line in lines:
-            logger.info("Sample generation, step %d, validation record %d:\n  generated: %s\n  reference: %s",
-                        line["step"], line["index"], _shorten(line["generated"]), _shorten(line["reference"]))
+            logger.info(
+                "Sample generation, step %d, validation record %d:\n  generated: %s\n  reference: %s",
+                line["step"],
+                line["index"],
+                _shorten(line["generated"]),
+                _shorten(line["reference"]),
+            )
 
 
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def sample_generation_callback(chat_format, records: list[GenerationRecord], run_args: RunArguments,
-                               ) -> SampleGenerationCallback | None:
+def sample_generation_callback(
+    chat_format,
+    records: list[GenerationRecord],
+    run_args: RunArguments,
+) -> SampleGenerationCallback | None:
     """The sample callback for the first ``run_args.log_samples`` records; None when that is 0 or there are none."""
     shown = records[: run_args.log_samples]
     if not shown:

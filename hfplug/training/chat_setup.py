@@ -29,7 +29,9 @@ def training_chat_format(tokenizer, chat_template: str | None = None):
       the tokenizer saved with the model (or adapter) then makes ``recipes/chat.py``
       prompt exactly as training did.
     """
-    chat_format = ChatFormat.from_tokenizer(tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING})
+    chat_format = ChatFormat.from_tokenizer(
+        tokenizer, chat_template, template_kwargs={"date_string": TRAINING_DATE_STRING}
+    )
     ensure_pad_token(tokenizer, avoid=reply_end_ids(chat_format))
     tokenizer.chat_template = template_with_default_date(chat_format.template, TRAINING_DATE_STRING)
     return chat_format
@@ -43,7 +45,8 @@ def reply_end_ids(chat_format) -> list[int]:
     which its ChatML replies never contain).
     """
     ids, mask = chat_format.encode_with_assistant_mask(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    )
     stops = set(chat_format.stop_token_ids)
     ends = [token for token, m in zip(ids, mask) if m and token in stops]
     eos = chat_format.tokenizer.eos_token_id

@@ -64,7 +64,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str | os.PathLike, *, global_step: int | None = None, checksum: str | None = "sha256") -> None:
+def write_manifest(
+    folder: str | os.PathLike, *, global_step: int | None = None, checksum: str | None = "sha256"
+) -> None:
     """Record every file of ``folder`` (size, and SHA-256 unless ``checksum=None``) in ``hfplug_manifest.json``."""
     folder = Path(folder)
     files = {}
@@ -91,15 +93,24 @@ def _verify_manifest(folder: Path, *, checksum: bool = True) -> list[str]:
             continue
         size = path.stat().st_size
         if size != entry.get("size"):
-            problems.append(f"{name} is truncated ({size} of {entry.get('size')} bytes)" if size < entry.get("size", 0)
-                            else f"{name} has {size} bytes, not the {entry.get('size')} it was saved with")
+            problems.append(
+                f"{name} is truncated ({size} of {entry.get('size')} bytes)"
+                if size < entry.get("size", 0)
+                else f"{name} has {size} bytes, not the {entry.get('size')} it was saved with"
+            )
         elif checksum and entry.get("sha256") and _sha256(path) != entry["sha256"]:
             problems.append(f"{name} is damaged (its SHA-256 differs from the one saved in {MANIFEST_FILE})")
     return problems
 
 
-_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin",
-            "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHTS = (
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "pytorch_model.bin",
+    "adapter_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _legacy_problems(folder: Path) -> list[str]:
@@ -179,12 +190,18 @@ def _find_resumable(output_dir: Path, *, log: bool) -> str | None:
         problems = checkpoint_problems(child)
         if not problems:
             if log and not (child / MANIFEST_FILE).is_file():
-                logger.warning("%s has no %s (saved by an older hfplug): its files are there, but whether they "
-                               "are whole cannot be checked.", child, MANIFEST_FILE)
+                logger.warning(
+                    "%s has no %s (saved by an older hfplug): its files are there, but whether they "
+                    "are whole cannot be checked.",
+                    child,
+                    MANIFEST_FILE,
+                )
             return str(child)
         skipped.append(f"{child.name} ({'; '.join(problems)})")
         if log:
-            logger.warning("Skipping %s: it is incomplete (%s); trying the previous checkpoint.", child, "; ".join(problems))
+            logger.warning(
+                "Skipping %s: it is incomplete (%s); trying the previous checkpoint.", child, "; ".join(problems)
+            )
     if skipped and log:
         damaged = " ".join(shlex.quote(str(output_dir / s.split(" ", 1)[0])) for s in skipped)
         raise NoCompleteCheckpointError(
@@ -231,7 +248,9 @@ def _planned_max_steps(trainer, state: dict) -> int | None:
         if trainer.args.max_steps > 0:
             return trainer.args.max_steps
         same = state.get("num_train_epochs") == trainer.args.num_train_epochs and state.get("train_batch_size") in (
-            None, trainer.args.per_device_train_batch_size)
+            None,
+            trainer.args.per_device_train_batch_size,
+        )
         return state.get("max_steps") if same else None
 
 
@@ -264,13 +283,19 @@ def finished_run(trainer: Trainer, checkpoint: str | None) -> FinishedRun | None
         weights = best
     else:
         weights = str(source)
-    logger.warning("Training already finished at step %d (%s): nothing to train. Evaluation and the push run if they "
-                   "did not finish. To train longer, raise num_train_epochs or max_steps; to start over, use a new "
-                   "output_dir.", state["global_step"], checkpoint)
+    logger.warning(
+        "Training already finished at step %d (%s): nothing to train. Evaluation and the push run if they "
+        "did not finish. To train longer, raise num_train_epochs or max_steps; to start over, use a new "
+        "output_dir.",
+        state["global_step"],
+        checkpoint,
+    )
     trainer._load_from_checkpoint(weights)
     if not saved:
         trainer.save_model()  # the run ended before its final model was saved, or while saving it
     evaluated = (output_dir / "eval_results.json").is_file()
     if evaluated and trainer.args.do_eval:
-        logger.warning("Evaluation already finished (%s); delete it to evaluate again.", output_dir / "eval_results.json")
+        logger.warning(
+            "Evaluation already finished (%s); delete it to evaluate again.", output_dir / "eval_results.json"
+        )
     return FinishedRun(step=state["global_step"], weights=weights, evaluated=evaluated)

@@ -30,8 +30,9 @@ from hfplug.training.trainer import SafeCheckpointTrainer
 # Instruct's sampling temperature/top_p would only draw warnings, but a repetition penalty
 # would change the text. These are the values at which each does nothing (top_k=50 is the
 # library default, so greedy decoding does not warn about it).
-GREEDY = dict(do_sample=False, num_beams=1, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
-              no_repeat_ngram_size=0)
+GREEDY = dict(
+    do_sample=False, num_beams=1, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0, no_repeat_ngram_size=0
+)
 
 
 @dataclass
@@ -54,8 +55,11 @@ def generation_records(dataset, limit: int, tokenizer) -> list[GenerationRecord]
         labels = list(example["labels"])
         start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         reply = [label for label in labels[start:] if label != IGNORE_INDEX]
-        records.append(GenerationRecord(index, list(example["input_ids"][:start]),
-                                        tokenizer.decode(reply, skip_special_tokens=True).strip()))
+        records.append(
+            GenerationRecord(
+                index, list(example["input_ids"][:start]), tokenizer.decode(reply, skip_special_tokens=True).strip()
+            )
+        )
     return records
 
 
@@ -65,8 +69,9 @@ def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def generate_batch(model, chat_format, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   pad_token_id: int) -> list[str]:
+def generate_batch(
+    model, chat_format, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int
+) -> list[str]:
     """Greedy replies to one batch of tokenized prompts, in order, as text.
 
     Prompts are left-padded (the replies then start at the same position); the model is put
@@ -75,10 +80,14 @@ def generate_batch(model, chat_format, prompts: Sequence[Sequence[int]], *, max_
     from hfplug.chat.format import visible_text
 
     stopping = chat_format.stopping_kwargs(getattr(model.generation_config, "eos_token_id", None))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=stopping["eos_token_id"],
-                              stop_strings=stopping.get("stop_strings"),
-                              use_cache=True,  # checkpointing turns the cache off for training, not here
-                              **GREEDY)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=stopping["eos_token_id"],
+        stop_strings=stopping.get("stop_strings"),
+        use_cache=True,  # checkpointing turns the cache off for training, not here
+        **GREEDY,
+    )
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
@@ -86,8 +95,12 @@ def generate_batch(model, chat_format, prompts: Sequence[Sequence[int]], *, max_
     model.eval()
     try:
         with torch.inference_mode():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                    tokenizer=stopping.get("tokenizer"))
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                tokenizer=stopping.get("tokenizer"),
+            )
     finally:
         model.train(was_training)
     texts = chat_format.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
@@ -117,10 +130,16 @@ class GenerativeTrainer(SafeCheckpointTrainer):
         super().__init__(*args, **kwargs)
         self.generation = generation
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
-                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
@@ -138,8 +157,13 @@ class GenerativeTrainer(SafeCheckpointTrainer):
         pad_token_id = self.processing_class.pad_token_id
         replies = {}
         for batch in batches[rank::world]:  # the same batches for any number of processes
-            texts = generate_batch(model, self.generation.chat_format, [records[i].prompt_ids for i in batch],
-                                   max_new_tokens=self.generation.max_new_tokens, pad_token_id=pad_token_id)
+            texts = generate_batch(
+                model,
+                self.generation.chat_format,
+                [records[i].prompt_ids for i in batch],
+                max_new_tokens=self.generation.max_new_tokens,
+                pad_token_id=pad_token_id,
+            )
             replies.update(zip(batch, texts))
         if world > 1:
             from accelerate.utils import gather_object

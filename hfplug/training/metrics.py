@@ -62,11 +62,18 @@ def classification_scores(predictions, references, labels: Sequence[int] | None 
     if labels is not None and not np.size(labels):
         raise ValueError("labels is empty; pass at least one class id or leave it as None.")
     precision, recall, f1, _ = precision_recall_fscore_support(
-        refs, preds, labels=None if labels is None else _as_class_ids(labels, "labels"), average="macro",
+        refs,
+        preds,
+        labels=None if labels is None else _as_class_ids(labels, "labels"),
+        average="macro",
         zero_division=0,
     )
-    return {"accuracy": float(accuracy_score(refs, preds)), "f1": float(f1), "precision": float(precision),
-            "recall": float(recall)}
+    return {
+        "accuracy": float(accuracy_score(refs, preds)),
+        "f1": float(f1),
+        "precision": float(precision),
+        "recall": float(recall),
+    }
 
 
 def check_top_k(k: Iterable[int]) -> tuple[int, ...]:
@@ -95,7 +102,9 @@ def top_k_accuracies(scores, references, k: Iterable[int] = DEFAULT_TOP_K) -> di
     if n_rows == 0:
         raise ValueError("No examples: scores and references are empty.")
     if refs.min() < 0 or refs.max() >= n_classes:
-        raise ValueError(f"references must be class ids in [0, {n_classes}), got values in [{refs.min()}, {refs.max()}].")
+        raise ValueError(
+            f"references must be class ids in [0, {n_classes}), got values in [{refs.min()}, {refs.max()}]."
+        )
 
     # The true class's rank (0 = best) is the number of classes that beat it: a higher
     # score, or an equal score at a lower id. One pass serves every k, and unlike a
@@ -133,7 +142,9 @@ def perplexity(loss: float) -> float:
 # --- Trainer hook ----------------------------------------------------------------
 
 
-def compute_metrics_for(task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K) -> Callable[[EvalPrediction], dict[str, float]] | None:
+def compute_metrics_for(
+    task: str, *, top_k: Iterable[int] = DEFAULT_TOP_K
+) -> Callable[[EvalPrediction], dict[str, float]] | None:
     """A ``compute_metrics`` function for ``Trainer`` on an hfplug task; ``None`` for ``abstract``.
 
     "decision": accuracy, f1, precision, recall (macro). "ipc": the same plus

@@ -44,7 +44,11 @@ def prepare_training_args(training_args, model_args) -> None:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     optim = default_optim(model_args)
     if optim and optim_name(training_args) == TrainingArguments.optim:
-        logger.info("--quant %s: using optim=%s (QLoRA's paged 8-bit AdamW); set --optim to choose another.", model_args.quant, optim)
+        logger.info(
+            "--quant %s: using optim=%s (QLoRA's paged 8-bit AdamW); set --optim to choose another.",
+            model_args.quant,
+            optim,
+        )
         training_args.optim = OptimizerNames(optim)
     device_type = device_type_for(training_args)
     dtype = resolve_dtype(model_args.dtype, device_type=device_type)
@@ -53,8 +57,12 @@ def prepare_training_args(training_args, model_args) -> None:
 
         if dtype in (torch.float16, torch.bfloat16):
             precision = "fp16" if dtype == torch.float16 else "bf16"
-            logger.warning("dtype %s on a GPU: enabling %s mixed precision (set --%s or mixed_precision in the accelerate config to be explicit).",
-                           dtype, precision, precision)
+            logger.warning(
+                "dtype %s on a GPU: enabling %s mixed precision (set --%s or mixed_precision in the accelerate config to be explicit).",
+                dtype,
+                precision,
+                precision,
+            )
             training_args.mixed_precision = precision
             setattr(training_args, precision, True)
 
@@ -87,8 +95,9 @@ def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token
         logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
         return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
     if training_args.do_train:
-        model = prepare_for_training(model, model_args,
-                                     activation_checkpointing=bool(training_args.activation_checkpointing))
+        model = prepare_for_training(
+            model, model_args, activation_checkpointing=bool(training_args.activation_checkpointing)
+        )
     return model
 
 
@@ -104,7 +113,11 @@ def load_classifier(model_args, label_names, tokenizer, training_args, *, token:
     from transformers import AutoModelForSequenceClassification
 
     return _load_for_trainer(
-        AutoModelForSequenceClassification, model_args, tokenizer, training_args, token=token,
+        AutoModelForSequenceClassification,
+        model_args,
+        tokenizer,
+        training_args,
+        token=token,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
@@ -148,8 +161,9 @@ def check_causal_lm(model_args, *, token: str | None = None) -> None:
         )
 
 
-def warn_if_wont_fit(model_args, training_args, *, task: str, max_length: int, num_labels: int,
-                     token: str | None = None) -> None:
+def warn_if_wont_fit(
+    model_args, training_args, *, task: str, max_length: int, num_labels: int, token: str | None = None
+) -> None:
     """On a GPU, run the memory planner (``hfplug.memory``) before loading and warn with settings that fit.
 
     Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning

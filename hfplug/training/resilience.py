@@ -67,8 +67,13 @@ class GracefulStopCallback(TrainerCallback):
     ``stop_reason`` says why training stopped early (``None`` when it ran to the end).
     """
 
-    def __init__(self, *, deadline: float | None = None, reserve_s: float = MIN_SAVE_RESERVE_S,
-                 signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(
+        self,
+        *,
+        deadline: float | None = None,
+        reserve_s: float = MIN_SAVE_RESERVE_S,
+        signals=(signal.SIGTERM, signal.SIGINT),
+    ):
         self.deadline = deadline  # time.monotonic() value by which the process must be done
         self.reserve_s = reserve_s
         self.signals = tuple(signals)
@@ -124,8 +129,11 @@ class GracefulStopCallback(TrainerCallback):
             self.stop_reason = reason
             control.should_save = True
             control.should_training_stop = True
-            logger.warning("Stopping at step %d (%s); saving a checkpoint.", state.global_step,
-                           "time budget" if reason == "time_budget" else reason)
+            logger.warning(
+                "Stopping at step %d (%s); saving a checkpoint.",
+                state.global_step,
+                "time budget" if reason == "time_budget" else reason,
+            )
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -178,21 +186,31 @@ def follow_launcher(sig: int = signal.SIGTERM) -> bool:
         if not _following:
             _following = True
             pgid = os.getpgid(0) if hasattr(os, "getpgid") else None
-            logger.info("To stop this run with a checkpoint, signal its whole process group (kill -TERM -%s), not the "
-                        "launcher alone: on %s the launcher does not pass signals on.", pgid or "<pgid>", sys.platform)
+            logger.info(
+                "To stop this run with a checkpoint, signal its whole process group (kill -TERM -%s), not the "
+                "launcher alone: on %s the launcher does not pass signals on.",
+                pgid or "<pgid>",
+                sys.platform,
+            )
         return False
     if not _following:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed (%s): stop this run with kill -TERM -%d (its process group).",
-                           os.strerror(ctypes.get_errno()), os.getpgid(0))
+            logger.warning(
+                "prctl(PR_SET_PDEATHSIG) failed (%s): stop this run with kill -TERM -%d (its process group).",
+                os.strerror(ctypes.get_errno()),
+                os.getpgid(0),
+            )
             return False
         _following = True
     if os.getppid() != _PARENT_AT_START or _PARENT_AT_START == 1:  # the launcher died before prctl took effect
-        logger.warning("The launcher (pid %d) is gone: stopping%s.", _PARENT_AT_START,
-                       " with a checkpoint" if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN) else "")
+        logger.warning(
+            "The launcher (pid %d) is gone: stopping%s.",
+            _PARENT_AT_START,
+            " with a checkpoint" if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN) else "",
+        )
         os.kill(os.getpid(), sig)
     return True
 
@@ -235,24 +253,39 @@ class OutputDirLock:
             raise OutputDirInUse(self._busy_message(holder)) from None
         except OSError as err:  # ENOLCK, EOPNOTSUPP, ...: a file system without locks (some FUSE/network mounts)
             os.close(fd)
-            logger.warning("Cannot lock %s (%s): nothing stops a second run from using %s at the same time.",
-                           self.path, os.strerror(err.errno) if err.errno else err, self.output_dir)
+            logger.warning(
+                "Cannot lock %s (%s): nothing stops a second run from using %s at the same time.",
+                self.path,
+                os.strerror(err.errno) if err.errno else err,
+                self.output_dir,
+            )
             return self
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "command": shlex.join(sys.argv),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            ).encode(),
+        )
         self._fd = fd
         return self
 
     def _busy_message(self, holder: str) -> str:
         try:
             info = json.loads(holder)
-            who = (f"pid {info['pid']} on host {info['host']}, started {info['started']}: {info['command']}")
+            who = f"pid {info['pid']} on host {info['host']}, started {info['started']}: {info['command']}"
             stop = f"stop it (kill -TERM {int(info['pid'])} on {info['host']})"
         except (ValueError, KeyError, TypeError):
             who, stop = "a process that is starting", "stop it"
-        return (f"{self.output_dir} is in use by another run ({who}). One run per output_dir: wait for it to end, "
-                f"{stop}, or use another output_dir.")
+        return (
+            f"{self.output_dir} is in use by another run ({who}). One run per output_dir: wait for it to end, "
+            f"{stop}, or use another output_dir."
+        )
 
     def release(self) -> None:
         if self._fd is not None:
@@ -297,7 +330,9 @@ def record_run_args(output_dir: str | os.PathLike, **groups) -> None:
     """Write the model and data arguments of a run to ``output_dir`` (compared on resume)."""
     path = Path(output_dir) / RUN_ARGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: asdict(value) for name, value in groups.items()}, indent=2, sort_keys=True, default=str))
+    path.write_text(
+        json.dumps({name: asdict(value) for name, value in groups.items()}, indent=2, sort_keys=True, default=str)
+    )
 
 
 def check_resume_args(output_dir: str | os.PathLike, *, ignore=(), **groups) -> None:
@@ -330,7 +365,9 @@ def _launcher_argv() -> list[str] | None:
     argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
     if len(argv) >= 2 and Path(argv[0]).name.startswith("python") and Path(argv[1]).name in ("accelerate", "torchrun"):
         argv = [Path(argv[1]).name, *argv[2:]]  # .../bin/python .../bin/accelerate launch ... -> accelerate launch ...
-    return argv if any(word in " ".join(argv[:3]) for word in ("accelerate", "torchrun", "torch.distributed")) else None
+    return (
+        argv if any(word in " ".join(argv[:3]) for word in ("accelerate", "torchrun", "torch.distributed")) else None
+    )
 
 
 _LAUNCHER_ARGV = _launcher_argv() if launched_by_launcher() else None
@@ -365,9 +402,17 @@ def check_launch_matches_machine(training_args) -> None:
 # --------------------------------------------------------------------------- what the recipe calls
 
 # Arguments that may change between a run and its resumption (paths of caches, evaluation size, ...).
-RESUMABLE_CHANGES = ("hupd_cache_dir", "preprocessing_num_workers", "max_eval_samples", "max_generate_samples",
-                     "log_samples", "max_new_tokens", "time_budget", "early_stopping_patience",
-                     "early_stopping_threshold")
+RESUMABLE_CHANGES = (
+    "hupd_cache_dir",
+    "preprocessing_num_workers",
+    "max_eval_samples",
+    "max_generate_samples",
+    "log_samples",
+    "max_new_tokens",
+    "time_budget",
+    "early_stopping_patience",
+    "early_stopping_threshold",
+)
 
 
 def prepare_resume(training_args, **groups) -> str | None:
@@ -398,10 +443,18 @@ def prepare_resume(training_args, **groups) -> str | None:
 def report_stop(stop: GracefulStopCallback, step: int) -> int | None:
     """Say why training stopped early and how to go on; the exit status for a signal (128 + its number)."""
     if stop.stop_reason in ("SIGTERM", "SIGINT"):
-        logger.warning("Stopped by %s at step %d; the checkpoint is saved. To resume, run the same command again: %s",
-                       stop.stop_reason, step, resume_command())
+        logger.warning(
+            "Stopped by %s at step %d; the checkpoint is saved. To resume, run the same command again: %s",
+            stop.stop_reason,
+            step,
+            resume_command(),
+        )
         return 128 + signal.Signals[stop.stop_reason].value
     if stop.stop_reason == "time_budget":
-        logger.warning("Time budget reached at step %d; the checkpoint is saved (evaluation skipped). "
-                       "To continue, run the same command again: %s", step, resume_command())
+        logger.warning(
+            "Time budget reached at step %d; the checkpoint is saved (evaluation skipped). "
+            "To continue, run the same command again: %s",
+            step,
+            resume_command(),
+        )
     return None

@@ -58,8 +58,12 @@ class ClassifierTask:
 
     def trainer(self, model, training_args, encoded, tokenizer, callbacks: list[TrainerCallback]):
         return SafeCheckpointTrainer(
-            model=model, args=training_args, processing_class=tokenizer, data_collator=padding_collator(tokenizer),
-            compute_metrics=compute_metrics_for(self.name), callbacks=callbacks,
+            model=model,
+            args=training_args,
+            processing_class=tokenizer,
+            data_collator=padding_collator(tokenizer),
+            compute_metrics=compute_metrics_for(self.name),
+            callbacks=callbacks,
             **_datasets(encoded, training_args),
         )
 
@@ -91,8 +95,9 @@ class AbstractTask:
         return load_causal_lm_for_training(model_args, tokenizer, training_args, token=token)
 
     def tokenize(self, data: TaskData, tokenizer, training_args):
-        encoded, too_long = tokenize_abstract_splits(data.splits, self.chat_format,
-                                                     **_tokenize_kwargs(self.data_args, training_args))
+        encoded, too_long = tokenize_abstract_splits(
+            data.splits, self.chat_format, **_tokenize_kwargs(self.data_args, training_args)
+        )
         data.add_dropped(too_long)  # abstracts that do not fit max_length on their own
         return encoded
 
@@ -102,7 +107,10 @@ class AbstractTask:
         records = generation_records(encoded["validation"], wanted, tokenizer) if wanted else []
         samples = sample_generation_callback(self.chat_format, records, run)
         return GenerativeTrainer(
-            model=model, args=training_args, processing_class=tokenizer, data_collator=causal_lm_collator(tokenizer),
+            model=model,
+            args=training_args,
+            processing_class=tokenizer,
+            data_collator=causal_lm_collator(tokenizer),
             callbacks=[*callbacks, *([samples] if samples is not None else [])],
             generation=GenerationEval(self.chat_format, records[: run.max_generate_samples], run.max_new_tokens),
             **_datasets(encoded, training_args),
@@ -124,5 +132,7 @@ def _tokenize_kwargs(data_args, training_args) -> dict:
 
 
 def _datasets(encoded, training_args) -> dict:
-    return dict(train_dataset=encoded["train"] if training_args.do_train else None,
-                eval_dataset=encoded["validation"] if training_args.do_eval else None)
+    return dict(
+        train_dataset=encoded["train"] if training_args.do_train else None,
+        eval_dataset=encoded["validation"] if training_args.do_eval else None,
+    )

@@ -186,8 +186,10 @@ class SafeCheckpointTrainer(Trainer):
         if ok and main:
             try:
                 if not (staging / name).is_dir():
-                    raise RuntimeError(f"transformers {_transformers_version()}'s Trainer._save_checkpoint did not "
-                                       f"write {staging / name}: hfplug.training.trainer needs updating for it.")
+                    raise RuntimeError(
+                        f"transformers {_transformers_version()}'s Trainer._save_checkpoint did not "
+                        f"write {staging / name}: hfplug.training.trainer needs updating for it."
+                    )
                 self._finish_staged(run_dir, staging / name)
                 if final.is_dir():  # a checkpoint of the same step from an earlier attempt
                     shutil.rmtree(final)
@@ -201,8 +203,10 @@ class SafeCheckpointTrainer(Trainer):
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
             if error is None:
-                raise CheckpointSaveError(f"Saving {name} in {run_dir} failed on another process (see its log); "
-                                          "the previous checkpoint is intact.")
+                raise CheckpointSaveError(
+                    f"Saving {name} in {run_dir} failed on another process (see its log); "
+                    "the previous checkpoint is intact."
+                )
             converted = self._save_error(error, name, run_dir)
             if converted is error:
                 raise error
@@ -211,8 +215,12 @@ class SafeCheckpointTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             # The Trainer rotated inside the staging folder; rotate where the checkpoints live, now that the new
             # one is complete (never before: a failure must leave the previous one).
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _finish_staged(self, run_dir: Path, staged: Path) -> None:
         """Final paths into the trainer state, the manifest, and everything flushed to disk."""
@@ -238,7 +246,9 @@ class SafeCheckpointTrainer(Trainer):
         try:
             model = self.accelerator.unwrap_model(self.model)
             frozen = any(not p.requires_grad for p in model.parameters())  # e.g. LoRA: only the adapter is saved
-            tensors = [p for p in model.parameters() if p.requires_grad] if frozen else list(model.state_dict().values())
+            tensors = (
+                [p for p in model.parameters() if p.requires_grad] if frozen else list(model.state_dict().values())
+            )
             total += sum(t.numel() * t.element_size() for t in tensors)
             if self.optimizer is not None:
                 for values in self.optimizer.state_dict().get("state", {}).values():
@@ -257,16 +267,22 @@ class SafeCheckpointTrainer(Trainer):
             free = f"{_human(shutil.disk_usage(run_dir).free)} free"
         except OSError:
             free = "an unknown amount free"
-        previous = next((str(c) for c in list_checkpoints(run_dir) if not checkpoint_problems(c, checksum=False)), None)
+        previous = next(
+            (str(c) for c in list_checkpoints(run_dir) if not checkpoint_problems(c, checksum=False)), None
+        )
         where = f"a checkpoint in {run_dir} needs about {_human(need)} ({basis}) and its disk has {free}."
-        kept = (f" The previous checkpoint {previous} is intact." if previous else " There is no earlier checkpoint.")
+        kept = f" The previous checkpoint {previous} is intact." if previous else " There is no earlier checkpoint."
         if full:
-            message = (f"No space left on the device while saving {name}: {where}{kept} Free some space (or lower "
-                       "save_total_limit, or use an output_dir on a bigger disk), then rerun the same command to "
-                       + ("resume." if previous else "start again."))
+            message = (
+                f"No space left on the device while saving {name}: {where}{kept} Free some space (or lower "
+                "save_total_limit, or use an output_dir on a bigger disk), then rerun the same command to "
+                + ("resume." if previous else "start again.")
+            )
         else:
-            message = (f"Saving {name} failed ({type(err).__name__}: {err}); {where}{kept} Fix the cause, then rerun "
-                       "the same command to " + ("resume." if previous else "start again."))
+            message = (
+                f"Saving {name} failed ({type(err).__name__}: {err}); {where}{kept} Fix the cause, then rerun "
+                "the same command to " + ("resume." if previous else "start again.")
+            )
         error = CheckpointSaveError(message)
         error.errno = errno.ENOSPC if full else getattr(err, "errno", None)
         return error

@@ -22,15 +22,21 @@ import sys
 import time
 from collections.abc import Callable
 
+from huggingface_hub import errors as hub_errors
+
 from hfplug.hub import HubError
 from hfplug.hub.auth import TokenError
 from hfplug.hub.redaction import exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
+from hfplug.loading import cause_chain
 
 USER_ERRORS = (ValueError, OSError, HubError, TokenError)
 QUICKSTART_COMMAND = (
     "accelerate launch --config_file accelerate_configs/cpu.yaml recipes/finetune_hupd.py "
     "--config recipes/configs/quickstart.yaml"
 )
+
+# The ``reason`` of hfplug's own errors (hub.errors, loading.explain_hub_error) when the Hub is out of reach.
+_DOWNLOAD_REASONS = ("unreachable", "offline", "offline_not_cached")
 
 _download_hint: str | None = None
 
@@ -80,17 +86,11 @@ def set_download_hint(model: str | None = None, dataset: tuple[str, list[str]] |
 
 def _needs_download(err: BaseException) -> bool:
     """True when ``err`` (or its cause) says a Hub file could not be fetched and is not cached."""
-    from huggingface_hub import errors as hub_errors
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)):
-            return True
-        if getattr(err, "reason", None) in ("unreachable", "offline", "not_cached"):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(
+        isinstance(cause, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled))
+        or getattr(cause, "reason", None) in _DOWNLOAD_REASONS
+        for cause in cause_chain(err)
+    )
 
 
 def error_message(err: BaseException) -> str:

@@ -64,7 +64,8 @@ def missing_path_message(name: str) -> str:
     )
 
 
-def _cause_chain(err: BaseException):
+def cause_chain(err: BaseException):
+    """``err``, then its cause (or context), and so on, each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -80,7 +81,7 @@ def explain_hub_error(name: str, err: BaseException) -> tuple[str, str] | None:
     ``no_such_path`` (not a valid repo id), ``offline_not_cached``, ``unreachable``,
     ``missing_file`` (the repo lacks the file asked for) or ``http_error`` (any other refusal).
     """
-    causes = list(_cause_chain(err))
+    causes = list(cause_chain(err))
     for cause in causes:
         if isinstance(cause, hub_errors.GatedRepoError):  # before RepositoryNotFoundError: it subclasses it
             return "gated", (

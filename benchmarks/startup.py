@@ -4,7 +4,7 @@
     python benchmarks/startup.py --peer /tmp/run_classification.py --runs 3 --threads 1 --compare_group_by_length
 
 The peer is transformers' examples/pytorch/text-classification/run_classification.py (not shipped
-here: download it). Both processes train assets/tiny-bert on the quickstart's records: the train and
+here: download it). It imports ``evaluate``, which hfplug no longer depends on: ``pip install evaluate``. Both processes train assets/tiny-bert on the quickstart's records: the train and
 validation splits that hfplug's own loader selects (decision task, ACCEPTED -> 1, REJECTED -> 0),
 exported to JSON with title and abstract joined as hfplug joins them (" [SEP] "). Settings are the
 quickstart's (recipes/configs/quickstart.yaml: max_length 128, epochs, batch sizes, learning rate,

@@ -17,7 +17,7 @@ Cases:
   (a) sequence classification (decision), max_length 512, batch 8, padded batch
   (b) causal LM, 2048 tokens, batch 1, the model's own loss (full logits)
   (c) the longest causal-LM sequence that fits, batch 1: chunked loss
-      (hfplug.chunked_loss) and checkpointed activations offloaded to host memory;
+      (hfplug.long_context.loss) and checkpointed activations offloaded to host memory;
       found by doubling from 2048 and then bisecting (to 256 tokens), catching OOM.
 
 For each: peak allocated and reserved memory, tokens/s, the planner's prediction
@@ -243,7 +243,7 @@ def make_batch(task: str, batch: int, seq_len: int, vocab: int, device, *, padde
 
 def train_steps(model, optimizer, scaler, batch: dict, *, steps: int, chunked_loss: bool) -> float:
     """Run fp16-autocast QLoRA steps; returns seconds per step (after the first)."""
-    from hfplug.chunked_loss import causal_lm_loss
+    from hfplug.long_context.loss import causal_lm_loss
 
     model.train()
     times = []

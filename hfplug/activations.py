@@ -3,7 +3,7 @@
 :func:`model_shape` reads the numbers the formulas need from a config;
 :func:`layer_saved_per_token` counts the bytes a layer saves per token (LoRA inputs and
 dropout masks, SDPA's q/k/v/out/logsumexp, the MLP, norms); :func:`loss_bytes` sizes the
-loss (classification, plain causal-LM logits, or ``hfplug.chunked_loss``). ``hfplug.memory``
+loss (classification, plain causal-LM logits, or ``hfplug.long_context.loss``). ``hfplug.memory``
 multiplies them by the tokens of a step and adds weights, gradients and optimizer states.
 """
 
@@ -125,13 +125,13 @@ def loss_bytes(
         # in place, logsumexp's scratch; the 16-bit copy of an fp32 head; the gradient of
         # the hidden states, computed in forward and kept for backward.
         fwd = chunk * shape.vocab * (a + 4 + 4) + lm_cast + tokens * shape.hidden * rb
-        return fwd, 2 * tokens * shape.hidden * rb, f"loss computed in chunks of {chunk} tokens (hfplug.chunked_loss)"
+        return fwd, 2 * tokens * shape.hidden * rb, f"loss computed in chunks of {chunk} tokens (hfplug.long_context.loss)"
     # forward: 16-bit logits, their fp32 upcast, the log-softmax output (kept for backward);
     # backward: two fp32 gradient-sized buffers next to the kept output.
     note = (
         f"plain loss materialises {batch_size} x {max_length} x {shape.vocab} logits "
         f"({tokens * shape.vocab * (a + 8) / GiB:.2f} GiB in 16-bit + fp32): "
-        "--loss_chunk_size 1024 (hfplug.chunked_loss) avoids it"
+        "--loss_chunk_size 1024 (hfplug.long_context.loss) avoids it"
     )
     return tokens * shape.vocab * (a + 4 + 4) + lm_cast, tokens * shape.vocab * (4 + 4 + 4) + lm_cast, note
 

@@ -21,7 +21,7 @@ What the estimate models (one CUDA training step with 16-bit autocast, as the Tr
   never the full attention matrix — the gated MLP, the fp32 residual stream); with
   activation checkpointing only each layer's input is kept and one layer is recomputed.
 - the loss: a causal LM's plain loss materialises batch x seq x vocab logits in 16-bit
-  and fp32; ``hfplug.chunked_loss`` keeps one chunk at a time instead.
+  and fp32; ``hfplug.long_context.loss`` keeps one chunk at a time instead.
 - bitsandbytes dequantization buffers, cuBLAS workspace, allocator fragmentation and the
   CUDA context (outside PyTorch's counters, but it takes GPU memory).
 """
@@ -185,7 +185,7 @@ def estimate_memory(
 
     ``lora_r=0`` means full fine-tuning (only valid with ``quant="none"``). ``optim``
     defaults like the recipe: ``paged_adamw_8bit`` with 4-bit, else ``adamw_torch``.
-    ``loss_chunk_size`` > 0: the causal-LM loss is computed by ``hfplug.chunked_loss`` in
+    ``loss_chunk_size`` > 0: the causal-LM loss is computed by ``hfplug.long_context.loss`` in
     chunks of that many tokens. ``offload_activations``: checkpointed layer inputs live in
     host memory (``activation_checkpointing_enable(offload=True)``).
     """
@@ -416,7 +416,7 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
             out.append("--quant 4bit --lora")
     if kwargs.get("task") in ("abstract", "causal_lm") and not kwargs.get("loss_chunk_size"):
         if _fits(config, gpu_mem, **{**kwargs, "loss_chunk_size": 1024}):
-            out.append("a chunked loss (hfplug.chunked_loss, chunks of 1024 tokens)")
+            out.append("a chunked loss (hfplug.long_context.loss, chunks of 1024 tokens)")
     if not out:
         out.append("nothing fits this GPU even at batch size 1 and 1 token: use a larger GPU or a smaller model")
     return out

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from hfplug import memory
-from hfplug.chunked_loss import causal_lm_loss
+from hfplug.long_context.loss import causal_lm_loss
 from hfplug.fit import GPU_MEMORY
 from hfplug.loading import load_config
 from hfplug.model_args import ModelArguments

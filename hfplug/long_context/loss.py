@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from hfplug.data.tasks import IGNORE_INDEX
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

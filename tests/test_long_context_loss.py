@@ -1,4 +1,4 @@
-"""hfplug.chunked_loss: the same loss and gradients as transformers' causal-LM loss, chunk by chunk."""
+"""hfplug.long_context.loss: the same loss and gradients as transformers' causal-LM loss, chunk by chunk."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfplug import quantization
-from hfplug.chunked_loss import causal_lm_loss, chunked_cross_entropy
+from hfplug.long_context.loss import causal_lm_loss, chunked_cross_entropy
 from hfplug.model_args import ModelArguments
 from hfplug.quantization import DeviceCapability, get_quantization_config, prepare_for_training
 from hfplug.testing.tiny import tiny_llama_config

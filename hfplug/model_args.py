@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from hfplug.long_context import parse_long_context
+from hfplug.sizes import parse_memory
+
 QUANT_CHOICES = ("none", "8bit", "4bit")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 QUANT_STORAGE_CHOICES = ("auto", "uint8", "float16", "bfloat16", "float32")
@@ -75,6 +78,21 @@ class ModelArguments:
             "choices": list(QUANT_STORAGE_CHOICES),
         },
     )
+    long_context: str = field(
+        default="off",
+        metadata={
+            "help": "Memory techniques for long sequences: off; auto (those the memory planner says --max_length "
+            "needs on this GPU); all; or a comma-separated list of frozen_16bit, efficient_attention, chunked_loss, "
+            "tiled_mlp, offload_activations (see hfplug.long_context)."
+        },
+    )
+    max_host_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "Host RAM that offload_activations may fill with pinned layer inputs, e.g. 6GiB. auto = total "
+            "RAM minus 5 GiB kept for the process itself (about 6.8 GiB on Colab's 12.7 GB)."
+        },
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the Hub repository (only for repos you trust)."}
     )
@@ -100,6 +118,13 @@ class ModelArguments:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive integer (typical: 2 * lora_r).")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1).")
+        self.long_context = ",".join(self.long_context) if isinstance(self.long_context, list) else self.long_context
+        parse_long_context(self.long_context)  # unknown technique names fail here, before any loading
+        if self.max_host_memory != "auto":
+            try:
+                parse_memory(str(self.max_host_memory))
+            except ValueError as err:
+                raise ValueError(f"max_host_memory: {err}, or auto.") from None
         # YAML and the CLI may hand over "q_proj,v_proj" as one string.
         self.lora_target_modules = _split_commas(self.lora_target_modules)
         if not self.lora_target_modules:

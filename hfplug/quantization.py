@@ -275,6 +275,7 @@ def prepare_for_training(
     *,
     activation_checkpointing: bool,
     head_modules: list[str] | None = None,
+    frozen_16bit: bool = False,
 ) -> nn.Module:
     """Make a loaded model ready for the Trainer: k-bit preparation, checkpointing, LoRA.
 
@@ -285,6 +286,10 @@ def prepare_for_training(
       in ``modules_to_save`` so that it trains and is saved with the adapter; targets the
       model lacks raise ``ValueError`` listing its linear layers.
     - trainable fp16 parameters are stored in fp32 (what fp16 mixed precision expects).
+    - ``frozen_16bit`` (a ``--long_context`` technique): a quantized base is not passed
+      through ``prepare_model_for_kbit_training``, whose fp32 upcast of every frozen
+      non-quantized weight costs Llama-3.1-8B ~2 GiB (embeddings and ``lm_head``) and makes
+      the residual stream fp32; the base is frozen and only trainable parameters are fp32.
 
     Under sharded training (:func:`sharded_training`: FSDP, ZeRO-3) every parameter keeps
     the dtype it was loaded in, as TRL does for sharded QLoRA: FSDP flattens a block's
@@ -313,7 +318,12 @@ def prepare_for_training(
         check_target_modules(model, args.lora_target_modules, exclude=heads)
 
     sharded = sharded_training()
-    if quantized and not sharded:
+    if quantized and frozen_16bit and not sharded:
+        for param in model.parameters():
+            param.requires_grad_(False)  # what k-bit preparation does, without its fp32 upcast
+        if activation_checkpointing:
+            _enable_activation_checkpointing(model)
+    elif quantized and not sharded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

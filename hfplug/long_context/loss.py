@@ -156,3 +156,96 @@ def causal_lm_loss(
     return chunked_cross_entropy(
         hidden, head.weight, labels, bias=head.bias, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
     )
+
+
+# Config attributes with which a causal LM's forward changes its logits after the head:
+# the loss here would then differ from the model's own, so such models are refused.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def liger_available(device: torch.device) -> bool:
+    """Liger-Kernel's fused linear cross-entropy runs (Triton, CUDA) and is installed."""
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers.fused_linear_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    backend: str = "hfplug",
+) -> torch.Tensor:
+    """:func:`chunked_cross_entropy`, or Liger's fused kernel with ``backend="liger"`` (same contract)."""
+    if backend != "liger":
+        return chunked_cross_entropy(
+            hidden_states, weight, labels, bias=bias, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
+        )
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden_states.device)
+    dtype = _compute_dtype(hidden_states)  # Liger wants input and weight in one (16-bit) dtype
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype)
+    total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
+        weight.to(dtype), hidden, targets, None if bias is None else bias.to(dtype)
+    )
+    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    return total.float() / count.to(total.device).clamp(min=1)
+
+
+def install_chunked_loss(model: nn.Module, *, chunk_size: int = 1024, backend: str = "auto") -> str:
+    """Make a ``*ForCausalLM``'s own ``forward`` compute its loss without logits, when given labels.
+
+    The instance's ``forward`` is replaced, so everything that calls the model — PEFT's
+    wrapper, DDP, the Trainer's training and evaluation loss — gets the loss from
+    :func:`linear_cross_entropy` and ``logits=None``; without labels (generation) the
+    original forward runs. ``backend``: ``auto`` = Liger on CUDA when installed, else
+    hfplug's chunked loss. Returns the backend used. Pass the causal LM itself (for a
+    PEFT model, ``model.get_base_model()``).
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    config = model.config
+    transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1.0)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if transforms or type(head) is not nn.Linear or not hasattr(model, "get_decoder"):
+        why = f"it scales its logits ({', '.join(transforms)})" if transforms else "it has no plain linear LM head"
+        raise ValueError(
+            f"chunked_loss supports causal LMs whose logits are hidden_states @ lm_head; "
+            f"{type(model).__name__} ({config.model_type}) is not one: {why}. Drop chunked_loss from --long_context."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+    device = head.weight.device
+    chosen = ("liger" if liger_available(device) else "hfplug") if backend == "auto" else backend
+    original = model.forward
+
+    def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        for unused in ("logits_to_keep", "use_cache", "return_dict"):
+            kwargs.pop(unused, None)
+        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        loss = linear_cross_entropy(
+            outputs.last_hidden_state,
+            head.weight,
+            labels,
+            bias=head.bias,
+            chunk_size=chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            backend=chosen,
+        )
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    model.forward = forward
+    model.chunked_loss_backend = chosen
+    return chosen

@@ -475,6 +475,35 @@ def test_16bit_base_with_lora_keeps_trainables_in_fp32(llama_cls_dir, on_cpu):
     assert all(p.dtype == torch.float16 for p in frozen)  # the base keeps its 16-bit memory
 
 
+def test_frozen_16bit_keeps_frozen_weights_16bit_with_the_same_loss_and_gradients(llama_lm_dir, on_cpu):
+    """--long_context frozen_16bit: no fp32 upcast of embeddings/lm_head/norms; training is unchanged."""
+    args = qlora_args(dtype="float16")
+    results = {}
+    for frozen_16bit in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # float16 on CPU warns
+            base = load(llama_lm_dir, args, AutoModelForCausalLM)
+        torch.manual_seed(1)  # the same LoRA initialisation
+        model = prepare_for_training(base, args, activation_checkpointing=True, frozen_16bit=frozen_16bit)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss
+        results[frozen_16bit] = (frozen, trainable, loss, torch.autograd.grad(loss, trainable))
+    assert results[False][0] == {torch.float32, torch.uint8}  # PEFT's k-bit preparation upcasts
+    assert results[True][0] == {torch.float16, torch.uint8}  # the technique keeps 16-bit
+    assert all(p.dtype == torch.float32 for p in results[True][1])
+    # fp16 vs fp32 residual stream: equal up to fp16 rounding
+    torch.testing.assert_close(results[True][2], results[False][2], atol=2e-3, rtol=2e-3)
+    for got, want in zip(results[True][3], results[False][3]):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+
+
 # --------------------------------------------------------------------------- errors
 
 

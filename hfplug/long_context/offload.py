@@ -10,8 +10,8 @@ What transformers 5.24 already gives (measured with a tiny Llama on torch 2.13):
 ``torch.autograd.graph.save_on_cpu(pin_memory=True)``. With non-reentrant checkpointing this does move the layer
 input off the device: the checkpoint saves its positional inputs as saved tensors, which pass through the hooks, and
 the layer's recompute closure (``partial(forward, self, **kwargs)``) only holds the keyword arguments, e.g. the rotary
-cos/sin shared by all layers. (A model that passes ``hidden_states`` by keyword, 3 call sites of ~340 in transformers,
-keeps it in the closure, on the device; that holds here too.) What it lacks:
+cos/sin shared by all layers. (The few transformers models that pass ``hidden_states`` to their layers by keyword keep
+it in the closure, on the device; that holds here too.) What it lacks:
 
 - both copies run on the compute stream, and the copy back starts only when the recompute asks for the input, so
   each layer's backward waits for its own host-to-device copy;

@@ -1,7 +1,8 @@
 """hfplug.long_context.offload: same loss and gradients as plain checkpointing, the host budget, prefetch, errors.
 
-On CPU the "host copy" is a clone, so these run the same hooks a GPU run does; whether a layer input left the
-"device" is seen by its storage being freed after the forward (the graph holds only the copy).
+The models run on the GPU when there is one (side-stream copies to pinned memory), else on the CPU, where the "host
+copy" is a clone and the same hooks run. Whether a layer input left the device is seen by its storage being freed
+after the forward: the graph holds only the copy.
 """
 
 import functools
@@ -15,6 +16,7 @@ from transformers import BertModel, LlamaForCausalLM
 from hfplug.long_context.offload import enable_offloaded_checkpointing, host_nbytes
 from hfplug.testing.tiny import tiny_bert_config, tiny_llama_config
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYERS, BATCH, SEQ, VOCAB = 3, 2, 16, 128
 TOKENS = BATCH * SEQ
 LAYER_BYTES = host_nbytes(TOKENS * 64 * 4)  # one float32 layer input of the 64-wide tiny Llama
@@ -29,7 +31,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_model(*, lora=True, checkpointing=True, device="cpu"):
+def make_model(*, lora=True, checkpointing=True, device=DEVICE):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(VOCAB, num_hidden_layers=LAYERS)).to(device)
     if checkpointing:
@@ -44,7 +46,7 @@ def decoder_layers(model):
     return model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
 
 
-def step(model, *, seq=SEQ, device="cpu"):
+def step(model, *, seq=SEQ, device=DEVICE):
     """One forward + backward; returns loss, input grad, trainable grads, and which layer inputs outlived the forward."""
     torch.manual_seed(1)
     embeds = torch.randn(BATCH, seq, 64, device=device, requires_grad=True)
@@ -64,14 +66,14 @@ def step(model, *, seq=SEQ, device="cpu"):
     return loss.detach(), embeds.grad, grads, alive
 
 
-def assert_same(result, reference):
+def assert_same(result, reference, rtol=1e-5, atol=1e-6):
     loss, embeds_grad, grads, _ = result
     ref_loss, ref_embeds_grad, ref_grads, _ = reference
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(embeds_grad, ref_embeds_grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(embeds_grad, ref_embeds_grad, rtol=rtol, atol=atol)
     assert grads.keys() == ref_grads.keys() and len(grads) == 4 * LAYERS * 2  # lora_A and lora_B of 4 targets
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +158,21 @@ def test_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_side_stream_copies_match_and_free_device_memory():
-    reference = step(make_model(device="cuda"), device="cuda")
+def test_on_cuda_the_layer_inputs_leave_device_memory():
+    def allocated_after_forward(model):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        labels = torch.randint(0, VOCAB, (BATCH, 256), device="cuda")
+        loss = model(inputs_embeds=torch.randn(BATCH, 256, 64, device="cuda", requires_grad=True), labels=labels).loss
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # a malloc processes finished side-stream events: frees what copies held
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        return held
+
+    plain = allocated_after_forward(make_model(device="cuda"))
     model = make_model(device="cuda")
-    plan = enable_offloaded_checkpointing(model, max_host_bytes=10**12, tokens_per_step=TOKENS)
-    result = step(model, device="cuda")
-    assert_same(result, reference)
-    assert result[3] == [False] * LAYERS
-    assert (plan.stats.prefetched, plan.stats.fetched_on_demand) == (LAYERS - 1, 1)
-    assert plan.host_bytes_per_layer == 1 << (TOKENS * 64 * 4 - 1).bit_length()  # pinned: a power of two
+    plan = enable_offloaded_checkpointing(model, max_host_bytes=10**12, tokens_per_step=BATCH * 256)
+    offloaded = allocated_after_forward(model)
+    assert plain - offloaded >= (LAYERS - 1) * BATCH * 256 * 64 * 4  # layer 0's input is the caller's embeds
+    assert plan.host_bytes_per_layer == 1 << (BATCH * 256 * 64 * 4 - 1).bit_length()  # pinned: a power of two

@@ -153,6 +153,16 @@ def test_backward_replays_the_forward_dropout_masks():
     torch.testing.assert_close(model[0].mlp.weight.grad, torch.einsum("bsi,bso->io", x.detach(), upstream))
 
 
+def test_lora_dropout_under_checkpointing_gives_the_uncheckpointed_gradients():
+    # Three runs of each tile (forward, checkpoint recompute, tiled backward) must draw the same dropout masks.
+    results = []
+    for checkpointing in (False, True):
+        model = lora_llama(checkpointing=checkpointing, dropout=0.3)
+        enable_tiled_mlp(model, tile_tokens=TILE_TOKENS)
+        results.append(step(model))
+    assert_same(results[1], results[0])
+
+
 def test_untiled_in_eval_without_grad_and_when_short():
     model = lora_llama()
     enable_tiled_mlp(model, tile_tokens=TILE_TOKENS)

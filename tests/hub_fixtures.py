@@ -102,6 +102,12 @@ def hub(online, monkeypatch, tmp_path):
         server.add_repo(LLAMA, gated=True, card_data={"license": "llama3.1"})
         server.add_repo(CARD_BASE, card_data={"license": "apache-2.0"})
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        # hf_hub_url builds file URLs from this template, which HF_ENDPOINT sets at import
+        monkeypatch.setattr(
+            huggingface_hub.constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
         monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
         yield server
         assert not server.unhandled, f"the client called endpoints the test hub lacks: {server.unhandled}"

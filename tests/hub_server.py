@@ -13,7 +13,15 @@ client asked for anything else):
 - ``GET  /api/models/{repo}`` and ``/revision/{rev}`` (model info), ``/auth-check[/write]``;
 - ``GET  /api/agent-harnesses`` (huggingface_hub's agent-detection registry: empty);
 - ``POST /api/models/{repo}/preupload/{rev}`` (every file "regular", with the remote ``oid``
-  so that unchanged files are skipped) and ``/commit/{rev}`` (ndjson, applied atomically).
+  so that unchanged files are skipped) and ``/commit/{rev}`` (ndjson, applied atomically);
+- ``HEAD``/``GET /datasets/{repo}/resolve/{rev}/{path}`` (dataset files, added with ``add_dataset``;
+  ``rev`` is ``main`` or the repo's sha): the headers ``hf_hub_download`` and
+  ``get_hf_file_metadata`` read (``X-Repo-Commit``, ``ETag``, ``Content-Length``), and a
+  ``Range: bytes=a-b`` (or ``a-``) answered 206 with ``Content-Range`` (416 past the end). With
+  ``cdn=True`` it answers 302 to ``http://localhost:{port}/cdn/{sha256}`` instead, with the
+  ``X-Linked-Size``/``X-Linked-Etag`` headers the Hub puts on its LFS redirects; localhost is
+  another origin than 127.0.0.1, so the client drops the token there, and ``/cdn/`` answers a
+  request that carries one 400 (as S3 does a signed URL with an Authorization header).
 
 Tokens are described by ``Token`` (valid write, read-only, fine-grained scoped, revoked).
 Each commit is recorded (``commits``: repo, message, files and their bytes).
@@ -22,6 +30,12 @@ then drop the connection unapplied: a push interrupted half-way. ``fail_commits`
 commits with that HTTP status instead; ``echo_authorization`` makes every error answer repeat
 the request's Authorization header (as a careless proxy or server might), so that tests can
 check no token reaches a message or traceback through the client's exception.
+
+For the dataset files: ``ranges=False`` makes the server ignore ``Range`` (200 and the whole
+body, no ``Accept-Ranges``, as some proxies do); ``drop_once(path, offset)`` cuts the next
+answer for ``path`` that reaches byte ``offset`` right there (the connection just drops);
+``sent[path]`` counts the body bytes actually written for each file; ``file_requests`` records
+each request for a file (method, route, Range header, status, the token's user).
 """
 
 from __future__ import annotations
@@ -32,8 +46,10 @@ import json
 import re
 import socket
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -91,6 +107,22 @@ class Repo:
     sha: str = "0" * 40
 
 
+@dataclass
+class FileRequest:
+    """One request for a dataset file: ``route`` is "resolve" or "cdn"; ``user`` the token's user (None: no token)."""
+
+    method: str
+    path: str
+    route: str
+    range: str | None
+    status: int
+    user: str | None
+
+
+def _file_bytes(data) -> bytes:
+    return data.read_bytes() if isinstance(data, Path) else data
+
+
 class HubServer:
     """The fake Hub. Use as a context manager; ``url`` is the endpoint to give the client."""
 
@@ -103,6 +135,8 @@ class HubServer:
         lifetime: float = 120.0,
         echo_authorization: bool = False,
         fail_commits: int | None = None,
+        ranges: bool = True,
+        cdn: bool = False,
     ):
         self.tokens: dict[str, Token] = dict(tokens or {})
         self.orgs: dict[str, dict[str, str]] = dict(orgs or {})  # org -> {user: roleInOrg}
@@ -113,6 +147,13 @@ class HubServer:
         self.max_requests = max_requests
         self.echo_authorization = echo_authorization
         self.fail_commits = fail_commits
+        self.datasets: dict[str, Repo] = {}
+        self.ranges = ranges
+        self.cdn = cdn
+        self.sent: Counter = Counter()  # dataset file path -> body bytes written
+        self.file_requests: list[FileRequest] = []
+        self._drops: dict[str, int] = {}  # path -> file offset where the next answer reaching it is cut
+        self._cdn_blobs: dict[str, tuple[Repo, str]] = {}  # sha256 -> (repo, path)
         self.lifetime = lifetime
         self.lock = threading.RLock()
         self.commit_received = threading.Event()
@@ -176,6 +217,19 @@ class HubServer:
             repo.sha = hashlib.sha1(repo_id.encode()).hexdigest()
             self.repos[repo_id] = repo
             return repo
+
+    def add_dataset(self, repo_id: str, *, files: dict, private=False, gated=False) -> Repo:
+        """A dataset repo; ``files`` maps repo paths to bytes or to a local ``Path`` (read when served)."""
+        with self.lock:
+            repo = Repo(repo_id, private, gated, {}, dict(files))
+            repo.sha = hashlib.sha1(b"dataset " + repo_id.encode()).hexdigest()
+            self.datasets[repo_id] = repo
+            return repo
+
+    def drop_once(self, path: str, offset: int) -> None:
+        """Cut the next answer for ``path`` whose body reaches byte ``offset`` of the file, once, right there."""
+        with self.lock:
+            self._drops[path] = offset
 
     def interrupt_commits(self) -> None:
         """Hold the next commit requests until ``release_commits``, then drop them unapplied."""
@@ -310,7 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
         if error_message:
             self.send_header("X-Error-Message", error_message)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: str | None = None):
         if self.hub.echo_authorization and self.headers.get("Authorization"):
@@ -350,6 +405,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
 
     def do_POST(self):
         self._dispatch("POST")
@@ -530,15 +588,124 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    # ------------------------------------------------------------------ dataset files
+
+    def resolve(self, token, body, ns, name, rev, path):
+        hub = self.hub
+        repo = hub.datasets.get(f"{ns}/{name}")
+        if repo is None or not hub.can_read(token, repo) and not repo.gated:
+            return self._error(404, "Repository not found", "RepoNotFound")
+        if not hub.can_read(token, repo):
+            return self._error(403, f"Access to dataset {repo.repo_id} is restricted.", "GatedRepo")
+        if rev not in ("main", repo.sha):
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        if path not in repo.files:
+            self._log_file(path, "resolve", 404, token)
+            return self._error(404, f"Entry not found: {path}", "EntryNotFound")
+        data = _file_bytes(repo.files[path])
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not hub.cdn:
+            return self._send_file(repo, path, data, "resolve", token, {"ETag": f'"{sha256}"'})
+        with hub.lock:
+            hub._cdn_blobs[sha256] = (repo, path)
+        self._log_file(path, "resolve", 302, token)
+        self.send_response(302)
+        port = hub._httpd.server_address[1]
+        self.send_header("Location", f"http://localhost:{port}/cdn/{sha256}")
+        self.send_header("X-Repo-Commit", repo.sha)
+        self.send_header("ETag", f'"{sha256}"')
+        self.send_header("X-Linked-Etag", f'"{sha256}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def cdn(self, token, body, sha256):
+        """The CDN behind the Hub's redirect: signed URLs only, so a request carrying a token is refused."""
+        entry = self.hub._cdn_blobs.get(sha256)
+        if entry is None:
+            return self._error(404, "NoSuchKey")
+        repo, path = entry
+        if self.headers.get("Authorization"):
+            self._log_file(path, "cdn", 400, token)
+            return self._error(400, "Only one auth mechanism allowed")
+        self._send_file(repo, path, _file_bytes(repo.files[path]), "cdn", None, {"ETag": f'"{sha256}"'})
+
+    def _log_file(self, path, route, status, token):
+        with self.hub.lock:
+            self.hub.file_requests.append(
+                FileRequest(self.command, path, route, self.headers.get("Range"), status, token and token.user)
+            )
+
+    def _send_file(self, repo, path, data, route, token, headers):
+        """Answer with ``data``: whole (200) or the range asked for (206), cut where ``drop_once`` says."""
+        hub, size = self.hub, len(data)
+        start, end, status = 0, size, 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if hub.ranges and match:
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1, size) if match.group(2) else size
+            if start >= size or end <= start:
+                self._log_file(path, route, 416, token)
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
+            status = 206
+        self._log_file(path, route, status, token)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("X-Repo-Commit", repo.sha)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if hub.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with hub.lock:
+            cut = hub._drops.get(path)
+            if cut is not None and start <= cut < end:
+                del hub._drops[path]
+            else:
+                cut = None
+        stop = end if cut is None else cut
+        piece = b""
+        try:
+            for offset in range(start, stop, 1 << 16):
+                piece = data[offset : min(offset + (1 << 16), stop)]
+                with hub.lock:  # counted before the client can see it, so a finished client reads a final count
+                    hub.sent[path] += len(piece)
+                self.wfile.write(piece)
+            self.wfile.flush()
+        except OSError:  # the client hung up: that piece did not go
+            with hub.lock:
+                hub.sent[path] -= len(piece)
+            self.close_connection = True
+            return
+        if cut is not None:  # the network drops: no more bytes, no clean end
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 _REPO = r"/api/models/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)"
+_RESOLVE = r"/datasets/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
+_CDN = r"/cdn/(?P<sha256>[0-9a-f]{64})"
 ROUTES = {
     "GET": (
         (r"/api/whoami-v2", "whoami"),
         (r"/api/agent-harnesses", "agent_harnesses"),
         (_REPO + r"/auth-check(?P<write>/write)?", "auth_check"),
         (_REPO + r"(?:/revision/(?P<rev>[^/]+))?", "model_info"),
+        (_RESOLVE, "resolve"),
+        (_CDN, "cdn"),
     ),
+    "HEAD": ((_RESOLVE, "resolve"), (_CDN, "cdn")),
     "POST": (
         (r"/api/repos/create", "create_repo"),
         (r"/api/validate-yaml", "validate_yaml"),

@@ -1,0 +1,170 @@
+"""hfplug.data.hupd_remote: HUPD's all-years tar read by range requests, through the real huggingface_hub client.
+
+The loopback Hub (tests/hub_server.py) serves a generated four-year archive in the Hub's
+layout and counts the bytes it sends; the tests check the records and those bytes.
+"""
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from hub_fixtures import WRITE, hub, no_ambient_token, online  # noqa: F401 (fixtures)
+
+from hfplug.data import hupd_remote
+from hfplug.data.hupd_archive import _iter_tar_gz
+from hfplug.data.hupd_remote import HupdRemoteError, HupdYearMissingError, RangesUnsupported, RemoteArchive
+from hfplug.testing.hupd_synthetic import write_hupd_sample
+
+REPO_ID = "HUPD/hupd"
+ARCHIVE = "data/all-years.tar"
+YEARS = ("2013", "2014", "2015", "2016")
+
+
+@pytest.fixture(scope="module")
+def all_years(tmp_path_factory):
+    """A four-year all-years.tar (~100 KB per year) and, per year, the JSON members it holds."""
+    files = write_hupd_sample(
+        tmp_path_factory.mktemp("years"),
+        n_records=200,
+        layout="all",
+        start_date="2013-01-01",
+        end_date="2017-01-01",
+        description_words=(200, 600),
+    )
+    with tarfile.open(files.archive_path) as outer:
+        members = {info.name: info for info in outer.getmembers()}
+        records = {}
+        for year in YEARS:
+            with tarfile.open(fileobj=outer.extractfile(members[f"data/{year}.tar.gz"]), mode="r:gz") as inner:
+                records[year] = {
+                    f"data/{i.name}": inner.extractfile(i).read() for i in inner.getmembers() if i.isreg()
+                }
+    return {"archive": files.archive_path, "members": members, "records": records}
+
+
+@pytest.fixture
+def served(hub, all_years, monkeypatch):
+    """The loopback Hub serving the archive as HUPD/hupd; no waiting between reconnects."""
+    monkeypatch.setattr(hupd_remote, "_RETRY_WAIT", 0.0)
+    hub.add_dataset(REPO_ID, files={ARCHIVE: all_years["archive"]})
+    return hub
+
+
+def read_years(archive: RemoteArchive, years, all_years) -> dict[str, bytes]:
+    """The JSON records of ``years``, each year tarball streamed and inflated as hupd_archive reads it."""
+    wanted = {key for year in years for key in all_years["records"][year]}
+    found = {}
+    for info in archive.members():
+        year = info.name[len("data/") : -len(".tar.gz")]
+        if info.isreg() and year in years:
+            with archive.open_member(info) as stream:
+                for member in _iter_tar_gz(stream, wanted, prefix="data/"):
+                    assert member.key not in found, f"{member.key} read twice"
+                    found[member.key] = member.data
+    return found
+
+
+def member_table(infos) -> list[tuple[str, int, int]]:
+    return [(i.name, i.offset_data, i.size) for i in infos]
+
+
+def header_allowance(all_years) -> int:
+    """What reading the member table may cost: a window per header, the end marker and the probe."""
+    return (len(all_years["members"]) + 2) * hupd_remote._HEADER_WINDOW
+
+
+def test_member_table_by_ranges(served, all_years):
+    archive = RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
+    table = member_table(archive.members())
+    assert table == member_table(all_years["members"].values())
+    assert archive.size == all_years["archive"].stat().st_size
+    assert archive.commit == served.datasets[REPO_ID].sha and archive.commit in archive.url  # pinned
+    assert served.sent[ARCHIVE] == archive.fetched <= header_allowance(all_years)
+    gets = [r for r in served.file_requests if r.method == "GET"]
+    assert gets and all(r.status == 206 and r.range and r.user == "alice" for r in gets)  # the user's token
+    assert member_table(pickle.loads(pickle.dumps(archive)).members()) == table  # a streaming split's gen_kwargs
+
+
+@pytest.mark.parametrize("cdn", [False, True], ids=["hub", "cdn-redirect"])
+def test_streams_only_the_selected_years(served, all_years, cdn):
+    served.cdn = cdn
+    archive = RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
+    found = read_years(archive, {"2014", "2016"}, all_years)
+    assert found == {**all_years["records"]["2014"], **all_years["records"]["2016"]}
+    selected = sum(all_years["members"][f"data/{y}.tar.gz"].size for y in ("2014", "2016"))
+    sent = served.sent[ARCHIVE]
+    assert sent == archive.fetched
+    assert selected <= sent <= 1.1 * selected + header_allowance(all_years), (sent, selected)
+    if cdn:  # the bytes came from the CDN, which never saw the token (it answers 400 to one)
+        assert {r.route for r in served.file_requests if r.method == "GET" and r.status == 206} == {"cdn"}
+        assert all(r.status != 400 for r in served.file_requests)
+        assert all(r.user == "alice" for r in served.file_requests if r.route == "resolve")
+
+
+def test_a_dropped_connection_resumes_inside_the_member(served, all_years, caplog):
+    info = all_years["members"]["data/2015.tar.gz"]
+    cut = info.offset_data + info.size // 2
+    served.drop_once(ARCHIVE, cut)
+    archive = RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
+    with caplog.at_level(logging.WARNING, logger="hfplug.data.hupd"):
+        found = read_years(archive, {"2015"}, all_years)  # asserts that no record comes twice
+    assert found == all_years["records"]["2015"]
+    assert "connection dropped while reading data/2015.tar.gz" in caplog.text
+    ranges = [r.range for r in served.file_requests if r.method == "GET"]
+    end = info.offset_data + info.size - 1
+    assert ranges[-2:] == [f"bytes={info.offset_data}-{end}", f"bytes={cut}-{end}"]  # resumed at the cut
+    assert served.sent[ARCHIVE] <= info.size + header_allowance(all_years)  # nothing fetched twice
+
+
+def test_a_connection_that_keeps_dropping_gives_up(served, all_years, monkeypatch):
+    monkeypatch.setattr(hupd_remote, "_MAX_RETRIES", 0)
+    info = all_years["members"]["data/2013.tar.gz"]
+    served.drop_once(ARCHIVE, info.offset_data + 5000)
+    archive = RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
+    with pytest.raises(HupdRemoteError, match=r"Reading data/2013.tar.gz \(byte 5,000 of .*hupd_archive_path"):
+        read_years(archive, {"2013"}, all_years)
+
+
+def test_a_server_without_ranges_is_told_apart(served):
+    served.ranges = False
+    with pytest.raises(RangesUnsupported, match=r"all-years.tar answered a request for bytes=0-2047 with HTTP 200"):
+        RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
+
+
+def test_a_missing_year_names_it_and_the_dates(served):
+    archive = RemoteArchive.open(REPO_ID, ARCHIVE)
+    archive.check_years(archive.members(), {"2014": "x", "2016": "y"})
+    with pytest.raises(HupdYearMissingError) as info:
+        archive.check_years(archive.members(), {"2016": "y", "2017": "3 applications filed 2017-01-02 to 2017-02-11"})
+    message = str(info.value)
+    assert "lacks data/2017.tar.gz for 3 applications filed 2017-01-02 to 2017-02-11" in message
+    assert "2013, 2014, 2015, 2016" in message and "2016.tar.gz" not in message.split("holds")[0]
+
+
+def test_errors_of_the_hub_pass_through(served):
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    with pytest.raises(EntryNotFoundError):
+        RemoteArchive.open(REPO_ID, "data/nope.tar")
+    with pytest.raises(RepositoryNotFoundError):
+        RemoteArchive.open("HUPD/nope", ARCHIVE)
+
+
+def test_hf_endpoint_is_honoured(served, all_years):
+    """A fresh process with HF_ENDPOINT set, as a user would run it: every request reaches that endpoint."""
+    code = (
+        "from hfplug.data.hupd_remote import RemoteArchive\n"
+        f"archive = RemoteArchive.open({REPO_ID!r}, {ARCHIVE!r})\n"
+        "print(archive.url)\n"
+        "print(sorted(i.name for i in archive.members()))\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": served.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(all_years["archive"].parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    url, names = out.stdout.splitlines()
+    assert url.startswith(f"{served.url}/datasets/{REPO_ID}/resolve/{served.datasets[REPO_ID].sha}/")
+    assert names == str(sorted(all_years["members"]))

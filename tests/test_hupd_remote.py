@@ -82,7 +82,7 @@ def test_member_table_by_ranges(served, all_years):
     table = member_table(archive.members())
     assert table == member_table(all_years["members"].values())
     assert archive.size == all_years["archive"].stat().st_size
-    assert archive.commit == served.datasets[REPO_ID].sha and archive.commit in archive.url  # pinned
+    assert archive.revision == served.datasets[REPO_ID].sha and archive.revision in archive.url  # pinned
     assert served.sent[ARCHIVE] == archive.fetched <= header_allowance(all_years)
     gets = [r for r in served.file_requests if r.method == "GET"]
     assert gets and all(r.status == 206 and r.range and r.user == "alice" for r in gets)  # the user's token
@@ -127,6 +127,15 @@ def test_a_connection_that_keeps_dropping_gives_up(served, all_years, monkeypatc
     archive = RemoteArchive.open(REPO_ID, ARCHIVE, token=WRITE)
     with pytest.raises(HupdRemoteError, match=r"Reading data/2013.tar.gz \(byte 5,000 of .*hupd_archive_path"):
         read_years(archive, {"2013"}, all_years)
+
+
+def test_made_without_a_request_then_connected(served):
+    archive = RemoteArchive(REPO_ID, ARCHIVE, token=WRITE)
+    assert archive.url == f"{served.url}/datasets/{REPO_ID}/resolve/main/{ARCHIVE}" and archive.size is None
+    assert WRITE not in repr(archive)
+    assert not served.file_requests
+    assert archive.connect() is archive and archive.size == len(served.datasets[REPO_ID].files[ARCHIVE].read_bytes())
+    assert [(r.method, r.range) for r in served.file_requests] == [("HEAD", None), ("GET", "bytes=0-2047")]
 
 
 def test_a_server_without_ranges_is_told_apart(served):

@@ -62,45 +62,57 @@ class HupdYearMissingError(LookupError):
 
 @dataclasses.dataclass
 class RemoteArchive:
-    """A tar file on the Hub, read by range requests. Picklable (it holds no connection).
+    """A tar file in a Hub repo, read by range requests. Picklable (it holds no connection).
 
-    ``url``: the file's resolve URL at the commit found by :meth:`open`; ``fetched``: body bytes
-    received so far by this object (headers, probes, members, resumes: everything).
+    Made without a request (``url`` names ``revision``, ``main`` by default); :meth:`connect`
+    then finds the file and pins ``url`` to its commit. ``size`` is None until then;
+    ``fetched`` counts the body bytes received by this object (probe, headers, members, resumes).
     """
 
-    url: str
-    size: int
-    commit: str | None = None
-    etag: str | None = None
+    repo_id: str
+    filename: str
+    revision: str | None = None
     token: str | bool | None = dataclasses.field(default=None, repr=False)
+    repo_type: str = "dataset"
+    url: str = ""
+    size: int | None = None
+    etag: str | None = None
     fetched: int = 0
 
+    def __post_init__(self) -> None:
+        self.url = self.url or hf_hub_url(
+            self.repo_id, self.filename, repo_type=self.repo_type, revision=self.revision
+        )
+
     @classmethod
-    def open(
-        cls, repo_id: str, filename: str, *, repo_type: str = "dataset", revision: str | None = None, token=None
-    ) -> RemoteArchive:
+    def open(cls, repo_id: str, filename: str, **kwargs) -> RemoteArchive:
+        """``RemoteArchive(repo_id, filename, **kwargs).connect()``."""
+        return cls(repo_id, filename, **kwargs).connect()
+
+    def connect(self) -> RemoteArchive:
         """Find the file (one HEAD request) and check with one small range request that ranges work.
 
         Raises :class:`RangesUnsupported` when the server answers that request with anything
         but the bytes asked for; ``huggingface_hub``'s errors when the file cannot be reached.
         """
-        url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision)
-        metadata = get_hf_file_metadata(url, token=token, retry_on_errors=True)
+        metadata = get_hf_file_metadata(self.url, token=self.token, retry_on_errors=True)
         if metadata.commit_hash:  # later requests read this very commit, whatever the branch does meanwhile
-            url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=metadata.commit_hash)
-        archive = cls(url, metadata.size or 0, metadata.commit_hash, metadata.etag, token)
-        probe = min(_HEADER_WINDOW, archive.size) or _HEADER_WINDOW  # unknown size: the probe tells it
-        with archive._request(0, probe, probing=True) as (response, total):
+            self.revision = metadata.commit_hash
+            self.url = hf_hub_url(self.repo_id, self.filename, repo_type=self.repo_type, revision=self.revision)
+        self.etag = metadata.etag
+        self.size = metadata.size or 0
+        probe = min(_HEADER_WINDOW, self.size) or _HEADER_WINDOW  # unknown size: the probe tells it
+        with self._request(0, probe, probing=True) as (response, total):
             if metadata.size and total != metadata.size:
-                raise RangesUnsupported(f"{archive} has {metadata.size} bytes, but a range answer says {total}")
-            archive.size = total
+                raise RangesUnsupported(f"{self} has {metadata.size} bytes, but a range answer says {total}")
+            self.size = total
             try:  # the first headers, kept for the member table; lost bytes are fetched again there
                 data = b"".join(response.iter_raw())
-                archive.fetched += len(data)
-                archive._window = (0, data if len(data) == min(probe, total) else b"")
+                self.fetched += len(data)
+                self._window = (0, data if len(data) == min(probe, total) else b"")
             except httpx2.TransportError:
                 pass
-        return archive
+        return self
 
     def members(self) -> list[tarfile.TarInfo]:
         """The member table: each member's ``name``, ``offset_data``, ``size``, ... (one request per header)."""
@@ -117,6 +129,8 @@ class RemoteArchive:
 
     def open_tar(self) -> tarfile.TarFile:
         """The archive as a random-access ``tarfile.TarFile``: reading its headers fetches only them."""
+        if self.size is None:
+            self.connect()
         return tarfile.open(fileobj=_WindowReader(self), mode="r:")
 
     def open_member(self, info: tarfile.TarInfo) -> _RangeStream:

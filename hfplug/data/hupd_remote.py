@@ -35,6 +35,8 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
+from hfplug.data.hupd_archive import HupdFileError
+
 __all__ = ["HupdRemoteError", "HupdYearMissingError", "RangesUnsupported", "RemoteArchive"]
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
@@ -52,7 +54,7 @@ class RangesUnsupported(Exception):
     """The server does not answer HTTP range requests for the file (the message says how it answered)."""
 
 
-class HupdRemoteError(OSError):
+class HupdRemoteError(HupdFileError):
     """Reading the archive on the Hub failed: the connection kept dropping, or the server stopped answering ranges."""
 
 

@@ -58,8 +58,8 @@ class HupdRemoteError(HupdFileError):
     """Reading the archive on the Hub failed: the connection kept dropping, or the server stopped answering ranges."""
 
 
-class HupdYearMissingError(LookupError):
-    """The archive has no ``data/<year>.tar.gz`` for a year the selected filing dates need."""
+class HupdYearMissingError(ValueError):
+    """The archive has no ``data/<year>.tar.gz`` for a year the selected filing dates need (choose other dates)."""
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Does QLoRA on Llama-3.1-8B fit a Colab T4, and does the planner predict it?  (CUDA GPU only)
 
-    python benchmarks/t4_fit.py                      # all three cases, 15 GiB cap, fp16
+    python benchmarks/t4_fit.py                      # all four cases, 15 GiB cap, fp16
     python benchmarks/t4_fit.py --cases a b --json results.json
 
 A randomly initialised model with the exact Llama-3.1-8B config (nothing is downloaded)
@@ -16,13 +16,18 @@ the ``paged_adamw_8bit`` optimizer, as ``finetune_hupd.py`` does.
 Cases:
   (a) sequence classification (decision), max_length 512, batch 8, padded batch
   (b) causal LM, 2048 tokens, batch 1, the model's own loss (full logits)
-  (c) the longest causal-LM sequence that fits, batch 1: chunked loss
-      (hfplug.long_context.loss) and checkpointed activations offloaded to host memory;
-      found by doubling from 2048 and then bisecting (to 256 tokens), catching OOM.
+  (c) the longest causal-LM sequence that fits, batch 1, with --long_context
+      chunked_loss,offload_activations (hfplug.long_context); found by doubling from 2048
+      and then bisecting (to 256 tokens), catching OOM.
+  (d) causal LM at 32,768 tokens, batch 1, with the --long_context techniques turned on
+      one by one, cheapest first (plain, +frozen_16bit, ..., all: the rows of
+      ``python -m hfplug.fit --long_context``), each installed through the runtime's own
+      switches (hfplug.long_context.apply); offload within a 7 GiB host budget.
 
 For each: peak allocated and reserved memory, tokens/s, the planner's prediction
 (hfplug.memory.estimate_memory) and measured / predicted ratios. Targets: (a) and (b) fit;
-the planner within +-10 % of the measured peak; (c) >= 8,192 tokens.
+the planner within +-10 % of the measured peak; (c) >= 8,192 tokens; (d) fits with
+--long_context all, and each row's fit/OOM as the planner says.
 """
 
 from __future__ import annotations
@@ -38,44 +43,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from hfplug.long_context import TECHNIQUES  # noqa: E402
+from hfplug.testing.llama31 import LLAMA31_8B  # noqa: E402  (meta-llama/Llama-3.1-8B's config.json)
+
 GiB = 1024**3
 CAP = 15 * GiB  # the T4's usable memory
-
-# meta-llama/Llama-3.1-8B config.json (values from the model card / reference.md).
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "pad_token_id": 128004,  # <|finetune_right_pad_id|>; the base config has none, the recipe sets one
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 131072,
-    "mlp_bias": False,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": False,
-    "vocab_size": 128256,
-}
-
+HOST_BUDGET = 7 * GiB  # --max_host_memory for offload_activations: a 12 GiB host less the 5 GiB process reserve
+LONG = 32768  # case (d): the long-context target
 
 # --------------------------------------------------------------------------- model
 
@@ -144,11 +119,13 @@ def build_model(
     )
 
 
-def model_args(lora_r: int = 16):
-    """The options the recipe's T4 config uses: 4-bit, LoRA on all linear layers, fp16."""
+def model_args(lora_r: int = 16, lora_dropout: float = 0.05):
+    """The options the recipe's T4 config uses: 4-bit, LoRA on all linear layers, fp16 (long context: dropout 0)."""
     from hfplug.model_args import ModelArguments
 
-    return ModelArguments(quant="4bit", dtype="float16", lora=True, lora_r=lora_r, lora_alpha=2 * lora_r)
+    return ModelArguments(
+        quant="4bit", dtype="float16", lora=True, lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout
+    )
 
 
 def gqa_attention_ok(device) -> bool:
@@ -241,20 +218,16 @@ def make_batch(task: str, batch: int, seq_len: int, vocab: int, device, *, padde
     return out
 
 
-def train_steps(model, optimizer, scaler, batch: dict, *, steps: int, chunked_loss: bool) -> float:
-    """Run fp16-autocast QLoRA steps; returns seconds per step (after the first)."""
-    from hfplug.long_context.loss import causal_lm_loss
-
+def train_steps(model, optimizer, scaler, batch: dict, *, steps: int) -> float:
+    """Run fp16-autocast QLoRA steps; returns seconds per step (after the first). The model's own loss: with
+    chunked_loss installed (hfplug.long_context.apply) it computes no logits."""
     model.train()
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.float16):
-            if chunked_loss:
-                loss = causal_lm_loss(model, chunk_size=1024, **batch)
-            else:
-                loss = model(**batch).loss
+            loss = model(**batch).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -265,7 +238,10 @@ def train_steps(model, optimizer, scaler, batch: dict, *, steps: int, chunked_lo
     return sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
 
 
-def planned(config, task: str, batch: int, seq_len: int, *, chunked: bool, offload: bool, lora_r: int):
+def planned(
+    config, task: str, batch: int, seq_len: int, *, long_context: tuple[str, ...], lora_r: int, lora_dropout=0.05
+):
+    """The planner's estimate for one case (the run's settings: 4-bit, LoRA on all linears, fp16, 8-bit pages)."""
     from hfplug.memory import estimate_memory
 
     return estimate_memory(
@@ -279,8 +255,9 @@ def planned(config, task: str, batch: int, seq_len: int, *, chunked: bool, offlo
         optim="paged_adamw_8bit",
         num_labels=2,
         dtype="float16",
-        loss_chunk_size=1024 if chunked else 0,
-        offload_activations=offload,
+        lora_dropout=lora_dropout,
+        long_context=long_context,
+        max_host_memory=HOST_BUDGET,
     )
 
 
@@ -289,9 +266,21 @@ def free_memory():
     torch.cuda.empty_cache()
 
 
-def run_case(name, model, optimizer, scaler, config, task, batch, seq_len, *, chunked, offload, steps, lora_r):
-    """One measured configuration; an OOM is a result (fits=False), not a crash."""
-    est = planned(config, task, batch, seq_len, chunked=chunked, offload=offload, lora_r=lora_r)
+def install_techniques(model, techniques: tuple[str, ...], tokens: int) -> None:
+    """chunked_loss, tiled_mlp, offload_activations on a prepared model, sized for ``tokens`` (the runtime's switch)."""
+    from hfplug.long_context.apply import LongContextPlan, apply_techniques
+
+    late = tuple(t for t in techniques if t in ("chunked_loss", "tiled_mlp", "offload_activations"))
+    if late:
+        apply_techniques(model, LongContextPlan(late, tokens, HOST_BUDGET))
+
+
+def run_case(
+    name, model, optimizer, scaler, config, task, batch, seq_len, *, long_context, steps, lora_r, lora_dropout=0.05
+):
+    """One measured configuration; an OOM is a result (fits=False), not a crash. ``long_context``: the
+    techniques the model has (installed by the caller), for the planner."""
+    est = planned(config, task, batch, seq_len, long_context=long_context, lora_r=lora_r, lora_dropout=lora_dropout)
     result = Result(
         name,
         batch,
@@ -313,7 +302,7 @@ def run_case(name, model, optimizer, scaler, config, task, batch, seq_len, *, ch
     free_memory()
     torch.cuda.reset_peak_memory_stats()
     try:
-        seconds = train_steps(model, optimizer, scaler, data, steps=steps, chunked_loss=chunked)
+        seconds = train_steps(model, optimizer, scaler, data, steps=steps)
     except torch.OutOfMemoryError as err:
         optimizer.zero_grad(set_to_none=True)
         result.error = str(err).splitlines()[0][:200]
@@ -330,8 +319,11 @@ def run_case(name, model, optimizer, scaler, config, task, batch, seq_len, *, ch
 def longest_sequence(model, optimizer, scaler, config, *, steps, lora_r, start=2048, step=256, limit=131072):
     """Double from ``start`` until OOM, then bisect to ``step`` tokens; all trials are returned."""
     trials = []
+    techniques = ("chunked_loss", "offload_activations")
+    attention = ("efficient_attention",)  # (O(seq) attention: see main)
 
     def attempt(length):
+        install_techniques(model, techniques, length)  # offloading is planned for the step's tokens
         res = run_case(
             f"c@{length}",
             model,
@@ -341,8 +333,7 @@ def longest_sequence(model, optimizer, scaler, config, *, steps, lora_r, start=2
             "causal_lm",
             1,
             length,
-            chunked=True,
-            offload=True,
+            long_context=attention + techniques,
             steps=steps,
             lora_r=lora_r,
         )
@@ -376,13 +367,20 @@ def longest_sequence(model, optimizer, scaler, config, *, steps, lora_r, start=2
 # --------------------------------------------------------------------------- main
 
 
-def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
-    """Load, quantize and prepare the model for one task; returns (model, optimizer, scaler)."""
+def setup_model(task: str, attn: str, lora_r: int, *, techniques: tuple[str, ...] = (), lora_dropout: float = 0.05):
+    """Load, quantize and prepare the model for one task; returns (model, optimizer, scaler).
+
+    ``techniques``: the load- and preparation-time ones are applied here as a run applies them
+    (efficient_attention: the attention implementation; frozen_16bit: preparation); the others
+    with :func:`install_techniques`, once the step's length is known.
+    """
     import bitsandbytes as bnb
 
+    from hfplug.long_context.apply import load_kwargs
     from hfplug.quantization import get_quantization_config, prepare_for_training
 
-    args = model_args(lora_r)
+    args = model_args(lora_r, lora_dropout)
+    attn = load_kwargs(techniques).get("attn_implementation", attn)
     t0 = time.perf_counter()
     model = build_model(
         LLAMA31_8B,
@@ -397,11 +395,7 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
         f"reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB",
         flush=True,
     )
-    model = prepare_for_training(model, args, activation_checkpointing=True)
-    if offload:
-        model.get_base_model().activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}, offload=True
-        )
+    model = prepare_for_training(model, args, activation_checkpointing=True, frozen_16bit="frozen_16bit" in techniques)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
     scaler = torch.amp.GradScaler("cuda")
@@ -413,15 +407,62 @@ def setup_model(task: str, attn: str, lora_r: int, *, offload: bool):
     return model, optimizer, scaler
 
 
+def long_context_rows(config, *, steps: int, lora_r: int) -> list[Result]:
+    """Case (d): 32,768 tokens with the techniques turned on one by one, cheapest first.
+
+    LoRA dropout 0, as the long-context configs use. Two loads: the plain row's model, then one frozen_16bit model on which the other techniques are
+    added in order (the attention implementation switched in place, as loading with it would set it).
+    """
+    from hfplug.long_context.apply import load_kwargs
+
+    rows = []
+    for n in range(len(TECHNIQUES) + 1):
+        techniques = TECHNIQUES[:n]
+        if n <= 1:  # plain, then +frozen_16bit: a model of its own each
+            if n == 1:
+                del model, opt, scaler  # noqa: F821  (the plain row's)
+                free_memory()
+            model, opt, scaler = setup_model("causal_lm", "sdpa", lora_r, techniques=techniques, lora_dropout=0.0)
+        elif techniques[-1] == "efficient_attention":
+            model.get_base_model().set_attn_implementation(load_kwargs(techniques)["attn_implementation"])
+        else:
+            install_techniques(model, techniques[-1:], LONG)
+        label = "+" + techniques[-1] if techniques else "plain"
+        print(f"(d) {LONG} tokens, {label}", flush=True)
+        result = run_case(
+            f"d {label}",
+            model,
+            opt,
+            scaler,
+            config,
+            "causal_lm",
+            1,
+            LONG,
+            long_context=techniques,
+            steps=steps,
+            lora_r=lora_r,
+            lora_dropout=0.0,  # the long-context configs' (q/k/v and gate/up then share one saved input)
+        )
+        print(
+            f"    {'fits' if result.fits else 'OOM'}: peak allocated {result.peak_allocated_gib:.2f} GiB, "
+            f"planned {result.planned_allocated_gib:.2f} GiB (total {result.planned_total_gib:.2f})",
+            flush=True,
+        )
+        rows.append(result)
+    del model, opt, scaler
+    free_memory()
+    return rows
+
+
 def print_table(results: list[Result]) -> None:
     print()
     print(
-        f"{'case':<8}{'batch x len':>13}{'fits':>6}{'alloc':>8}{'plan':>7}{'ratio':>7}"
+        f"{'case':<26}{'batch x len':>13}{'fits':>6}{'alloc':>8}{'plan':>7}{'ratio':>7}"
         f"{'reserved':>10}{'plan':>7}{'ratio':>7}{'tok/s':>9}"
     )
     for r in results:
         print(
-            f"{r.case:<8}{f'{r.batch} x {r.seq_len}':>13}{'yes' if r.fits else 'OOM':>6}"
+            f"{r.case:<26}{f'{r.batch} x {r.seq_len}':>13}{'yes' if r.fits else 'OOM':>6}"
             f"{r.peak_allocated_gib:>8.2f}{r.planned_allocated_gib:>7.2f}{r.ratio_allocated:>7.2f}"
             f"{r.peak_reserved_gib:>10.2f}{r.planned_reserved_gib:>7.2f}{r.ratio_reserved:>7.2f}"
             f"{r.tokens_per_s:>9.0f}"
@@ -433,7 +474,7 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
+    parser.add_argument("--cases", nargs="+", choices=("a", "b", "c", "d"), default=["a", "b", "c", "d"])
     parser.add_argument("--steps", type=int, default=3, help="training steps per measurement (first is warm-up)")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--cap_gib", type=float, default=CAP / GiB, help="allocator cap (T4: 15)")
@@ -447,7 +488,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
     from transformers import LlamaConfig
 
     import hfplug.memory  # noqa: F401  (fail early if hfplug is not importable)
@@ -466,13 +506,16 @@ def main(argv=None) -> int:
     if not gqa_attention_ok("cuda"):
         attn = register_repeat_kv_attention()
         print("  SDPA has no efficient grouped-query kernel here: k/v are repeated to all heads", flush=True)
+    # Cases (a)-(c) run O(seq) attention either way (an efficient GQA kernel, or k/v repeated for one): for
+    # the planner that is efficient_attention. Case (d) runs the runtime's own switch instead.
+    o_seq = ("efficient_attention",)
     config = LlamaConfig(**LLAMA31_8B)
     results: list[Result] = []
     longest = None
 
     if "a" in args.cases:
         print("(a) sequence classification, 8 x 512", flush=True)
-        model, opt, scaler = setup_model("decision", attn, args.lora_r, offload=False)
+        model, opt, scaler = setup_model("decision", attn, args.lora_r)
         results.append(
             run_case(
                 "a",
@@ -483,8 +526,7 @@ def main(argv=None) -> int:
                 "decision",
                 8,
                 512,
-                chunked=False,
-                offload=False,
+                long_context=o_seq,
                 steps=args.steps,
                 lora_r=args.lora_r,
             )
@@ -493,7 +535,7 @@ def main(argv=None) -> int:
         free_memory()
     if "b" in args.cases or "c" in args.cases:
         print("(b/c) causal LM", flush=True)
-        model, opt, scaler = setup_model("causal_lm", attn, args.lora_r, offload=False)
+        model, opt, scaler = setup_model("causal_lm", attn, args.lora_r)
         if "b" in args.cases:
             results.append(
                 run_case(
@@ -505,16 +547,12 @@ def main(argv=None) -> int:
                     "causal_lm",
                     1,
                     2048,
-                    chunked=False,
-                    offload=False,
+                    long_context=o_seq,
                     steps=args.steps,
                     lora_r=args.lora_r,
                 )
             )
         if "c" in args.cases:
-            model.get_base_model().activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}, offload=True
-            )
             trials, longest = longest_sequence(model, opt, scaler, config, steps=2, lora_r=args.lora_r)
             best = [t for t in trials if t.fits and t.seq_len == longest]
             results.extend(best or trials[-1:])
@@ -522,12 +560,23 @@ def main(argv=None) -> int:
                 t.case = "c"
         del model, opt, scaler
         free_memory()
+    if "d" in args.cases:
+        results.extend(long_context_rows(config, steps=2, lora_r=args.lora_r))
 
     print_table(results)
     if longest is not None:
         print(
             f"(c) longest causal-LM sequence that fits: {longest} tokens "
             f"({'meets' if longest >= 8192 else 'misses'} the 8,192 target)"
+        )
+    d_rows = [r for r in results if r.case.startswith("d ")]
+    if d_rows:
+        print(
+            f"(d) {LONG} tokens with --long_context all: {'fits' if d_rows[-1].fits else 'OOM'}; "
+            f"the planner's fits/OOM per row: "
+            + ", ".join(
+                f"{r.case[2:]} {'ok' if r.fits == (r.planned_total_gib <= CAP / GiB) else 'WRONG'}" for r in d_rows
+            )
         )
     for r in results:
         if r.fits and math.isfinite(r.planned_allocated_gib) and abs(r.ratio_allocated - 1) > 0.10:

@@ -2,24 +2,40 @@
 
     python -m hfplug.fit --model_name_or_path meta-llama/Llama-3.1-8B --quant 4bit --lora_r 16 \\
         --task decision --max_length 512 --per_device_train_batch_size 8 --gpu t4
+    python -m hfplug.fit --model_name_or_path meta-llama/Llama-3.1-8B --task causal_lm \\
+        --max_length 32768 --per_device_train_batch_size 1 --lora_dropout 0 --long_context auto
 
 Reads only ``config.json`` (no weights are downloaded) and prints a breakdown of the peak
 GPU memory of one training step, the largest batch size and sequence length that fit, and
-settings that fit when the run does not. Flags that the recipe also has carry the recipe's
-names. The arithmetic is ``hfplug.memory``.
+settings that fit when the run does not; then one row per ``--long_context`` technique,
+turned on cumulatively (cheapest first), with the GPU and host peaks, whether it fits and
+the longest ``--max_length`` that does, and what ``--long_context auto`` would turn on.
+Flags that the recipe also has carry the recipe's names and meanings. The arithmetic is
+``hfplug.memory``.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from transformers.hf_argparser import string_to_bool
 
+from hfplug.host_memory import COLAB_HOST_BUDGET, COLAB_HOST_RAM, HOST_BASELINE
 from hfplug.loading import ConfigUnavailableError, load_config
-from hfplug.memory import GiB, MemoryEstimate, MiB, estimate_memory, max_batch_size, max_seq_len, suggest_settings
+from hfplug.long_context import AUTO, parse_long_context
+from hfplug.memory import (
+    MemoryEstimate,
+    applicable_techniques,
+    choose_techniques,
+    estimate_memory,
+    max_batch_size,
+    max_seq_len,
+    suggest_settings,
+)
 from hfplug.param_counts import PLANNER_TASKS, parameter_counts
+from hfplug.sizes import GiB
+from hfplug.sizes import parse_memory as _parse_size
 
 # Memory the allocator can use. t4 is the issue's "15 GiB usable" (a 16 GB card, Colab
 # reports ~14.7 GB); the others are what torch reports as total_memory on those cards.
@@ -39,17 +55,36 @@ RENAMED_FLAGS = {
     "--batch_size": "--per_device_train_batch_size",
     "--gradient_checkpointing": "--activation_checkpointing",
     "--no-gradient_checkpointing": "--activation_checkpointing false",
+    "--loss_chunk_size": "--long_context chunked_loss",
+    "--offload_activations": "--long_context offload_activations",
 }
 
 
 def parse_memory(text: str) -> int:
-    """``"15GiB"``, ``"16GB"``, ``"15"`` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|mib|mb|g|m)?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 15GiB, 16GB or 15000MiB")
-    value, unit = float(match.group(1)), match.group(2) or "gib"
-    scale = {"gib": GiB, "g": GiB, "gb": 1e9, "mib": MiB, "m": MiB, "mb": 1e6}[unit]
-    return int(value * scale)
+    """``"15GiB"``, ``"16GB"``, ``"15"`` (GiB) -> bytes (``hfplug.sizes.parse_memory``, as the recipe parses it)."""
+    try:
+        return _parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_host_memory(text: str) -> int:
+    """``--max_host_memory``: ``colab`` (the default), ``auto`` (this machine, as the recipe's auto) or a size."""
+    if text == "colab":
+        return COLAB_HOST_BUDGET
+    if text == "auto":
+        from hfplug.long_context.apply import host_budget
+
+        return host_budget("auto")
+    return parse_memory(text)
+
+
+def parse_techniques(text: str) -> tuple[str, ...] | str:
+    """``--long_context``: off, auto, all or a comma list (``hfplug.long_context.parse_long_context``)."""
+    try:
+        return parse_long_context(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def format_report(
@@ -93,11 +128,56 @@ def format_report(
     if no_ckpt_total is not None:
         lines.append(row("  total without gradient checkpointing", no_ckpt_total))
     lines.append("")
+    if est.layers_offloaded:
+        lines.append(
+            row(
+                "host: offloaded layer inputs (pinned)",
+                est.host_offloaded,
+                f"{est.layers_offloaded} layers; host peak {est.host_peak / GiB:.2f} GiB "
+                f"(+ {est.host_baseline / GiB:.0f} GiB process baseline)",
+            )
+        )
     lines.append(f"  largest batch size at {length} tokens: {best_batch if best_batch > 0 else 'none fits'}")
     lines.append(f"  largest sequence length at batch size {batch}: {best_len if best_len > 0 else 'none fits'}")
     lines.append("  (indented rows are details, not added to the total)")
     for note in est.notes:
         lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def technique_rows(config, *, gpu_mem: int, host_mem: int, **kwargs) -> list[tuple[str, MemoryEstimate, int]]:
+    """(label, estimate, longest max_length that fits) with the applicable techniques turned on one by one,
+    cheapest first: plain, +frozen_16bit, +efficient_attention, ..."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("long_context", "max_host_memory")}
+    applicable = applicable_techniques(config, **kwargs)
+    rows = []
+    for n in range(len(applicable) + 1):
+        techniques = applicable[:n]
+        est = estimate_memory(config, long_context=techniques, max_host_memory=host_mem, **kwargs)
+        longest = max_seq_len(config, gpu_mem=gpu_mem, long_context=techniques, max_host_memory=host_mem, **kwargs)
+        rows.append(("+" + techniques[-1] if techniques else "plain", est, longest))
+    return rows
+
+
+def format_technique_table(rows, *, gpu_mem: int, host_mem: int, length: int, batch: int, auto) -> str:
+    """The ``--long_context`` table ``python -m hfplug.fit`` prints under the breakdown."""
+    lines = [
+        f"  --long_context, cumulative (cheapest first), at {length} tokens x batch {batch}; host budget "
+        f"(--max_host_memory) {host_mem / GiB:.2f} GiB",
+        f"  {'techniques':<24}{'GPU GiB':>9}{'host GiB':>10}{'fits':>6}{'longest max_length':>20}",
+    ]
+    for label, est, longest in rows:
+        fits = "yes" if est.total <= gpu_mem else "no"
+        offloaded = f" ({est.layers_offloaded} layers offloaded)" if est.layers_offloaded else ""
+        lines.append(
+            f"  {label:<24}{est.total / GiB:>9.2f}{est.host_peak / GiB:>10.2f}{fits:>6}"
+            f"{(f'{longest:,}' if longest > 0 else 'none'):>20}{offloaded}"
+        )
+    lines.append(
+        f"  (GPU = total with CUDA context; host = {HOST_BASELINE / GiB:.0f} GiB process baseline + pinned offload "
+        f"buffers; longest on {gpu_mem / GiB:.2f} GiB)"
+    )
+    lines.append(f"  {auto.message}")
     return "\n".join(lines)
 
 
@@ -144,8 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compute dtype (default: float16 on a T4, bfloat16 elsewhere)",
     )
-    parser.add_argument("--loss_chunk_size", type=int, default=0, help="causal LM: chunked loss (0 = plain)")
-    parser.add_argument("--offload_activations", action="store_true", help="checkpointed inputs in host memory")
+    parser.add_argument(
+        "--long_context",
+        type=parse_techniques,
+        default=(),
+        help="memory techniques: off (default), auto (the planner's choice), all, or a comma list of "
+        "frozen_16bit,efficient_attention,chunked_loss,tiled_mlp,offload_activations (hfplug.long_context)",
+    )
+    parser.add_argument(
+        "--max_host_memory",
+        type=parse_host_memory,
+        default=COLAB_HOST_BUDGET,
+        help="host RAM offload_activations may fill with pinned layer inputs, as the recipe's flag: a size (e.g. "
+        f"6GiB), auto (this machine's RAM minus the {HOST_BASELINE / GiB:.0f} GiB process reserve) or colab "
+        f"(default: a free Colab's {COLAB_HOST_RAM / 1e9:.1f} GB minus the reserve = {COLAB_HOST_BUDGET / GiB:.2f} GiB)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--gpu", choices=sorted(GPU_MEMORY), default="t4")
     group.add_argument("--gpu_mem", type=parse_memory, default=None, help="memory of the GPU, e.g. 15GiB or 24GB")
@@ -186,18 +279,28 @@ def main(argv: list[str] | None = None) -> int:
         dtype=dtype,
         lora_target_modules=tuple(t.strip() for t in args.lora_target_modules.split(",") if t.strip()),
         lora_dropout=args.lora_dropout,
-        loss_chunk_size=args.loss_chunk_size,
-        offload_activations=args.offload_activations,
+        max_host_memory=args.max_host_memory,
     )
     try:
+        auto = choose_techniques(config, gpu_mem=gpu_mem, host_mem=args.max_host_memory, **kwargs)
+        techniques = auto.techniques if args.long_context == AUTO else args.long_context
+        kwargs["long_context"] = techniques
         est = estimate_memory(config, **kwargs)
         no_ckpt = (
-            estimate_memory(config, **{**kwargs, "activation_checkpointing": False}).total
+            estimate_memory(
+                config,
+                **{
+                    **kwargs,
+                    "activation_checkpointing": False,
+                    "long_context": tuple(t for t in techniques if t != "offload_activations"),
+                },
+            ).total
             if args.activation_checkpointing
             else None
         )
         best_batch = max_batch_size(config, gpu_mem=gpu_mem, **kwargs)
         best_len = max_seq_len(config, gpu_mem=gpu_mem, **kwargs)
+        rows = technique_rows(config, gpu_mem=gpu_mem, host_mem=args.max_host_memory, **kwargs)
     except ValueError as err:
         print(f"hfplug.fit: {err}", file=sys.stderr)
         return 2
@@ -208,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         f"hfplug.fit  {args.model_name_or_path}  ({counts.architecture}, task {args.task})\n"
         f"  quant {args.quant}, {lora}, optim {optim}, {dtype} compute\n"
         f"  batch {args.per_device_train_batch_size} x {args.max_length} tokens, activation checkpointing "
-        f"{'on' if args.activation_checkpointing else 'off'}\n"
+        f"{'on' if args.activation_checkpointing else 'off'}, LoRA dropout {args.lora_dropout}\n"
+        f"  --long_context {','.join(techniques) or 'off'}"
+        + (" (auto)" if args.long_context == AUTO else "")
+        + f", --max_host_memory {args.max_host_memory / GiB:.2f} GiB\n"
         f"  parameters: {counts.total_params:,} ({counts.quantizable_params:,} in quantizable linears); "
         f"trainable {est.trainable_count:,}"
         + (f" (LoRA {est.lora_count:,} + head {est.head_count:,})" if args.lora_r else "")
@@ -224,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
             best_len=best_len,
             batch=args.per_device_train_batch_size,
             length=args.max_length,
+        )
+    )
+    print()
+    print(
+        format_technique_table(
+            rows,
+            gpu_mem=gpu_mem,
+            host_mem=args.max_host_memory,
+            length=args.max_length,
+            batch=args.per_device_train_batch_size,
+            auto=auto,
         )
     )
     suggestions = suggest_settings(config, gpu_mem=gpu_mem, **kwargs)

@@ -1,11 +1,12 @@
-"""The memory planner's arithmetic: the peak GPU memory of one fine-tuning step, and what fits.
+"""The memory planner's arithmetic: the peak GPU (and host) memory of one fine-tuning step, and what fits.
 
 ``estimate_memory(config, ...)`` sizes a run from ``config.json`` alone (parameters counted
 exactly per kind of module by ``hfplug.param_counts``) and returns a ``MemoryEstimate``
-broken down by part; ``max_batch_size``, ``max_seq_len`` and ``suggest_settings`` search
-for settings that fit a GPU. The command line is ``python -m hfplug.fit`` (``hfplug/fit.py``);
-``finetune_hupd.py`` runs the planner before loading on a GPU (``hfplug.training.model_setup.warn_if_wont_fit``).
-The per-token formulas for a layer's activations and the loss are ``hfplug.activations``.
+(``hfplug.memory_estimate``) broken down by part; ``max_batch_size``, ``max_seq_len`` and
+``suggest_settings`` search for settings that fit a GPU, and ``choose_techniques`` is
+``--long_context auto``. The command line is ``python -m hfplug.fit`` (``hfplug/fit.py``);
+``finetune_hupd.py`` runs the planner before loading on a GPU. The per-token formulas for a
+layer's activations and the loss are ``hfplug.activations``; host memory is ``hfplug.host_memory``.
 
 What the estimate models (one CUDA training step with 16-bit autocast, as the Trainer's
 ``--fp16``/``--bf16`` run it, through ``hfplug.quantization.prepare_for_training``):
@@ -14,93 +15,48 @@ What the estimate models (one CUDA training step with 16-bit autocast, as the Tr
   64 values + fp32 second-level constants = ~4.127 bit/param; LLM.int8: 1 byte + an fp32
   scale per row). bitsandbytes replaces only ``nn.Linear`` and skips the output head.
 - everything else (embeddings, lm_head, norms, task head). ``prepare_model_for_kbit_training``
-  stores these in fp32 for a quantized base, which is more than they take at load time.
+  stores these in fp32 for a quantized base; ``frozen_16bit`` keeps them 16-bit.
 - trainable parameters (fp32), their gradients and optimizer states.
-- activations saved for backward, per layer and token, from the tensors each op keeps
-  (LoRA dropout masks and inputs, SDPA's q/k/v/out/logsumexp — a memory-efficient kernel,
-  never the full attention matrix — the gated MLP, the fp32 residual stream); with
-  activation checkpointing only each layer's input is kept and one layer is recomputed.
-- the loss: a causal LM's plain loss materialises batch x seq x vocab logits in 16-bit
-  and fp32; ``hfplug.long_context.loss`` keeps one chunk at a time instead.
+- activations, from the tensors each op keeps (``hfplug.activations.LayerBytes``), with the
+  ``--long_context`` techniques (``hfplug.long_context``): the attention's math-kernel scores
+  unless ``efficient_attention``, the loss's batch x seq x vocab logits unless ``chunked_loss``,
+  the MLP's intermediates over a tile with ``tiled_mlp``, checkpointed layer inputs in pinned
+  host memory (within ``max_host_memory``) with ``offload_activations``.
 - bitsandbytes dequantization buffers, cuBLAS workspace, allocator fragmentation and the
   CUDA context (outside PyTorch's counters, but it takes GPU memory).
+
+The formulas were checked against a tensor-level tracker on a CPU proxy of Llama-3.1-8B
+(``benchmarks/memory_proxy.py``: real and FakeTensorMode training steps at reduced depth);
+each place a measurement changed a formula says "Fix (measured)".
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hfplug.activations import (
     GiB,
-    MiB,
-    group_by_layer,
-    layer_backward_transient_per_token,
-    layer_saved_per_token,
     loss_bytes,
     model_shape,
+    step_activations,
 )
-from hfplug.param_counts import CLASSIFICATION_TASKS, lora_targets, parameter_counts
-
-# Optimizer name (TrainingArguments.optim) -> (state precision, states per parameter).
-# 8-bit optimizers keep uint8 states for tensors of >= 4096 values (bitsandbytes'
-# min_8bit_size) plus an fp32 absmax per 256 values; smaller tensors keep fp32 states.
-OPTIMIZERS = {
-    **dict.fromkeys(
-        (
-            "adamw_torch",
-            "adamw_torch_fused",
-            "adamw_hf",
-            "adamw_apex_fused",
-            "adamw_anyprecision",
-            "paged_adamw_32bit",
-        ),
-        ("32bit", 2),
-    ),
-    **dict.fromkeys(("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"), ("8bit", 2)),
-    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "adagrad", "rmsprop"), ("32bit", 1)),
-    **dict.fromkeys(("lion_8bit", "paged_lion_8bit"), ("8bit", 1)),
-    "sgd": ("32bit", 0),
-    "adafactor": ("factored", 0),
-}
-_BNB_MIN_8BIT_SIZE = 4096
-_BNB_OPTIM_BLOCK = 256
-
-CUDA_CONTEXT = 512 * MiB  # CUDA runtime + cuBLAS/bitsandbytes kernels; outside torch's counters
-CUBLAS_WORKSPACE = 32 * MiB  # allocated through the caching allocator
-FRAGMENTATION = 0.08  # share of the per-step (activation/logit) churn the allocator cannot reuse
-
-
-# --------------------------------------------------------------------------- sizes
-
-
-def quantized_weight_bytes(numel: int, out_features: int, quant: str, *, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes stores for one quantized weight (packed codes + constants)."""
-    if quant == "4bit":
-        blocks = math.ceil(numel / 64)  # one absmax per 64 values
-        packed = math.ceil(numel / 2)
-        code = 16 * 4  # the NF4 code book, fp32
-        if double_quant:
-            # absmax re-quantized to uint8 in blocks of 256, with fp32 absmax and a 256-entry code
-            return packed + blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + code
-        return packed + blocks * 4 + code
-    if quant == "8bit":
-        return numel + out_features * 4  # int8 codes + fp32 scale per row (SCB)
-    raise ValueError(f"quant={quant!r} is not a quantized mode")
-
-
-def optimizer_state_bytes(tensor_sizes, optim: str) -> int:
-    """Optimizer state for trainable tensors of the given sizes."""
-    kind, states = OPTIMIZERS.get(optim, ("32bit", 2))
-    total = 0
-    for n in tensor_sizes:
-        if kind == "8bit" and n >= _BNB_MIN_8BIT_SIZE:
-            total += states * (n + math.ceil(n / _BNB_OPTIM_BLOCK) * 4)
-        elif kind == "factored":
-            total += 4 * int(2 * math.sqrt(n)) + 4  # row + column statistics (approx. for a matrix)
-        else:
-            total += states * 4 * n
-    return total
+from hfplug.host_memory import OffloadPlan, plan_offload
+from hfplug.long_context import AUTO, TECHNIQUES, parse_long_context
+from hfplug.memory_estimate import (  # noqa: F401  (re-exported)
+    CUBLAS_WORKSPACE,
+    CUDA_CONTEXT,
+    FRAGMENTATION,
+    MemoryEstimate,
+)
+from hfplug.param_counts import (  # noqa: F401  (sizes re-exported: the planner's public names)
+    CLASSIFICATION_TASKS,
+    OPTIMIZERS,
+    lora_targets,
+    optimizer_state_bytes,
+    parameter_counts,
+    quantized_weight_bytes,
+)
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -109,59 +65,35 @@ def _dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-@dataclass
-class MemoryEstimate:
-    """Peak GPU memory of one training step, by part (bytes). ``total`` is their sum."""
+def _techniques(long_context) -> tuple[str, ...]:
+    parsed = parse_long_context(long_context)
+    if parsed == AUTO:
+        raise ValueError(
+            "long_context='auto' is decided by choose_techniques(); estimate_memory needs the techniques."
+        )
+    return parsed
 
-    quantized_weights: int
-    other_weights: int
-    trainable_params: int
-    gradients: int
-    optimizer_states: int
-    activations: int  # what layers keep alive at the peak (checkpoints + recomputed layer + grads)
-    logits: int  # loss-side memory alive at the peak
-    workspace: int  # dequantization buffers, cuBLAS workspace
-    fragmentation: int
-    cuda_context: int
-    # Not summed: context for the reader.
-    weights_at_load: int = 0  # quantized + unquantized weights right after from_pretrained
-    peak_phase: str = ""
-    activations_checkpointing: int = 0  # activations at the peak with checkpointing
-    activations_no_checkpointing: int = 0  # ... and without
-    logits_peak: int = 0  # the loss's own peak (forward or backward of the loss)
-    trainable_count: int = 0
-    lora_count: int = 0
-    head_count: int = 0
-    tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
-    _PARTS = (
-        "quantized_weights",
-        "other_weights",
-        "trainable_params",
-        "gradients",
-        "optimizer_states",
-        "activations",
-        "logits",
-        "workspace",
-        "fragmentation",
-        "cuda_context",
-    )
+def applicable_techniques(
+    config, *, task: str = "causal_lm", quant: str = "4bit", activation_checkpointing: bool = True, **_
+) -> tuple[str, ...]:
+    """The techniques of ``TECHNIQUES`` that change this run, cheapest first (what ``all`` and ``auto`` may use).
 
-    @property
-    def total(self) -> int:
-        """Everything the process needs on the GPU at the peak, CUDA context included."""
-        return sum(getattr(self, name) for name in self._PARTS)
-
-    @property
-    def peak_allocated(self) -> int:
-        """What ``torch.cuda.max_memory_allocated`` should report (no context, no fragmentation)."""
-        return self.total - self.cuda_context - self.fragmentation
-
-    @property
-    def peak_reserved(self) -> int:
-        """What ``torch.cuda.max_memory_reserved`` should report (allocator, no CUDA context)."""
-        return self.total - self.cuda_context
+    frozen_16bit needs a quantized base (a 16-bit base is already frozen in 16-bit); chunked_loss a causal
+    LM's loss; tiled_mlp a gated decoder MLP; offload_activations activation checkpointing.
+    """
+    counts = parameter_counts(config, task=task)
+    shape = model_shape(config, counts)
+    skip = set()
+    if quant == "none":
+        skip.add("frozen_16bit")
+    if task in CLASSIFICATION_TASKS:
+        skip.add("chunked_loss")
+    if not shape.gated:
+        skip.add("tiled_mlp")
+    if not activation_checkpointing:
+        skip.add("offload_activations")
+    return tuple(t for t in TECHNIQUES if t not in skip)
 
 
 def estimate_memory(
@@ -178,16 +110,19 @@ def estimate_memory(
     dtype: str = "float16",
     lora_target_modules: tuple[str, ...] | list[str] = ("all-linear",),
     lora_dropout: float = 0.05,
-    loss_chunk_size: int = 0,
-    offload_activations: bool = False,
+    long_context: tuple[str, ...] | list[str] | str = (),
+    max_host_memory: int | None = None,
+    loss_chunk_size: int = 1024,
+    tile_tokens: int = 4096,
 ) -> MemoryEstimate:
-    """Estimate the peak GPU memory of one training step.
+    """Estimate the peak GPU memory (and the host memory) of one training step.
 
     ``lora_r=0`` means full fine-tuning (only valid with ``quant="none"``). ``optim``
     defaults like the recipe: ``paged_adamw_8bit`` with 4-bit, else ``adamw_torch``.
-    ``loss_chunk_size`` > 0: the causal-LM loss is computed by ``hfplug.long_context.loss`` in
-    chunks of that many tokens. ``offload_activations``: checkpointed layer inputs live in
-    host memory (``activation_checkpointing_enable(offload=True)``).
+    ``long_context``: the techniques of ``hfplug.long_context.TECHNIQUES`` the run turns on (names, a
+    comma list, ``"all"`` or ``"off"``); ``loss_chunk_size`` and ``tile_tokens`` are the chunk of
+    ``chunked_loss`` and the tile of ``tiled_mlp`` (the runtime's defaults). ``max_host_memory``: bytes of
+    pinned host RAM ``offload_activations`` may fill (``--max_host_memory``; ``None``: no limit).
     """
     if quant not in ("none", "8bit", "4bit"):
         raise ValueError(f"quant={quant!r}: choose none, 8bit or 4bit.")
@@ -197,6 +132,9 @@ def estimate_memory(
         raise ValueError("A 4-bit/8-bit base cannot be fully fine-tuned: give lora_r > 0, or quant='none'.")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1.")
+    if loss_chunk_size < 1 or tile_tokens < 1:
+        raise ValueError(f"loss_chunk_size={loss_chunk_size} and tile_tokens={tile_tokens} must be >= 1.")
+    techniques = _techniques(long_context)
     optim = optim or ("paged_adamw_8bit" if quant == "4bit" else "adamw_torch")
     a = _dtype_bytes(dtype)
     counts = parameter_counts(config, task=task, num_labels=num_labels)
@@ -205,6 +143,16 @@ def estimate_memory(
     notes: list[str] = []
     classification = task in CLASSIFICATION_TASKS
     full_ft = lora_r == 0
+    if "tiled_mlp" in techniques and not shape.gated:
+        raise ValueError(f"tiled_mlp needs a decoder MLP to tile; {counts.architecture} has none. Drop tiled_mlp.")
+    if "offload_activations" in techniques and not activation_checkpointing:
+        raise ValueError(
+            "offload_activations moves checkpointed layer inputs: it needs activation_checkpointing=True."
+        )
+    frozen_16bit = "frozen_16bit" in techniques and quant != "none"
+    chunked = "chunked_loss" in techniques and not classification
+    if "chunked_loss" in techniques and classification:
+        notes.append("chunked_loss does nothing for a classifier (its loss is small): not counted")
 
     # ---- weights
     if quant == "none":
@@ -217,13 +165,13 @@ def estimate_memory(
             for lin in quantized_linears
         )
     other = counts.total_params - sum(lin.in_features * lin.out_features for lin in quantized_linears)
-    # prepare_model_for_kbit_training upcasts every non-quantized weight to fp32; a frozen
-    # 16-bit base stays in 16-bit; full fine-tuning keeps fp32 master weights under fp16.
-    if quant != "none":
+    # prepare_model_for_kbit_training upcasts every non-quantized weight to fp32; frozen_16bit
+    # skips it (they stay 16-bit); full fine-tuning keeps fp32 master weights under fp16.
+    if quant != "none" and not frozen_16bit:
         other_bytes_per = 4
         notes.append(
             f"unquantized weights are fp32 after prepare_model_for_kbit_training "
-            f"({other * a / GiB:.2f} GiB at load time in 16-bit)"
+            f"({other * a / GiB:.2f} GiB at load time in 16-bit): --long_context frozen_16bit keeps them 16-bit"
         )
     elif full_ft:
         other_bytes_per = 4 if dtype != "bfloat16" else 2
@@ -257,54 +205,65 @@ def estimate_memory(
     if optim.startswith("paged_"):
         notes.append("paged optimizer states live in CUDA unified memory (not in torch's memory counters)")
 
-    # ---- activations
-    # fp32 residual stream when the embeddings are fp32 (quantized base after preparation,
-    # or fp32 weights); under autocast a BERT's LayerNorm outputs fp32 as well.
-    rb = 4 if (quant != "none" or other_bytes_per == 4 or not shape.gated) else a
-    # Classification batches are padded: with a padding mask SDPA cannot use GQA and
-    # transformers repeats k/v to all heads. Unpadded causal-LM batches keep GQA.
-    repeat_kv = classification and shape.kv_heads != shape.heads
-    block_linears = [lin for lin in counts.linears if lin.in_block]
-    layer_lists = group_by_layer(block_linears, shape.layers)
-    saved_per_layer = max(
-        (
-            layer_saved_per_token(
-                shape,
-                lins,
-                lora_names,
-                a=a,
-                rb=rb,
-                r=lora_r,
-                lora_dropout=lora_dropout,
-                full_ft=full_ft,
-                repeat_kv=repeat_kv,
-            )
-            for lins in layer_lists
-        ),
-        default=0,
+    # ---- activations (hfplug.activations: bytes per token, times the step's tokens)
+    # The residual stream has the embeddings' dtype: fp32 for a quantized base after preparation (or fp32
+    # weights), 16-bit with frozen_16bit; under autocast a BERT's LayerNorm outputs fp32 as well.
+    rb = 4 if (other_bytes_per == 4 or not shape.gated) else a
+    # bitsandbytes returns a linear's output in its input's dtype: an fp32 residual makes the MLP fp32.
+    mlp_b = rb if quant != "none" else a
+    # Checkpointed layer inputs on the GPU. offload_activations moves the first layers' to pinned host
+    # memory; what stays (measured on the proxy): the layers that did not fit the budget; layer 0's input
+    # anyway, held by autograd as a leaf that requires grad (PEFT's enable_input_require_grads); in backward
+    # the copy back of the next layer's input (prefetched); and, with an fp32 residual, the recomputed
+    # layer's own copy back, which its input norm keeps.
+    offload = (
+        plan_offload(
+            layers=shape.layers,
+            tokens=tokens,
+            hidden=shape.hidden,
+            residual_bytes=rb,
+            max_host_memory=max_host_memory,
+        )
+        if "offload_activations" in techniques
+        else OffloadPlan(0, 0)
     )
-    layer_inputs = shape.layers * rb * shape.hidden  # one per layer: the checkpoints
-    # model-level: final norm input + rsqrt, rotary cos/sin, the head's (cast) input.
-    extras = rb * shape.hidden + 8 + 2 * shape.head_dim * a
-    if classification and counts.head_name == "score":
-        extras += shape.hidden * a  # decoders score every position, then pool the last token
-    if not shape.gated:
-        extras += (
-            4 * shape.hidden + 8 + (shape.hidden if shape.hidden_dropout > 0 else 0)
-        )  # embedding LayerNorm + dropout
-    transient = layer_backward_transient_per_token(shape, a=a, rb=rb)
-    dequant = max((lin.in_features * lin.out_features for lin in quantized_linears), default=0) * a * 2
-
-    stored_ckpt = (0 if offload_activations else layer_inputs) + extras
-    act_ckpt = tokens * (stored_ckpt + saved_per_layer + transient)
-    act_full = tokens * (layer_inputs + extras + shape.layers * saved_per_layer + transient)
-    stored_at_loss = tokens * (
-        stored_ckpt if activation_checkpointing else layer_inputs + extras + shape.layers * saved_per_layer
+    n_off, layers = offload.layers_offloaded, shape.layers
+    held = 1 if n_off and not full_ft else 0
+    ckpt_fwd = layers - n_off + held
+    ckpt_bwd = ckpt_fwd + (1 if n_off and n_off >= layers - 1 else 0) + (1 if n_off == layers and rb == 4 else 0)
+    acts = step_activations(
+        shape,
+        [lin for lin in counts.linears if lin.in_block],
+        lora_names,
+        a=a,
+        rb=rb,
+        mlp_b=mlp_b,
+        r=lora_r,
+        lora_dropout=lora_dropout,
+        full_ft=full_ft,
+        classification=classification,
+        score_head=counts.head_name == "score",
+        efficient_attention="efficient_attention" in techniques,
+        tiled_mlp="tiled_mlp" in techniques,
+        tile_tokens=tile_tokens,
+        batch_size=batch_size,
+        max_length=max_length,
+        lora_count=lora_count,
+        checkpoints=(ckpt_fwd, ckpt_bwd),
     )
+    act_ckpt, act_full = acts.checkpointing, acts.no_checkpointing
+    stored_at_loss = acts.at_loss_checkpointing if activation_checkpointing else acts.at_loss_no_checkpointing
     layer_peak = act_ckpt if activation_checkpointing else act_full
+    if acts.math_attention:
+        notes.append(
+            f"attention: grouped-query SDPA without a mask falls back to the math kernel on a T4 "
+            f"({tokens * max_length * shape.heads * 12 / GiB:.2f} GiB of fp32 scores in a layer's backward): "
+            "--long_context efficient_attention avoids it"
+        )
+    dequant = max((lin.in_features * lin.out_features for lin in quantized_linears), default=0) * a
 
     # ---- loss
-    lm_cast = counts.lm_head_params * a if (quant != "none" or other_bytes_per != a) else 0
+    lm_cast = counts.lm_head_params * a if (other_bytes_per != a and a < 4) else 0
     loss_fwd, loss_bwd, note = loss_bytes(
         shape,
         task=task,
@@ -314,7 +273,7 @@ def estimate_memory(
         a=a,
         rb=rb,
         lm_cast=lm_cast,
-        loss_chunk_size=loss_chunk_size,
+        loss_chunk_size=loss_chunk_size if chunked else 0,
     )
     notes += [note] if note else []
     phases = {
@@ -325,11 +284,14 @@ def estimate_memory(
     peak_phase = max(phases, key=phases.get)
     activations = layer_peak if peak_phase == "layer backward" else stored_at_loss
     logits = phases[peak_phase] - activations
+    # Fix (measured): one dequantized weight at a time. bitsandbytes dequantizes a 4-bit weight for each
+    # matmul and frees it right after; the proxy's peaks hold at most one.
     workspace = CUBLAS_WORKSPACE + dequant
     frag = int(FRAGMENTATION * phases[peak_phase])
-    if offload_activations:
+    if n_off:
         notes.append(
-            f"{tokens * layer_inputs / GiB:.2f} GiB of checkpointed layer inputs offloaded to pinned host memory"
+            f"offload_activations: {n_off} of {layers} layer inputs in pinned host memory "
+            f"({offload.host_bytes / GiB:.2f} GiB), {layers - n_off} on the GPU"
         )
     return MemoryEstimate(
         quantized_weights=quantized_bytes,
@@ -351,6 +313,9 @@ def estimate_memory(
         lora_count=lora_count,
         head_count=head_params if not full_ft else 0,
         tokens=tokens,
+        long_context=techniques,
+        layers_offloaded=n_off,
+        host_offloaded=offload.host_bytes,
         notes=notes,
     )
 
@@ -390,6 +355,57 @@ def max_seq_len(config, *, gpu_mem: int, limit: int | None = None, **kwargs) -> 
     return _largest(lambda s: _fits(config, gpu_mem, max_length=s, **kwargs), 1, limit)
 
 
+@dataclass(frozen=True)
+class TechniqueChoice:
+    """What ``--long_context auto`` turns on: :func:`choose_techniques`' answer.
+
+    Iterating gives the techniques, so ``tuple(choice)`` is the ``long_context`` to install.
+    """
+
+    techniques: tuple[str, ...]  # the shortest prefix of the applicable techniques that fits; all of them if none
+    fits: bool  # whether ``techniques`` fit the GPU at the given length
+    estimate: MemoryEstimate  # the plan with ``techniques``
+    longest_with_all: int  # the longest max_length that fits with every applicable technique (0: none)
+    applicable: tuple[str, ...] = ()
+
+    def __iter__(self):
+        return iter(self.techniques)
+
+    def __len__(self) -> int:
+        return len(self.techniques)
+
+    @property
+    def message(self) -> str:
+        if self.fits:
+            return f"--long_context auto turns on: {', '.join(self.techniques) or 'nothing (the run fits as is)'}"
+        return (
+            f"does not fit even with every technique ({', '.join(self.applicable)}): planned "
+            f"{self.estimate.total / GiB:.2f} GiB; the longest max_length that fits with all of them is "
+            f"{self.longest_with_all or 'none'}"
+        )
+
+
+def choose_techniques(config, *, gpu_mem: int, host_mem: int | None = None, **kwargs) -> TechniqueChoice:
+    """``--long_context auto``: the shortest prefix of the applicable techniques (cheapest first, as
+    ``hfplug.long_context.TECHNIQUES`` lists them) whose plan fits ``gpu_mem`` bytes.
+
+    ``host_mem``: bytes of host RAM ``offload_activations`` may fill (``--max_host_memory``); the layers whose
+    inputs do not fit it stay on the GPU, so host memory never exceeds it and the GPU decides what fits.
+    ``kwargs``: the other ``estimate_memory`` settings (``long_context`` is ignored).
+    """
+    kwargs.pop("long_context", None)
+    kwargs["max_host_memory"] = host_mem if host_mem is not None else kwargs.get("max_host_memory")
+    applicable = applicable_techniques(config, **kwargs)
+    estimate = None
+    for n in range(len(applicable) + 1):
+        estimate = estimate_memory(config, long_context=applicable[:n], **kwargs)
+        if estimate.total <= gpu_mem:
+            break
+    fits = estimate.total <= gpu_mem
+    longest = max_seq_len(config, gpu_mem=gpu_mem, long_context=applicable, **kwargs)
+    return TechniqueChoice(estimate.long_context, fits, estimate, longest, applicable)
+
+
 def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
     """Settings that would fit, most useful first; ``[]`` when the run fits as given."""
     if _fits(config, gpu_mem, **kwargs):
@@ -414,9 +430,16 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
         trial = {**kwargs, "quant": "4bit", "lora_r": kwargs.get("lora_r") or 16}
         if _fits(config, gpu_mem, **trial):
             out.append("--quant 4bit --lora")
-    if kwargs.get("task") in ("abstract", "causal_lm") and not kwargs.get("loss_chunk_size"):
-        if _fits(config, gpu_mem, **{**kwargs, "loss_chunk_size": 1024}):
-            out.append("a chunked loss (hfplug.long_context.loss, chunks of 1024 tokens)")
+    given = set(_techniques(kwargs.get("long_context", ())))
+    choice = choose_techniques(config, gpu_mem=gpu_mem, **kwargs)
+    if set(choice.applicable) - given:
+        if choice.fits:
+            out.append(f"--long_context auto (turns on {', '.join(choice.techniques)})")
+        elif choice.longest_with_all >= 1:
+            out.append(
+                f"--long_context all --max_length {choice.longest_with_all} (the longest that fits with "
+                f"{', '.join(choice.applicable)})"
+            )
     if not out:
         out.append("nothing fits this GPU even at batch size 1 and 1 token: use a larger GPU or a smaller model")
     return out

@@ -5,12 +5,14 @@ and ``ipc``, the LM head for ``abstract`` and plain ``causal_lm``) on the meta d
 weight is allocated or downloaded, and records every linear layer: its shape, whether
 bitsandbytes would quantize it with hfplug's quantization config, whether it sits in a
 repeated transformer layer. ``hfplug.memory`` sizes a training step from these counts;
-``lora_targets`` says which layers LoRA adapts.
+``lora_targets`` says which layers LoRA adapts; ``quantized_weight_bytes`` and
+``optimizer_state_bytes`` give the bytes of quantized weights and of optimizer states.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,31 @@ from hfplug.quantization import SKIP_MODULES
 PLANNER_TASKS = ("decision", "ipc", "abstract", "causal_lm")
 CLASSIFICATION_TASKS = ("decision", "ipc")
 DEFAULT_NUM_LABELS = {"decision": 2, "ipc": 637}  # accept/reject; IPC subclasses in HUPD
+
+
+# Optimizer name (TrainingArguments.optim) -> (state precision, states per parameter).
+# 8-bit optimizers keep uint8 states for tensors of >= 4096 values (bitsandbytes'
+# min_8bit_size) plus an fp32 absmax per 256 values; smaller tensors keep fp32 states.
+OPTIMIZERS = {
+    **dict.fromkeys(
+        (
+            "adamw_torch",
+            "adamw_torch_fused",
+            "adamw_hf",
+            "adamw_apex_fused",
+            "adamw_anyprecision",
+            "paged_adamw_32bit",
+        ),
+        ("32bit", 2),
+    ),
+    **dict.fromkeys(("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"), ("8bit", 2)),
+    **dict.fromkeys(("lion_32bit", "paged_lion_32bit", "adagrad", "rmsprop"), ("32bit", 1)),
+    **dict.fromkeys(("lion_8bit", "paged_lion_8bit"), ("8bit", 1)),
+    "sgd": ("32bit", 0),
+    "adafactor": ("factored", 0),
+}
+_BNB_MIN_8BIT_SIZE = 4096
+_BNB_OPTIM_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -160,3 +187,35 @@ def lora_targets(counts: ModelCounts, targets: tuple[str, ...] | list[str]) -> l
     if list(targets) == ["all-linear"]:
         return candidates
     return [lin for lin in candidates if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
+
+
+# --------------------------------------------------------------------------- sizes in bytes
+
+
+def quantized_weight_bytes(numel: int, out_features: int, quant: str, *, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes stores for one quantized weight (packed codes + constants)."""
+    if quant == "4bit":
+        blocks = math.ceil(numel / 64)  # one absmax per 64 values
+        packed = math.ceil(numel / 2)
+        code = 16 * 4  # the NF4 code book, fp32
+        if double_quant:
+            # absmax re-quantized to uint8 in blocks of 256, with fp32 absmax and a 256-entry code
+            return packed + blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + code
+        return packed + blocks * 4 + code
+    if quant == "8bit":
+        return numel + out_features * 4  # int8 codes + fp32 scale per row (SCB)
+    raise ValueError(f"quant={quant!r} is not a quantized mode")
+
+
+def optimizer_state_bytes(tensor_sizes, optim: str) -> int:
+    """Optimizer state for trainable tensors of the given sizes."""
+    kind, states = OPTIMIZERS.get(optim, ("32bit", 2))
+    total = 0
+    for n in tensor_sizes:
+        if kind == "8bit" and n >= _BNB_MIN_8BIT_SIZE:
+            total += states * (n + math.ceil(n / _BNB_OPTIM_BLOCK) * 4)
+        elif kind == "factored":
+            total += 4 * int(2 * math.sqrt(n)) + 4  # row + column statistics (approx. for a matrix)
+        else:
+            total += states * 4 * n
+    return total

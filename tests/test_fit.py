@@ -7,9 +7,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from test_memory import LLAMA31_8B
 
 from hfplug import fit
+from hfplug.testing.llama31 import LLAMA31_8B
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[1]

@@ -17,45 +17,16 @@ from transformers import (
 )
 
 from hfplug import memory
-from hfplug.long_context.loss import causal_lm_loss
 from hfplug.fit import GPU_MEMORY
 from hfplug.loading import load_config
+from hfplug.long_context.loss import causal_lm_loss
 from hfplug.model_args import ModelArguments
 from hfplug.param_counts import CLASSIFICATION_TASKS, DEFAULT_NUM_LABELS, parameter_counts
 from hfplug.quantization import DeviceCapability, get_quantization_config, prepare_for_training
+from hfplug.testing.llama31 import LLAMA31_8B
 
 GiB = 1024**3
 REPO = Path(__file__).resolve().parents[1]
-
-# meta-llama/Llama-3.1-8B's config.json (reference.md)
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "bos_token_id": 128000,
-    "eos_token_id": 128001,
-    "torch_dtype": "bfloat16",
-}
 
 
 def tiny_llama(**overrides) -> LlamaConfig:
@@ -204,9 +175,11 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
     )  # 16 GB of bf16 weights never fit
     plain = memory.estimate_memory(llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1)
     chunked = memory.estimate_memory(
-        llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1, loss_chunk_size=1024
+        llama8b, quant="4bit", lora_r=16, task="causal_lm", max_length=8192, batch_size=1, long_context="chunked_loss"
     )
     assert plain.logits_peak > 8 * GiB > chunked.logits_peak
+    # (ported from loss_chunk_size=1024, offload_activations=True: the planner now also models the math-kernel
+    # attention a T4 falls back to without efficient_attention, 24 GiB of scores at 8k tokens)
     assert (
         memory.max_seq_len(
             llama8b,
@@ -215,8 +188,7 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
             lora_r=16,
             task="causal_lm",
             batch_size=1,
-            loss_chunk_size=1024,
-            offload_activations=True,
+            long_context=("efficient_attention", "chunked_loss", "offload_activations"),
         )
         >= 8192
     )
@@ -226,13 +198,18 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
 
 
 def test_activation_arithmetic_scales_with_tokens_and_checkpointing():
-    config = tiny_llama(hidden_size=256, intermediate_size=896, num_attention_heads=8, vocab_size=1000)
-    kw = dict(quant="4bit", lora_r=8, task="causal_lm", batch_size=2, loss_chunk_size=128)
-    one, two = (memory.estimate_memory(config, max_length=n, **kw) for n in (256, 512))
-    assert two.activations_checkpointing == 2 * one.activations_checkpointing
-    assert two.activations_no_checkpointing == 2 * one.activations_no_checkpointing
+    config = tiny_llama(
+        hidden_size=256, intermediate_size=896, num_attention_heads=8, vocab_size=1000, num_hidden_layers=4
+    )
+    # (ported from loss_chunk_size=128 and offload_activations=True; linear in tokens up to the per-step
+    # constant of autocast's 16-bit LoRA weight copies, with O(seq) attention)
+    lc = ("efficient_attention", "chunked_loss")
+    kw = dict(quant="4bit", lora_r=8, task="causal_lm", batch_size=2, loss_chunk_size=128, long_context=lc)
+    one, two, four = (memory.estimate_memory(config, max_length=n, **kw) for n in (256, 512, 1024))
+    for field in ("activations_checkpointing", "activations_no_checkpointing"):
+        assert getattr(four, field) - getattr(two, field) == 2 * (getattr(two, field) - getattr(one, field))
     assert one.activations_checkpointing < one.activations_no_checkpointing
-    off = memory.estimate_memory(config, max_length=256, offload_activations=True, **kw)
+    off = memory.estimate_memory(config, max_length=256, **{**kw, "long_context": lc + ("offload_activations",)})
     assert off.activations_checkpointing < one.activations_checkpointing
     # the static parts do not depend on the batch
     assert (one.quantized_weights, one.optimizer_states) == (two.quantized_weights, two.optimizer_states)
@@ -315,7 +292,7 @@ def test_benchmark_builds_a_quantized_random_model_through_from_pretrained(t4_fi
     batch = t4_fit.make_batch("causal_lm", 2, 16, 300, "cpu", padded=False)
     loss = causal_lm_loss(model, chunk_size=8, **batch)
     assert torch.isfinite(loss)
-    est = t4_fit.planned(LlamaConfig(**t4_fit.LLAMA31_8B), "decision", 8, 512, chunked=False, offload=False, lora_r=16)
+    est = t4_fit.planned(LlamaConfig(**t4_fit.LLAMA31_8B), "decision", 8, 512, long_context=(), lora_r=16)
     assert est.total < 15 * GiB
 
 

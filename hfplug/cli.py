@@ -9,24 +9,24 @@ other exception is a bug and keeps its traceback.
 Under ``accelerate launch`` (single process) a non-zero exit makes the launcher raise
 ``CalledProcessError`` with the child's whole command line: a second traceback under the
 message, and a token typed as a flag echoed into the log. So after printing the message
-``run`` ends the launcher with SIGTERM: the shell gets exit status 143 and nothing more is
-printed. Multi-process launches (torchrun) print no command line and are left alone.
+``run`` ends the launcher with SIGTERM (``hfplug.launcher.end_launcher``): the shell gets exit
+status 143 and nothing more is printed. Multi-process launches (torchrun) print no command line
+and are left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable
 
 from huggingface_hub import errors as hub_errors
 
 from hfplug.hub import HubError
 from hfplug.hub.auth import TokenError
-from hfplug.hub.redaction import exit_status_for, launched_by_accelerate_simple_launcher, mask_tokens
+from hfplug.hub.redaction import exit_status_for, mask_tokens
+from hfplug.launcher import end_launcher, simple_launcher_pid
 from hfplug.loading import cause_chain
 
 USER_ERRORS = (ValueError, OSError, HubError, TokenError)
@@ -101,35 +101,6 @@ def error_message(err: BaseException) -> str:
     return mask_tokens("error: " + "\n".join(parts))
 
 
-def _simple_launcher_pid() -> int | None:
-    """The pid of the ``accelerate launch`` process that started this one as its only process, else None."""
-    if not launched_by_accelerate_simple_launcher():
-        return None
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:  # not Linux: leave the launcher alone
-        return None
-    return (
-        parent if any(b"accelerate" in a for a in argv) else None
-    )  # `accelerate launch` or `python -m accelerate...`
-
-
-def _end_launcher(pid: int) -> None:
-    try:  # hfplug.training.resilience may have asked for SIGTERM when the launcher dies: not now, we are ending anyway
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(50):  # wait (up to 1 s) until it is gone, so it cannot still print
-        if os.getppid() != pid:
-            break
-        time.sleep(0.02)
-
-
 def run(main: Callable[[], int | None]) -> None:
     """Run a recipe's ``main()`` and exit: its return value, or 2 with an ``error:`` paragraph on bad input."""
     try:
@@ -150,8 +121,8 @@ def run(main: Callable[[], int | None]) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        launcher = _simple_launcher_pid() if status else None
+        launcher = simple_launcher_pid() if status else None
         if launcher is not None:
-            _end_launcher(launcher)
+            end_launcher(launcher)
         sys.exit(status)
     sys.exit(status if isinstance(status, int) else 0)

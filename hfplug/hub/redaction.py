@@ -8,22 +8,23 @@
 - ``refuse_token_flags``: a token on a recipe's command line is refused before anything runs:
   a command line is visible in process lists and shell history, and ``accelerate launch``
   prints it whole when the script exits non-zero. ``hfplug.cli.run`` prints the refusal
-  (masked) and picks the exit status (``exit_status_for``); see
-  ``launched_by_accelerate_simple_launcher`` for why it is 0 in one case.
+  (masked) and picks the exit status (``exit_status_for``): 0 in one case, see there.
 
 A token is never printed, logged, or written anywhere by hfplug. This module imports
-nothing of hfplug: the config parser and the recipes' exit path (``hfplug.config``,
-``hfplug.cli``) use it before anything else is loaded.
+nothing of hfplug but ``hfplug.launcher`` (which imports nothing of hfplug): the config
+parser and the recipes' exit path (``hfplug.config``, ``hfplug.cli``) use it before anything
+else is loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import threading
 from collections.abc import Sequence
+
+from hfplug.launcher import launched_by_accelerate_simple_launcher
 
 TOKEN_SETTINGS_URL = "https://huggingface.co/settings/tokens"
 MASK = "hf_***"
@@ -206,27 +207,7 @@ def refuse_token_flags(argv: Sequence[str] | None = None) -> None:
 
 # --------------------------------------------------------------------------- exiting without leaking
 
-# Set by accelerate's simple launcher (accelerate.utils.launch.prepare_simple_launcher_cmd_env)
-# for every child, whatever the config; torchrun-based launchers set TORCHELASTIC_RUN_ID as well.
-SIMPLE_LAUNCHER_ENV = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
-TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
 USAGE_ERROR_STATUS = 2
-
-
-def launched_by_accelerate_simple_launcher(environ=None) -> bool:
-    """True when this process looks started by ``accelerate launch``'s simple launcher.
-
-    That launcher (one process, CPU, one GPU, MPS: ``simple_launcher`` in
-    ``accelerate/commands/launch.py``) waits for the script and, on any non-zero exit, raises
-    ``subprocess.CalledProcessError(cmd=cmd)`` unless ``--quiet`` was given: the traceback
-    prints the script's whole argv, token included. The script cannot change what its parent
-    prints. torchrun-based launchers (multi-GPU, FSDP, DeepSpeed on one node) report a failed
-    script by name only. Detected by the environment the simple launcher sets for every child
-    (``SIMPLE_LAUNCHER_ENV``) without torchrun's ``TORCHELASTIC_RUN_ID``. Only the environment
-    is read: it is inherited through ``mpirun`` and works where ``/proc`` does not.
-    """
-    env = os.environ if environ is None else environ
-    return all(name in env for name in SIMPLE_LAUNCHER_ENV) and TORCHRUN_ENV not in env
 
 
 def exit_status_for(err: BaseException) -> int:
@@ -234,7 +215,7 @@ def exit_status_for(err: BaseException) -> int:
 
     The exception: a ``TokenOnCommandLineError`` under accelerate's simple launcher. Any
     non-zero status there makes ``accelerate launch`` print the command line, token included,
-    after our masked refusal (see ``launched_by_accelerate_simple_launcher``). Options weighed:
+    after our masked refusal (see ``hfplug.launcher.launched_by_accelerate_simple_launcher``). Options weighed:
     killing the launcher (SIGTERM to the parent) leaves status 143 and prints nothing, but
     signals a process we do not own, and a wrapper above it (``subprocess.run(check=True)``,
     CI) still echoes its own command line, token included, on the failure; ``--quiet`` is the

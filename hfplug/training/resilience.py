@@ -1,6 +1,7 @@
 """Surviving Colab and faults: a time budget, a clean stop on SIGTERM/SIGINT (also when only the
-launcher is signalled), one run per output_dir, atomic and verified checkpoints
-(``hfplug.training.checkpoints``), resuming only from complete checkpoints made with the same arguments.
+launcher is signalled: ``hfplug.launcher.follow_launcher``), one run per output_dir, atomic and verified
+checkpoints (``hfplug.training.checkpoints``), resuming only from complete checkpoints made with the same
+arguments.
 
 A free Colab session ends without warning (idle ~90 min, hard limit ~12 h), and a
 preemptible machine gets SIGTERM a few seconds before SIGKILL. The pieces here make
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 
 # Re-exported: hfplug.training.resilience stays the one import for surviving faults.
 from hfplug.arguments import parse_duration  # noqa: F401  (the time budget's syntax lives with the argument)
+from hfplug.launcher import follow_launcher, resume_command
 from hfplug.training.checkpoints import clear_staging, find_resumable_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -147,72 +149,6 @@ class GracefulStopCallback(TrainerCallback):
     def mark_save_start(self) -> None:
         """Called by ``SafeCheckpointTrainer`` so the time budget knows how long a save takes."""
         self._save_started = time.monotonic()
-
-
-# --------------------------------------------------------------------------- the launcher's signals
-
-# A process started by `accelerate launch` (one process: its simple launcher, a plain Popen)
-# is a child that nobody signals when the launcher alone gets SIGTERM (`kill <launcher pid>`):
-# the launcher dies and the trainer trains on, unsupervised. Torch elastic (torchrun, and
-# accelerate's multi-GPU/FSDP launches) does forward SIGTERM/SIGINT/SIGHUP/SIGQUIT to its
-# workers and SIGKILLs them after --shutdown_timeout (30 s), but not when it is SIGKILLed
-# itself. On Linux, prctl(PR_SET_PDEATHSIG) makes the kernel send this process SIGTERM when
-# its parent dies, whatever the reason; GracefulStopCallback then saves and stops.
-_PARENT_AT_START = os.getppid()  # read at import, early in the recipe: the launcher
-_LAUNCHER_ENV = ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")  # set by accelerate's simple launcher / torch elastic
-_PR_SET_PDEATHSIG = 1
-_following = False
-
-
-def launched_by_launcher() -> bool:
-    """True when ``accelerate launch`` or ``torchrun`` started this process."""
-    return any(name in os.environ for name in _LAUNCHER_ENV)
-
-
-def follow_launcher(sig: int = signal.SIGTERM) -> bool:
-    """Get ``sig`` when the launcher that started this process dies (Linux); True when that is arranged.
-
-    Call it early (the recipe does, in its Resume section; ``GracefulStopCallback`` does at the
-    start of training). Before training the signal simply ends the process (there is nothing
-    to save); during training the callback saves a checkpoint and stops. A launcher that died
-    before this call is noticed (the parent changed) and treated the same way. Elsewhere
-    (macOS, Windows), it logs how to stop the run properly: signal the whole process group.
-    Outside a launcher it does nothing.
-    """
-    global _following
-    if not launched_by_launcher():
-        return False
-    if not sys.platform.startswith("linux"):
-        if not _following:
-            _following = True
-            pgid = os.getpgid(0) if hasattr(os, "getpgid") else None
-            logger.info(
-                "To stop this run with a checkpoint, signal its whole process group (kill -TERM -%s), not the "
-                "launcher alone: on %s the launcher does not pass signals on.",
-                pgid or "<pgid>",
-                sys.platform,
-            )
-        return False
-    if not _following:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            logger.warning(
-                "prctl(PR_SET_PDEATHSIG) failed (%s): stop this run with kill -TERM -%d (its process group).",
-                os.strerror(ctypes.get_errno()),
-                os.getpgid(0),
-            )
-            return False
-        _following = True
-    if os.getppid() != _PARENT_AT_START or _PARENT_AT_START == 1:  # the launcher died before prctl took effect
-        logger.warning(
-            "The launcher (pid %d) is gone: stopping%s.",
-            _PARENT_AT_START,
-            " with a checkpoint" if signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN) else "",
-        )
-        os.kill(os.getpid(), sig)
-    return True
 
 
 # --------------------------------------------------------------------------- one run per output_dir
@@ -354,33 +290,6 @@ def check_resume_args(output_dir: str | os.PathLike, *, ignore=(), **groups) -> 
             + "; ".join(differences)
             + ". Rerun with the checkpoint's values, or use a new output_dir to start over."
         )
-
-
-def _launcher_argv() -> list[str] | None:
-    """The command line of the launcher that started this process (Linux), read while it is alive."""
-    try:
-        raw = Path(f"/proc/{_PARENT_AT_START}/cmdline").read_bytes()
-    except OSError:
-        return None
-    argv = [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
-    if len(argv) >= 2 and Path(argv[0]).name.startswith("python") and Path(argv[1]).name in ("accelerate", "torchrun"):
-        argv = [Path(argv[1]).name, *argv[2:]]  # .../bin/python .../bin/accelerate launch ... -> accelerate launch ...
-    return (
-        argv if any(word in " ".join(argv[:3]) for word in ("accelerate", "torchrun", "torch.distributed")) else None
-    )
-
-
-_LAUNCHER_ARGV = _launcher_argv() if launched_by_launcher() else None
-
-
-def resume_command() -> str:
-    """How to run this process again, every word quoted with ``shlex.quote``: the launcher's own command line
-    when ``accelerate launch``/``torchrun`` started it (as read at start), else ``python`` and its arguments."""
-    if _LAUNCHER_ARGV:
-        return shlex.join(_LAUNCHER_ARGV)
-    args = shlex.join(sys.argv)
-    launched = any(k in os.environ for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "LOCAL_RANK"))
-    return f"accelerate launch LAUNCH_FLAGS {args}" if launched else f"python {args}"
 
 
 # --------------------------------------------------------------------------- launch sanity

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from hfplug.data.hupd import HUB_FILES
 from hfplug.data.hupd_selection import parse_filing_date
 from hfplug.data.tasks import (
     DEFAULT_TEXT_FIELDS,
-    SECTIONS,
     TASKS,
+    TEXT_FIELDS,
     check_abstract_sources,
     check_task,
     is_generative,
@@ -94,10 +95,10 @@ class HupdArguments:
     hupd_config: str = field(
         default="sample", metadata={"help": "HUPD config: 'sample' (January 2016) or 'all' (2004-2018)."}
     )
-    metadata_path: str | None = field(
+    hupd_metadata_path: str | None = field(
         default=None, metadata={"help": "Local metadata .feather; default: fetched from the HUPD/hupd Hub repo."}
     )
-    archive_path: str | None = field(
+    hupd_archive_path: str | None = field(
         default=None,
         metadata={"help": "Local archive (.tar.gz for sample, .tar for all); default: fetched from the Hub."},
     )
@@ -142,7 +143,7 @@ class HupdArguments:
     text_fields: str | None = field(
         default=None,
         metadata={
-            "help": f"Comma-separated sections the model reads, in order; any of {', '.join(SECTIONS)}. Default: title,abstract (decision, ipc); claims (abstract, which cannot read the abstract it writes)."
+            "help": f"Comma-separated sections the model reads, in order; any of {', '.join(TEXT_FIELDS)}. Default: title,abstract (decision, ipc); claims (abstract, which cannot read the abstract it writes)."
         },
     )
     chat_template: str | None = field(
@@ -200,21 +201,22 @@ class HupdArguments:
 
     @property
     def sections(self) -> list[str]:
+        """Deprecated: pass ``text_fields`` (the comma string) on; every reader takes it as it is."""
+        warnings.warn("HupdArguments.sections is now text_fields.", DeprecationWarning, stacklevel=2)
         return self.text_fields.split(",")
 
     def hub_files_needed(self) -> list[str]:
         """The files of the HUPD/hupd dataset repo this selection downloads (none when both are local)."""
         metadata, archive = HUB_FILES[self.hupd_config]
-        return [
-            name for name, local in ((metadata, self.metadata_path), (archive, self.archive_path)) if local is None
-        ]
+        local = ((metadata, self.hupd_metadata_path), (archive, self.hupd_archive_path))
+        return [name for name, path in local if path is None]
 
     def load_hupd_kwargs(self) -> dict:
-        """The keyword arguments for ``hfplug.data.load_hupd``."""
+        """The keyword arguments for ``hfplug.data.load_hupd`` (its keywords are these fields' names)."""
         return dict(
-            name=self.hupd_config,
-            metadata_path=self.metadata_path,
-            archive_path=self.archive_path,
+            hupd_config=self.hupd_config,
+            hupd_metadata_path=self.hupd_metadata_path,
+            hupd_archive_path=self.hupd_archive_path,
             train_filing_start_date=self.train_filing_start_date,
             train_filing_end_date=self.train_filing_end_date,
             val_filing_start_date=self.val_filing_start_date,
@@ -224,7 +226,7 @@ class HupdArguments:
             ipcr_label=self.ipcr_label,
             cpc_label=self.cpc_label,
             query=self.query,
-            cache_dir=self.hupd_cache_dir,
+            hupd_cache_dir=self.hupd_cache_dir,
             streaming=self.streaming,
         )
 

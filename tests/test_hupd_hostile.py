@@ -224,8 +224,8 @@ def warnings_of_loader():
 
 
 def load(metadata: Path, archive: Path, mode: str, **kwargs):
-    name = "sample" if archive.name.endswith(".tar.gz") else "all"
-    return load_hupd(name, metadata_path=metadata, archive_path=archive, **MODES[mode], **kwargs)
+    hupd_config = "sample" if archive.name.endswith(".tar.gz") else "all"
+    return load_hupd(hupd_config, hupd_metadata_path=metadata, hupd_archive_path=archive, **MODES[mode], **kwargs)
 
 
 # --- the rules, simulated -----------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_load_never_crashes_and_counts_every_skip(apps, mode):
         metadata, archive, members = write(root, apps, "sample")
         expected_rows, expected_counts = simulate(metadata, mode, members)
         with warnings_of_loader() as warnings:
-            built = load(metadata, archive, mode, cache_dir=root / "cache")
+            built = load(metadata, archive, mode, hupd_cache_dir=root / "cache")
         for split in ("train", "validation"):
             assert built[split]["application_number"] == expected_rows[split], split
             check_rows(built[split])
@@ -330,7 +330,7 @@ def test_load_never_crashes_and_counts_every_skip(apps, mode):
         assert len(warnings) == (1 if skips else 0), warnings
 
         with warnings_of_loader() as warnings:  # the cached load repeats the report
-            again = load(metadata, archive, mode, cache_dir=root / "cache")
+            again = load(metadata, archive, mode, hupd_cache_dir=root / "cache")
         assert again["train"].to_list() == built["train"].to_list()
         assert len(warnings) == (1 if skips else 0)
 
@@ -343,7 +343,7 @@ def test_streaming_matches_the_cache_and_reports_each_pass(apps, mode):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         metadata, archive, _ = write(root, apps, "sample")
-        built = load(metadata, archive, mode, cache_dir=root / "cache")
+        built = load(metadata, archive, mode, hupd_cache_dir=root / "cache")
         with warnings_of_loader() as warnings:
             streamed = load(metadata, archive, mode, streaming=True)
         assert len(warnings) <= 1  # what the metadata alone shows, reported when the splits are made
@@ -364,8 +364,8 @@ def test_all_years_layout_agrees_with_the_sample_layout(apps, mode):
     same order, same repeats (the last copy of a path is the same in both)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sample = load(*write(root / "s", apps, "sample")[:2], mode, cache_dir=root / "s" / "cache")
-        every = load(*write(root / "a", apps, "all")[:2], mode, cache_dir=root / "a" / "cache")
+        sample = load(*write(root / "s", apps, "sample")[:2], mode, hupd_cache_dir=root / "s" / "cache")
+        every = load(*write(root / "a", apps, "all")[:2], mode, hupd_cache_dir=root / "a" / "cache")
         for split in ("train", "validation"):
             assert every[split].to_list() == sample[split].to_list()
         assert info_counts(root / "a" / "cache") == info_counts(root / "s" / "cache")
@@ -401,7 +401,7 @@ def test_lone_surrogates_become_replacement_characters(tmp_path):
         tmp_path, ANCHORS, omit_json_for=[number], extra_members=[(f"sample/2016/{number}.json", payload)]
     )
     for streaming in (False, True):
-        result = load(metadata, archive, "dates", cache_dir=tmp_path / "cache", streaming=streaming)
+        result = load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "cache", streaming=streaming)
         (row,) = [r for r in result["train"] if r["application_number"] == number]
         assert (row["title"], row["abstract"], row["ipcr_labels"]) == ("a\ufffdb", "\ufffd", ["\ufffd"])
         assert row["claims"] == "['\\ud800']"  # a list's str() escapes the surrogate itself
@@ -416,7 +416,7 @@ def test_nesting_at_the_json_limit_is_unreadable_not_fatal(tmp_path, caplog):
         omit_json_for=[number],
         extra_members=[(f"sample/2016/{number}.json", b'{"title": ' + deep + b"}")],
     )
-    result = load(metadata, archive, "dates", cache_dir=tmp_path / "cache")
+    result = load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "cache")
     assert number not in result["train"]["application_number"]
     assert f"unreadable JSON for 1 ({number})" in caplog.text
 
@@ -431,11 +431,11 @@ def test_metadata_columns_of_unexpected_types(tmp_path):
     df["filing_date"] = df["filing_date"].dt.tz_localize("US/Pacific")
     df.to_feather(metadata)
     with pytest.raises(ValueError, match="ipcr_label='G06F' matched none"):  # a clear error, not AttributeError
-        load(metadata, archive, "dates", cache_dir=tmp_path / "c1", ipcr_label="G06F")
-    assert len(load(metadata, archive, "dates", cache_dir=tmp_path / "c2", ipcr_label="1")["train"]) >= 1
+        load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "c1", ipcr_label="G06F")
+    assert len(load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "c2", ipcr_label="1")["train"]) >= 1
     df["filing_date"] = df["filing_date"].dt.strftime("%Y%m%d")  # the JSON records' form, as text
     df.to_feather(metadata)
-    by_text = load(metadata, archive, "dates", cache_dir=tmp_path / "c3")
+    by_text = load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "c3")
     assert len(by_text["train"]) + len(by_text["validation"]) == len(records)
 
 
@@ -474,7 +474,7 @@ def test_report_names_each_kind_of_skip(tmp_path, caplog):
     members = [(f"sample/2016/{first['application_number']}.json", b"{}")]  # a repeated member
     metadata, archive = write_simple(tmp_path, ANCHORS, extra_members=members, metadata_extra_rows=extra)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        load(metadata, archive, "uniform", cache_dir=tmp_path / "cache")
+        load(metadata, archive, "uniform", hupd_cache_dir=tmp_path / "cache")
     (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "1 of 3 selected applications skipped: no valid filing date in the metadata" in message
     assert "(14000009)" in message
@@ -484,7 +484,7 @@ def test_report_names_each_kind_of_skip(tmp_path, caplog):
     )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        load(metadata, archive, "dates", cache_dir=tmp_path / "cache")
+        load(metadata, archive, "dates", hupd_cache_dir=tmp_path / "cache")
     (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert (
         f"1 repeated metadata rows yielded again, as the official loader does: 1 ({second['application_number']})"

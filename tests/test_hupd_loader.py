@@ -78,10 +78,8 @@ def sample(tmp_path_factory) -> dict:
 
 
 def load(files: dict, tmp_path: Path, **kwargs) -> datasets.DatasetDict:
-    kwargs.setdefault("cache_dir", tmp_path / "cache")
-    return load_hupd(
-        kwargs.pop("name", "sample"), metadata_path=files["metadata"], archive_path=files["archive"], **kwargs
-    )
+    kwargs.setdefault("hupd_cache_dir", tmp_path / "cache")
+    return load_hupd(hupd_metadata_path=files["metadata"], hupd_archive_path=files["archive"], **kwargs)
 
 
 def rows_by_number(dataset) -> dict[str, dict]:
@@ -178,7 +176,7 @@ def test_cache_is_keyed_on_the_input_files(tmp_path):
 def test_streaming_equals_non_streaming_but_in_archive_order(sample, tmp_path):
     built = load(sample, tmp_path, **DATES, val_set_balancer=True)
     streamed = load(
-        sample, tmp_path, **DATES, val_set_balancer=True, streaming=True, cache_dir=tmp_path / "stream_cache"
+        sample, tmp_path, **DATES, val_set_balancer=True, streaming=True, hupd_cache_dir=tmp_path / "stream_cache"
     )
     assert isinstance(streamed, datasets.IterableDatasetDict)
     for split in built:
@@ -223,7 +221,7 @@ def test_all_layout_reads_only_needed_years(all_years, tmp_path, caplog):
         val_filing_end_date="2017-01-01",
     )
     with caplog.at_level(logging.DEBUG, logger="hfplug.data.hupd"):
-        result = load(all_years, tmp_path, name="all", **dates)
+        result = load(all_years, tmp_path, hupd_config="all", **dates)
     read = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Reading ")]
     assert read == ["Reading data/2016.tar.gz"]
     assert any("Skipping data/2015.tar.gz" in r.getMessage() for r in caplog.records)
@@ -239,7 +237,7 @@ def test_all_layout_corrupt_year_is_reported_when_needed(all_years, tmp_path):
         load(
             all_years,
             tmp_path,
-            name="all",
+            hupd_config="all",
             train_filing_start_date="2016-01-01",
             train_filing_end_date="2016-06-01",
             val_filing_start_date="2016-06-01",
@@ -251,19 +249,31 @@ def test_all_layout_corrupt_year_is_reported_when_needed(all_years, tmp_path):
 
 
 def test_missing_files(sample, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"HUPD metadata file not found: .*nope.feather.*metadata_path"):
-        load_hupd(metadata_path=tmp_path / "nope.feather", archive_path=sample["archive"], **DATES)
+    with pytest.raises(FileNotFoundError, match=r"HUPD metadata file not found: .*nope.feather.*hupd_metadata_path"):
+        load_hupd(hupd_metadata_path=tmp_path / "nope.feather", hupd_archive_path=sample["archive"], **DATES)
     with pytest.raises(FileNotFoundError, match=r"HUPD archive file not found: .*nope.tar.gz.*sample-jan-2016"):
-        load_hupd(metadata_path=sample["metadata"], archive_path=tmp_path / "nope.tar.gz", **DATES)
+        load_hupd(hupd_metadata_path=sample["metadata"], hupd_archive_path=tmp_path / "nope.tar.gz", **DATES)
 
 
 def test_bad_arguments_fail_before_any_file_is_read(tmp_path):
-    with pytest.raises(ValueError, match="name must be one of"):
-        load_hupd("full", metadata_path=tmp_path / "x", archive_path=tmp_path / "y")
+    with pytest.raises(ValueError, match="hupd_config must be one of"):
+        load_hupd("full", hupd_metadata_path=tmp_path / "x", hupd_archive_path=tmp_path / "y")
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         load_hupd(
-            metadata_path=tmp_path / "x", archive_path=tmp_path / "y", **{**DATES, "val_filing_end_date": "2016-2-1"}
+            hupd_metadata_path=tmp_path / "x",
+            hupd_archive_path=tmp_path / "y",
+            **{**DATES, "val_filing_end_date": "2016-2-1"},
         )
+
+
+def test_old_keywords_still_load_with_a_deprecation_warning(sample, tmp_path):
+    """load_hupd's keywords took the recipe's flag names; the old ones warn and give the same splits."""
+    old = dict(name="sample", metadata_path=sample["metadata"], archive_path=sample["archive"])
+    with pytest.warns(DeprecationWarning, match=r"load_hupd\(cache_dir=\.\.\.\) is now load_hupd\(hupd_cache_dir="):
+        result = load_hupd(**old, cache_dir=tmp_path / "cache", **DATES)
+    assert result["train"].to_list() == load(sample, tmp_path, **DATES)["train"].to_list()
+    with pytest.raises(TypeError, match="pass hupd_cache_dir= only"):
+        load_hupd(cache_dir=tmp_path / "a", hupd_cache_dir=tmp_path / "b", **DATES)
 
 
 def corrupt_variants(archive: Path) -> dict[str, bytes]:
@@ -286,7 +296,9 @@ def test_corrupt_archive(sample, tmp_path, kind):
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(corrupt_variants(sample["archive"])[kind])
     with pytest.raises(HupdFileError) as info:
-        load_hupd(metadata_path=sample["metadata"], archive_path=bad, cache_dir=tmp_path / "cache", **DATES)
+        load_hupd(
+            hupd_metadata_path=sample["metadata"], hupd_archive_path=bad, hupd_cache_dir=tmp_path / "cache", **DATES
+        )
     assert str(bad) in str(info.value) and "download it again" in str(info.value)
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # only the good cache, nothing half-built
@@ -304,7 +316,11 @@ def test_truncated_all_years_tar(all_years, tmp_path, where):
     bad.write_bytes(data[:boundary] if where == "at_a_member_boundary" else data[: len(data) * 2 // 3])
     with pytest.raises(HupdFileError, match="all.tar"):
         load_hupd(
-            "all", metadata_path=all_years["metadata"], archive_path=bad, cache_dir=tmp_path / "c", uniform_split=True
+            "all",
+            hupd_metadata_path=all_years["metadata"],
+            hupd_archive_path=bad,
+            hupd_cache_dir=tmp_path / "c",
+            uniform_split=True,
         )
 
 
@@ -313,7 +329,9 @@ def test_corrupt_metadata(sample, tmp_path, content):
     bad = tmp_path / "meta.feather"
     bad.write_bytes(content)
     with pytest.raises(HupdFileError, match=r"HUPD metadata file .*meta.feather is unreadable.*download it again"):
-        load_hupd(metadata_path=bad, archive_path=sample["archive"], cache_dir=tmp_path / "cache", **DATES)
+        load_hupd(
+            hupd_metadata_path=bad, hupd_archive_path=sample["archive"], hupd_cache_dir=tmp_path / "cache", **DATES
+        )
     assert not list((tmp_path / "cache").glob("*"))
 
 
@@ -321,7 +339,9 @@ def test_metadata_without_needed_columns(sample, tmp_path):
     bad = tmp_path / "meta.feather"
     pd.DataFrame({"application_number": ["1"], "filing_date": pd.to_datetime(["2016-01-01"])}).to_feather(bad)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['decision', 'main_ipcr_label'"):
-        load_hupd(metadata_path=bad, archive_path=sample["archive"], cache_dir=tmp_path / "cache", **DATES)
+        load_hupd(
+            hupd_metadata_path=bad, hupd_archive_path=sample["archive"], hupd_cache_dir=tmp_path / "cache", **DATES
+        )
 
 
 # --- the Hub path ------------------------------------------------------------------------
@@ -346,14 +366,14 @@ def test_hub_download_from_an_offline_cache(sample, tmp_path, monkeypatch, caplo
 
     secret = "hf_NEVERLOGGEDtoken123"
     with caplog.at_level(logging.DEBUG):
-        result = load_hupd("sample", cache_dir=tmp_path / "cache", token=secret, **DATES)
+        result = load_hupd("sample", hupd_cache_dir=tmp_path / "cache", token=secret, **DATES)
     assert result["train"].to_list() == load(sample, tmp_path, **DATES)["train"].to_list()
     assert secret not in caplog.text
     assert not any(secret in p.read_text(errors="ignore") for p in (tmp_path / "cache").rglob("*.json"))
 
     with pytest.raises(Exception, match="could not fetch 'hupd_metadata_2022-02-22.feather'") as info:
-        load_hupd("all", cache_dir=tmp_path / "cache", uniform_split=True)  # not in the offline cache
-    assert "metadata_path" in "".join(getattr(info.value, "__notes__", []))
+        load_hupd("all", hupd_cache_dir=tmp_path / "cache", uniform_split=True)  # not in the offline cache
+    assert "hupd_metadata_path" in "".join(getattr(info.value, "__notes__", []))
 
 
 # --- more fidelity edges -----------------------------------------------------------------
@@ -576,7 +596,11 @@ def small_files(tmp_path: Path, n: int = 6, **kwargs) -> tuple[dict, list[dict]]
 def rows_of(files: dict, tmp_path: Path, **kwargs) -> dict[str, dict]:
     """Every loaded row by application number (train and validation of a window holding all of January)."""
     result = load(
-        files, tmp_path, name="all" if files["archive"].name.endswith(".tar") else "sample", **WHOLE_MONTH, **kwargs
+        files,
+        tmp_path,
+        hupd_config="all" if files["archive"].name.endswith(".tar") else "sample",
+        **WHOLE_MONTH,
+        **kwargs,
     )
     return {row["application_number"]: row for row in result["train"]}
 
@@ -673,11 +697,15 @@ def test_hard_links_read_as_their_target(tmp_path, layout, caplog):
 
 
 def rows_of_stream(files: dict) -> list[dict]:
-    name = "all" if files["archive"].name.endswith(".tar") else "sample"
+    hupd_config = "all" if files["archive"].name.endswith(".tar") else "sample"
     return list(
-        load_hupd(name, metadata_path=files["metadata"], archive_path=files["archive"], streaming=True, **WHOLE_MONTH)[
-            "train"
-        ]
+        load_hupd(
+            hupd_config,
+            hupd_metadata_path=files["metadata"],
+            hupd_archive_path=files["archive"],
+            streaming=True,
+            **WHOLE_MONTH,
+        )["train"]
     )
 
 
@@ -764,7 +792,7 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
     assert re.search(
         r"needs about [1-9]\d* [KMG]?B \(\d+ [KMGT]?B free now\) in " + re.escape(str(tmp_path / "cache")), message
     ), message
-    assert "cache_dir=" in message
+    assert "hupd_cache_dir=" in message
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # scratch removed, the good cache kept
     monkeypatch.undo()
@@ -774,7 +802,9 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
 
 def test_other_write_errors_name_the_cache(sample, tmp_path, monkeypatch):
     fail_after(monkeypatch, "_write_rows", 1, PermissionError(errno.EACCES, "Permission denied"))
-    with pytest.raises(HupdCacheError, match=r"Could not write the HUPD cache .*PermissionError.*cache_dir=") as info:
+    with pytest.raises(
+        HupdCacheError, match=r"Could not write the HUPD cache .*PermissionError.*hupd_cache_dir="
+    ) as info:
         load(sample, tmp_path, **DATES)
     assert str(tmp_path / "cache") in str(info.value)
     assert not list((tmp_path / "cache").iterdir())

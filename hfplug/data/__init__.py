@@ -2,11 +2,11 @@
 
 from hfplug.data.collate import padding_collator
 from hfplug.data.hupd import load_hupd
-from hfplug.data.tasks import SECTIONS, TASKS, TaskData, parse_text_fields, prepare_task, tokenize_splits
+from hfplug.data.tasks import TASKS, TEXT_FIELDS, TaskData, parse_text_fields, prepare_task, tokenize_splits
 
 __all__ = [
-    "SECTIONS",
     "TASKS",
+    "TEXT_FIELDS",
     "TaskData",
     "load_hupd",
     "padding_collator",

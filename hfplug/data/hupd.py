@@ -24,7 +24,7 @@ How it reads the data, and why:
   then accepted) by reading rows back with ``pread``, into a plain Arrow file with no
   indices mapping. Memory stays flat however large the archive is; the price is one more
   write and read of the selected records (less than ``select(...).flatten_indices()``,
-  which also maps the whole file into memory). The splits are cached under ``cache_dir``:
+  which also maps the whole file into memory). The splits are cached under ``hupd_cache_dir``:
   a second call with the same arguments and the same input files opens them without
   reading the archive (or the metadata) again.
 * Decompression runs on a background thread (zlib releases the GIL) while the main thread
@@ -44,9 +44,11 @@ argument checks, the Hub files and the metadata, and the names tests and callers
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,30 @@ HUB_FILES: dict[str, tuple[str, str]] = {
 JSON_DIRS = {"sample": "sample", "all": "data"}
 
 _METADATA_COLUMNS = ("application_number", "filing_date", "decision", "main_ipcr_label", "main_cpc_label")
+# load_hupd's keywords before they took the names of the recipe's flags (hfplug.arguments.HupdArguments).
+_RENAMED_KEYWORDS = {
+    "name": "hupd_config",
+    "metadata_path": "hupd_metadata_path",
+    "archive_path": "hupd_archive_path",
+    "cache_dir": "hupd_cache_dir",
+}
+
+
+def _accept_renamed_keywords(load: Callable) -> Callable:
+    """``load_hupd(name=..., cache_dir=...)`` still works, with a ``DeprecationWarning`` that gives the new name."""
+
+    @functools.wraps(load)
+    def wrapper(*args, **kwargs):
+        for old, new in _RENAMED_KEYWORDS.items():
+            if old not in kwargs:
+                continue
+            if new in kwargs:
+                raise TypeError(f"load_hupd() got {old}= and {new}=, the same argument; pass {new}= only.")
+            warnings.warn(f"load_hupd({old}=...) is now load_hupd({new}=...).", DeprecationWarning, stacklevel=2)
+            kwargs[new] = kwargs.pop(old)
+        return load(*args, **kwargs)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,11 +131,12 @@ _METADATA_COLUMNS = ("application_number", "filing_date", "decision", "main_ipcr
 # ---------------------------------------------------------------------------------------
 
 
+@_accept_renamed_keywords
 def load_hupd(
-    name: str = "sample",
+    hupd_config: str = "sample",
     *,
-    metadata_path: str | os.PathLike | None = None,
-    archive_path: str | os.PathLike | None = None,
+    hupd_metadata_path: str | os.PathLike | None = None,
+    hupd_archive_path: str | os.PathLike | None = None,
     train_filing_start_date: str | None = None,
     train_filing_end_date: str | None = None,
     val_filing_start_date: str | None = None,
@@ -119,15 +146,18 @@ def load_hupd(
     ipcr_label: str | None = None,
     cpc_label: str | None = None,
     query: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    hupd_cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     streaming: bool = False,
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Load HUPD's ``train`` and ``validation`` splits with the official loader's selection and order.
 
+    The keywords are the recipe's flags (``--hupd_config``, ``--hupd_cache_dir``, ...); the old
+    ``name``, ``metadata_path``, ``archive_path`` and ``cache_dir`` still work, with a ``DeprecationWarning``.
+
     Args:
-        name: ``"sample"`` (January 2016, ~27k applications) or ``"all"`` (2004-2018).
-        metadata_path, archive_path: local copies of the Hub files (same layout). A path left
+        hupd_config: ``"sample"`` (January 2016, ~27k applications) or ``"all"`` (2004-2018).
+        hupd_metadata_path, hupd_archive_path: local copies of the Hub files (same layout). A path left
             unset is downloaded from the ``HUPD/hupd`` dataset repo with ``hf_hub_download``
             (so it is cached and resolved offline with ``HF_HUB_OFFLINE=1``).
         train_filing_start_date ... val_filing_end_date: ``YYYY-MM-DD`` or ``YYYYMMDD``. Date
@@ -139,7 +169,7 @@ def load_hupd(
         val_set_balancer: validation keeps equal numbers of ACCEPTED and REJECTED.
         ipcr_label, cpc_label: prefix filters on the main IPC / CPC label (IPC wins if both).
         query: a :meth:`pandas.DataFrame.query` string on the metadata (upstream's ``query_string``).
-        cache_dir: where built splits are cached (default
+        hupd_cache_dir: where built splits are cached (default
             ``datasets.config.HF_DATASETS_CACHE / "hfplug_hupd"``).
         token: Hub token for the downloads (never logged or stored).
         streaming: return an ``IterableDatasetDict`` that reads the archive lazily on each
@@ -162,7 +192,7 @@ def load_hupd(
         the records back), and a path stored twice in the archive gives its first copy.
 
     Raises:
-        ValueError: bad dates or name, a filter or date window that selects nothing.
+        ValueError: bad dates or hupd_config, a filter or date window that selects nothing.
         FileNotFoundError: a given metadata/archive path does not exist.
         HupdFileError: a metadata or archive file is corrupt or truncated.
         HupdCacheError: the cache could not be written (e.g. the disk is full); the message
@@ -177,8 +207,8 @@ def load_hupd(
     from the cache repeats; any JSON value is accepted for a field (nulls become ``""``,
     other values their ``str()``).
     """
-    if name not in HUB_FILES:
-        raise ValueError(f"name must be one of {sorted(HUB_FILES)}, got {name!r}")
+    if hupd_config not in HUB_FILES:
+        raise ValueError(f"hupd_config must be one of {sorted(HUB_FILES)}, got {hupd_config!r}")
     selection = _selection_args(
         train_filing_start_date=train_filing_start_date,
         train_filing_end_date=train_filing_end_date,
@@ -190,16 +220,18 @@ def load_hupd(
         cpc_label=cpc_label,
         query=query,
     )
-    metadata_file, archive_file = _resolve_files(name, metadata_path, archive_path, token)
+    metadata_file, archive_file = _resolve_files(hupd_config, hupd_metadata_path, hupd_archive_path, token)
     if streaming:
         splits, undated = _select(metadata_file, selection)
-        return streaming_splits(splits, undated, archive_file, JSON_DIRS[name])
+        return streaming_splits(splits, undated, archive_file, JSON_DIRS[hupd_config])
 
-    root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "hfplug_hupd"
-    target = root / f"{name}-{_cache_key(name, selection, metadata_file, archive_file)}"
+    root = (
+        Path(hupd_cache_dir) if hupd_cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "hfplug_hupd"
+    )
+    target = root / f"{hupd_config}-{_cache_key(hupd_config, selection, metadata_file, archive_file)}"
     if not _is_complete_cache(target):
         splits, undated = _select(metadata_file, selection)
-        _build_cache(target, archive_file, _plan(splits.items(), JSON_DIRS[name], undated_rows=undated))
+        _build_cache(target, archive_file, _plan(splits.items(), JSON_DIRS[hupd_config], undated_rows=undated))
     else:
         logger.info("Using cached HUPD splits from %s", target)
         _log_cached_skips(target)
@@ -234,17 +266,17 @@ def _selection_args(**args: Any) -> dict[str, Any]:
 
 
 def _resolve_files(
-    name: str,
-    metadata_path: str | os.PathLike | None,
-    archive_path: str | os.PathLike | None,
+    hupd_config: str,
+    hupd_metadata_path: str | os.PathLike | None,
+    hupd_archive_path: str | os.PathLike | None,
     token: str | bool | None,
 ) -> tuple[Path, Path]:
     """Local paths of the metadata and the archive: given ones are checked, others downloaded."""
-    hub_metadata, hub_archive = HUB_FILES[name]
+    hub_metadata, hub_archive = HUB_FILES[hupd_config]
     resolved = []
     for given, hub_name, what, argument in (
-        (metadata_path, hub_metadata, "metadata", "metadata_path"),
-        (archive_path, hub_archive, "archive", "archive_path"),
+        (hupd_metadata_path, hub_metadata, "metadata", "hupd_metadata_path"),
+        (hupd_archive_path, hub_archive, "archive", "hupd_archive_path"),
     ):
         if given is None:
             resolved.append(_download(hub_name, token))
@@ -271,7 +303,7 @@ def _download(filename: str, token: str | bool | None) -> Path:
         exc.add_note(
             f"hfplug could not fetch {filename!r} from the {HUB_REPO_ID} dataset repo. Check the network "
             "(or, offline, that it is in the Hub cache), or download it yourself and pass "
-            "metadata_path=/archive_path= to load_hupd."
+            "hupd_metadata_path=/hupd_archive_path= to load_hupd (--hupd_metadata_path/--hupd_archive_path)."
         )
         raise
 

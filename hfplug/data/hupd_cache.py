@@ -206,10 +206,10 @@ def _file_identity(path: Path) -> list[Any]:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _cache_key(name: str, selection: Mapping[str, Any], metadata_file: Path, archive_file: Path) -> str:
+def _cache_key(hupd_config: str, selection: Mapping[str, Any], metadata_file: Path, archive_file: Path) -> str:
     payload = {
         "version": CACHE_VERSION,
-        "name": name,
+        "name": hupd_config,  # the key's old name: caches built before the rename stay valid
         "selection": dict(selection),
         "metadata": _file_identity(metadata_file),
         "archive": _file_identity(archive_file),
@@ -283,13 +283,13 @@ def _cache_error(exc: OSError, target: Path, progress: _Progress) -> HupdCacheEr
     text = str(exc)
     full = exc.errno in _NO_SPACE or any(os.strerror(code) in text for code in _NO_SPACE)  # pyarrow sets no errno
     advice = (
-        "free some space there, or point cache_dir= (--hupd_cache_dir) at a disk with more room. The partial "
+        "free some space there, or point hupd_cache_dir= (--hupd_cache_dir) at a disk with more room. The partial "
         "build was removed; earlier caches are untouched."
     )
     if not full:
         return HupdCacheError(
             f"Could not write the HUPD cache {target} ({type(exc).__name__}: {exc}). Check that "
-            f"{where} is writable and has room, or point cache_dir= (--hupd_cache_dir) elsewhere. "
+            f"{where} is writable and has room, or point hupd_cache_dir= (--hupd_cache_dir) elsewhere. "
             "The partial build was removed; earlier caches are untouched."
         )
     try:

@@ -7,7 +7,7 @@
   The label set comes from the training split; validation records whose subclass
   never occurs in training cannot be predicted, so they are dropped and counted.
 - ``abstract``: write the abstract from the claims (the HUPD paper's summarization
-  task) as a chat: the user turn is an instruction and the claims (or the sections in
+  task) as a chat: the user turn is an instruction and the claims (or the sections named by
   ``text_fields``), the assistant turn is the abstract. Records with an empty abstract
   or an empty source section are dropped and counted. Examples are encoded through
   ``hfplug.chat.format.ChatFormat`` with the loss on the reply only; claims are cut
@@ -26,11 +26,12 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("decision", "ipc", "abstract")
 GENERATIVE_TASKS = ("abstract",)  # causal-LM fine-tuning through a chat format
-SECTIONS = ("title", "abstract", "claims", "background", "summary", "description")
+# The sections of an application a model can read: the values --text_fields picks from.
+TEXT_FIELDS = ("title", "abstract", "claims", "background", "summary", "description")
 # What the model reads when --text_fields is not given.
 DEFAULT_TEXT_FIELDS = {"decision": "title,abstract", "ipc": "title,abstract", "abstract": "claims"}
-# How a section is introduced inside an abstract prompt.
-SECTION_TITLES = {
+# How a text field is introduced inside an abstract prompt.
+TEXT_FIELD_TITLES = {
     "title": "Title",
     "claims": "Claims",
     "background": "Background",
@@ -43,14 +44,16 @@ IPC_SUBCLASS_CHARS = 4
 
 
 def parse_text_fields(value: str | Sequence[str]) -> list[str]:
-    """``"title,abstract"`` or ``["title", "abstract"]`` -> validated, ordered section names."""
+    """``"title,abstract"`` or ``["title", "abstract"]`` -> validated, ordered text field names."""
     names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"text_fields is empty; pick one or more of {', '.join(SECTIONS)} (e.g. title,abstract).")
-    unknown = [n for n in names if n not in SECTIONS]
+        raise ValueError(f"text_fields is empty; pick one or more of {', '.join(TEXT_FIELDS)} (e.g. title,abstract).")
+    unknown = [n for n in names if n not in TEXT_FIELDS]
     if unknown:
-        raise ValueError(f"Unknown section(s) in text_fields: {', '.join(unknown)}. Allowed: {', '.join(SECTIONS)}.")
+        raise ValueError(
+            f"Unknown section(s) in text_fields: {', '.join(unknown)}. Allowed: {', '.join(TEXT_FIELDS)}."
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"text_fields lists a section twice: {','.join(names)}.")
     return names
@@ -67,14 +70,14 @@ def is_generative(task: str) -> bool:
     return check_task(task) in GENERATIVE_TASKS
 
 
-def check_abstract_sources(text_fields: Sequence[str]) -> list[str]:
-    """The sections an abstract is written from; the abstract itself cannot be one of them."""
+def check_abstract_sources(text_fields: str | Sequence[str]) -> list[str]:
+    """The text fields an abstract is written from; the abstract itself cannot be one of them."""
     names = parse_text_fields(text_fields)
     if "abstract" in names:
         raise ValueError(
             f"--task abstract writes the abstract, so text_fields cannot include it (got {','.join(names)}). "
             "Use --text_fields claims (the HUPD paper's summarization input) or other sections: "
-            f"{', '.join(s for s in SECTIONS if s != 'abstract')}."
+            f"{', '.join(s for s in TEXT_FIELDS if s != 'abstract')}."
         )
     return names
 
@@ -118,14 +121,14 @@ def ipc_subclass(ipc_label: str | None) -> str:
 
 
 def prepare_task(
-    splits: DatasetDict | IterableDatasetDict, task: str, *, text_fields: Sequence[str] | None = None
+    splits: DatasetDict | IterableDatasetDict, task: str, *, text_fields: str | Sequence[str] | None = None
 ) -> TaskData:
     """Keep the records ``task`` uses and, for classification, add its int ``label`` column.
 
     Labels are computed from one column and attached with ``add_column`` + a
     ``filter`` on the label, so the (large) text columns are never rewritten.
-    ``text_fields`` matters for ``abstract`` only: the sections the abstract is written
-    from (default: claims); records where one of them or the abstract is empty are dropped.
+    ``text_fields`` (``"claims,title"`` or a list) matters for ``abstract`` only: what the abstract
+    is written from (default: claims); records where one of them or the abstract is empty are dropped.
     """
     check_task(task)
     if task in GENERATIVE_TASKS:
@@ -205,32 +208,37 @@ def _attach_labels(split, source: str, to_label) -> tuple:
     return labelled, len(split) - len(labelled)
 
 
-def join_sections(batch: dict, text_fields: Sequence[str], separator: str) -> list[str]:
-    """Join the chosen sections of each record in a batch, skipping empty ones."""
+def join_text_fields(batch: dict, text_fields: Sequence[str], separator: str) -> list[str]:
+    """Join the ``text_fields`` of each record in a batch, in order, skipping empty ones."""
     n = len(batch[text_fields[0]])
     return [separator.join(s for f in text_fields if (s := (batch[f][i] or "").strip())) for i in range(n)]
+
+
+join_sections = join_text_fields  # the old name, until benchmarks/ import join_text_fields
 
 
 def tokenize_splits(
     splits: DatasetDict | IterableDatasetDict,
     tokenizer,
     *,
-    text_fields: Sequence[str],
+    text_fields: str | Sequence[str],
     max_length: int,
     add_length: bool = False,
     num_proc: int | None = None,
 ) -> DatasetDict | IterableDatasetDict:
     """Tokenize once, with ``map(batched=True)``, truncating to ``max_length`` and *not* padding.
 
+    The model reads ``text_fields`` (``"title,abstract"`` or a list), joined in that order.
     Padding happens per batch in the collator, so a batch of short abstracts is not
     padded to 512. ``add_length`` stores each example's token count in ``length``
     for ``train_sampling_strategy="group_by_length"``.
     """
-    # A visible boundary between sections: [SEP] for BERT-like tokenizers, a blank line otherwise.
+    text_fields = parse_text_fields(text_fields)
+    # A visible boundary between text fields: [SEP] for BERT-like tokenizers, a blank line otherwise.
     separator = f" {tokenizer.sep_token} " if tokenizer.sep_token else "\n\n"
 
     def encode(batch):
-        enc = tokenizer(join_sections(batch, text_fields, separator), truncation=True, max_length=max_length)
+        enc = tokenizer(join_text_fields(batch, text_fields, separator), truncation=True, max_length=max_length)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "label": batch["label"]}
         if add_length:
             out["length"] = [len(ids) for ids in enc["input_ids"]]
@@ -246,29 +254,29 @@ def tokenize_splits(
 
 
 def abstract_instruction(sources: Sequence[str]) -> str:
-    """The instruction that opens every abstract prompt, naming the sections that follow."""
+    """The instruction that opens every abstract prompt, naming the text fields that follow."""
     listed = sources[0] if len(sources) == 1 else f"{', '.join(sources[:-1])} and {sources[-1]}"
     return f"Write the abstract of a patent application from its {listed}."
 
 
-def _sections_text(sections: dict[str, str]) -> str:
-    return "\n\n".join(f"{SECTION_TITLES[name]}:\n{text.strip()}" for name, text in sections.items())
+def _titled_text(texts: dict[str, str]) -> str:
+    return "\n\n".join(f"{TEXT_FIELD_TITLES[name]}:\n{text.strip()}" for name, text in texts.items())
 
 
-def abstract_prompt(sections: dict[str, str]) -> str:
-    """The user turn of an abstract example: the instruction, then each section under its title.
+def abstract_prompt(texts: dict[str, str]) -> str:
+    """The user turn of an abstract example: the instruction, then each text field under its title.
 
-    ``sections`` maps section names (in order) to their text. To get the trained behaviour
+    ``texts`` maps text field names (in order) to their text. To get the trained behaviour
     from ``recipes/chat.py``, send exactly this, e.g. ``abstract_prompt({"claims": text})``.
     """
-    return f"{abstract_instruction(list(sections))}\n\n{_sections_text(sections)}"
+    return f"{abstract_instruction(list(texts))}\n\n{_titled_text(texts)}"
 
 
 def abstract_messages(prompt: str, abstract: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": abstract}]
 
 
-def encode_abstract_example(chat_format, sections: dict[str, str], abstract: str, max_length: int):
+def encode_abstract_example(chat_format, texts: dict[str, str], abstract: str, max_length: int):
     """``(input_ids, labels)`` of one abstract example in at most ``max_length`` tokens, or ``None``.
 
     ``labels`` are the input ids on the assistant's reply, its end-of-turn token included
@@ -278,7 +286,7 @@ def encode_abstract_example(chat_format, sections: dict[str, str], abstract: str
     no room for any source text (the caller counts the drop).
     """
     tokenizer = chat_format.tokenizer
-    instruction, body = abstract_instruction(list(sections)), _sections_text(sections)
+    instruction, body = abstract_instruction(list(texts)), _titled_text(texts)
     # verbose=False: a long body is expected here (it gets cut), not a mistake to warn about.
     body_ids = tokenizer(body, add_special_tokens=False, verbose=False)["input_ids"]
     # Everything but the body: template, instruction, abstract and end-of-turn token.
@@ -300,7 +308,7 @@ def tokenize_abstract_splits(
     splits: DatasetDict | IterableDatasetDict,
     chat_format,
     *,
-    text_fields: Sequence[str],
+    text_fields: str | Sequence[str],
     max_length: int,
     add_length: bool = False,
     num_proc: int | None = None,
@@ -318,8 +326,8 @@ def tokenize_abstract_splits(
     def encode(batch):
         out = {"input_ids": [], "attention_mask": [], "labels": []}
         for i, abstract in enumerate(batch["abstract"]):
-            sections = {name: batch[name][i] for name in sources}
-            example = encode_abstract_example(chat_format, sections, abstract.strip(), max_length)
+            texts = {name: batch[name][i] for name in sources}
+            example = encode_abstract_example(chat_format, texts, abstract.strip(), max_length)
             if example is None:
                 continue
             ids, labels = example

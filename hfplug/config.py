@@ -3,9 +3,10 @@
 Every recipe is configured by dataclasses parsed with ``HfArgumentParser``.
 ``--config file.yaml`` supplies defaults; flags given on the command line
 override them. A YAML key or a flag that no dataclass field knows is an error that
-names it (and the closest known one), never silently ignored; a YAML value of the
-wrong type is an error that names the key and the file. A token given as a flag is
-refused before anything else (``hfplug.hub.redaction.refuse_token_flags``).
+names it (and the closest known one), never silently ignored; a flag or key that was
+renamed (``RENAMED``) is an error that gives the new name; a YAML value of the wrong
+type is an error that names the key and the file. A token given as a flag is refused
+before anything else (``hfplug.hub.redaction.refuse_token_flags``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,29 @@ class ConfigError(ValueError):
     """A configuration file or flag that hfplug cannot use as given."""
 
 
+# Old flag / YAML key -> (its name now, why). Every recipe that has the new name refuses the old one
+# with it, instead of taking it silently (transformers' own deprecated names included).
+_FINETUNE_NAME = "the name finetune_hupd.py uses for the same setting"
+_HUPD_PREFIX = "named like the other HUPD flags, hupd_config and hupd_cache_dir"
+RENAMED = {
+    "gradient_checkpointing": (
+        "activation_checkpointing",
+        "gradient_checkpointing is transformers' deprecated name for it; hfplug's flags, configs and docs all say "
+        "activation_checkpointing",
+    ),
+    "gradient_checkpointing_kwargs": (
+        "activation_checkpointing_kwargs",
+        "transformers' deprecated name for it, beside activation_checkpointing",
+    ),
+    "metadata_path": ("hupd_metadata_path", _HUPD_PREFIX),
+    "archive_path": ("hupd_archive_path", _HUPD_PREFIX),
+    # push_adapter.py's names
+    "private": ("hub_private_repo", _FINETUNE_NAME),
+    "base_model": ("merge_base_model", _FINETUNE_NAME),
+    "license": ("hub_license", _FINETUNE_NAME),
+}
+
+
 def _known_keys(parser: HfArgumentParser) -> set[str]:
     return {action.dest for action in parser._actions if action.dest != "help"}
 
@@ -42,6 +66,24 @@ _StringDatesLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def _renamed_error(old: str, known: set[str], *, path: str | Path | None = None) -> ConfigError | None:
+    """The error for an old flag (``--old``, ``--old=value``) or, with ``path``, an old YAML key; None if not renamed."""
+    name = old.split("=", 1)[0].lstrip("-").replace("-", "_")
+    new, why = RENAMED.get(name, (None, None))
+    if new is None or new not in known:
+        return None
+    if path is None:
+        return ConfigError(f"{old.split('=', 1)[0]} is now --{new}: {why}. Run again with --{new}.")
+    return ConfigError(f"The key {name!r} in {str(path)!r} is now {new!r}: {why}. Rename it to {new}.")
+
+
+def refuse_renamed(argv: Sequence[str], known: set[str]) -> None:
+    """A flag of ``argv`` renamed (``RENAMED``) to one of the ``known`` fields is a ``ConfigError`` with the new name."""
+    for arg in argv:
+        if arg.startswith("--") and (err := _renamed_error(arg, known)) is not None:
+            raise err
 
 
 def _did_you_mean(name: str, known: set[str]) -> str:
@@ -73,7 +115,9 @@ def _typed_values(values: dict[str, Any], parser: HfArgumentParser, path: Path) 
         action = actions[key]
         convert = action.type
         if value is None or convert is None or isinstance(value, dict):
-            typed[key] = value  # None = unset; dicts (e.g. gradient_checkpointing_kwargs) are parsed by the dataclass
+            typed[key] = (
+                value  # None = unset; dicts (e.g. activation_checkpointing_kwargs) are parsed by the dataclass
+            )
             continue
         if isinstance(value, bool) and convert in (int, float):
             raise ConfigError(f"{key}: {value} in {str(path)!r} must be {_expected(action)}, not true/false.")
@@ -104,6 +148,9 @@ def read_yaml_config(path: str | Path, known_keys: set[str] | None = None) -> di
             f"Config file {str(path)!r} must be a mapping of `key: value` lines, got {type(values).__name__}."
         )
     if known_keys is not None:
+        for key in values:
+            if (err := _renamed_error(str(key), known_keys, path=path)) is not None:
+                raise err
         unknown = sorted(set(values) - known_keys)
         if unknown:
             hints = [_did_you_mean(key, known_keys) for key in unknown]
@@ -158,12 +205,14 @@ def parse_args(
 
     ``--config file.yaml`` sets defaults (``default_config`` when no ``--config`` is given);
     command-line flags override them. Unknown YAML keys and unknown flags are errors that
-    name them; a token given as a flag is refused without echoing it.
+    name them, renamed ones (``RENAMED``) errors that give the new name; a token given as a
+    flag is refused without echoing it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     refuse_token_flags(argv)  # before anything can print or store the command line
     parser = HfArgumentParser(dataclass_types)
     config_path, argv = _split_config_flag(argv)
+    refuse_renamed(argv, _known_keys(parser))
     if config_path is None and default_config is not None:
         config_path = str(default_config)
         print(f"No --config given: using the default job, {config_path}.", file=sys.stderr)

@@ -8,7 +8,7 @@ training curves and a model card. Access is checked first.
 
 The flags have the names finetune_hupd.py uses for the same settings (--hub_private_repo,
 --merge_adapter, --merge_base_model, --hub_license); push_adapter.py's old names (--private,
---base_model, --license) are refused with the new name.
+--base_model, --license) are refused with the new name (``hfplug.config.RENAMED``).
 
 The token comes from HF_TOKEN, the Colab secret HF_TOKEN, or `hf auth login` (a hidden prompt
 appears on a terminal when none is found); it is never a flag: `--hub_token hf_…` (or any
@@ -25,15 +25,14 @@ import sys
 from dataclasses import dataclass, field
 
 from hfplug.cli import run
-from hfplug.config import ConfigError, parse_args
+from hfplug.config import parse_args
 from hfplug.hub import HubArguments
 from hfplug.hub.preflight import preflight_push
 from hfplug.hub.push import push_run, run_kind
-from hfplug.hub.redaction import install_token_redaction, refuse_token_flags
+from hfplug.hub.redaction import install_token_redaction
 from hfplug.loading import adapter_base_model
 
 logger = logging.getLogger("hfplug.recipes.push_run")
-RENAMED_FLAGS = {"private": "hub_private_repo", "base_model": "merge_base_model", "license": "hub_license"}
 
 
 @dataclass
@@ -64,22 +63,10 @@ def _with_output_dir_flag(argv):
     return argv
 
 
-def refuse_old_flag_names(argv) -> None:
-    """push_adapter.py's flag names are a ``ConfigError`` that gives the new name."""
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        new = RENAMED_FLAGS.get(name.lstrip("-").replace("-", "_")) if name.startswith("--") else None
-        if new:
-            raise ConfigError(
-                f"{name} is now --{new}, the name finetune_hupd.py uses for the same setting; run again with --{new}."
-            )
-
-
 def main(argv=None):
     # --- Arguments ------------------------------------------------------------
     argv = _with_output_dir_flag(argv)
-    refuse_token_flags(argv)  # first: no message below may echo a token
-    refuse_old_flag_names(argv)
+    # A token as a flag is refused first (no message may echo it), then push_adapter.py's old flag names.
     args, hub_args = parse_args((PushArguments, HubArguments), argv)
 
     # --- Logging --------------------------------------------------------------

@@ -23,9 +23,9 @@ def test_yaml_sets_defaults_and_cli_overrides(tmp_path):
 
 
 def test_config_equals_form(tmp_path):
-    cfg = _write(tmp_path, "text_fields: claims,title\n")
+    cfg = _write(tmp_path, "text_fields: claims, title\n")
     (data,) = parse_args((HupdArguments,), [f"--config={cfg}"])
-    assert data.sections == ["claims", "title"]
+    assert data.text_fields == "claims,title"
 
 
 def test_unknown_yaml_key_is_named_with_suggestion(tmp_path):
@@ -37,6 +37,40 @@ def test_unknown_yaml_key_is_named_with_suggestion(tmp_path):
 def test_unknown_cli_flag_is_an_error():
     with pytest.raises(ConfigError, match="--no_such_flag"):
         parse_args((HupdArguments,), ["--no_such_flag", "1"])
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("--gradient_checkpointing", "--activation_checkpointing"),
+        ("--gradient-checkpointing=true", "--activation_checkpointing"),
+        ("--gradient_checkpointing_kwargs", "--activation_checkpointing_kwargs"),
+        ("--metadata_path", "--hupd_metadata_path"),
+        ("--archive_path", "--hupd_archive_path"),
+    ],
+)
+def test_renamed_flag_is_refused_with_the_new_name(old, new):
+    with pytest.raises(ConfigError) as info:
+        parse_args((HupdArguments, TrainingArguments), ["--output_dir", "out", old, "x"])
+    message = str(info.value)
+    assert message.startswith(f"{old.split('=')[0]} is now {new}: ") and message.endswith(f"Run again with {new}.")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("gradient_checkpointing: true", "activation_checkpointing"), ("metadata_path: m.feather", "hupd_metadata_path")],
+)
+def test_renamed_yaml_key_is_refused_with_the_new_name(tmp_path, old, new):
+    cfg = _write(tmp_path, f"output_dir: out\n{old}\n")
+    key = old.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"The key '{key}' in '.*cfg.yaml' is now '{new}': .*Rename it to {new}\."):
+        parse_args((HupdArguments, TrainingArguments), ["--config", cfg])
+
+
+def test_a_renamed_flag_is_refused_only_where_its_new_name_is_a_field():
+    with pytest.raises(ConfigError, match=r"Unknown flag\(s\): '--gradient_checkpointing'"):
+        parse_args((HupdArguments,), ["--gradient_checkpointing"])
 
 
 def test_missing_config_file(tmp_path):

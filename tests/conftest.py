@@ -44,6 +44,31 @@ def finetune_command(*flags, processes=1):
     return launch + [str(REPO / "recipes" / "finetune_hupd.py"), "--config", str(QUICKSTART), *flags]
 
 
+def run_dirs(out) -> tuple[str, ...]:
+    """``--output_dir OUT --hupd_cache_dir CACHE``: a recipe run's folder, with the HUPD cache beside it
+    (so the runs of one test share it)."""
+    return ("--output_dir", str(out), "--hupd_cache_dir", str(Path(out).parent / "cache"))
+
+
+def qlora_flags(model_dir) -> tuple[str, ...]:
+    """The recipe's QLoRA path on a tiny model: 4-bit base, LoRA r=8, activation checkpointing, a learning rate
+    that moves a few steps."""
+    return (
+        "--model_name_or_path",
+        str(model_dir),
+        "--quant",
+        "4bit",
+        "--lora",
+        "true",
+        "--lora_r",
+        "8",
+        "--learning_rate",
+        "0.001",
+        "--activation_checkpointing",
+        "true",
+    )
+
+
 def sample_texts(n=200):
     """Titles and abstracts of the embedded sample: the text tiny tokenizers are trained on."""
     import json

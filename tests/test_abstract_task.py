@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import finetune_command, run_command
+from conftest import finetune_command, qlora_flags, run_command, run_dirs
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
@@ -144,7 +144,7 @@ def test_prepare_drops_and_counts_records_without_claims_or_abstract(caplog):
     assert task.dropped == {"train": 4, "validation": 2}
 
 
-def test_several_sections_are_introduced_by_name():
+def test_several_text_fields_are_introduced_by_name():
     assert abstract_prompt({"title": "Widget ", "claims": "1. A widget."}) == (
         "Write the abstract of a patent application from its title and claims.\n\nTitle:\nWidget\n\nClaims:\n1. A widget."
     )
@@ -152,9 +152,9 @@ def test_several_sections_are_introduced_by_name():
 
 def test_text_fields_default_per_task_and_abstract_cannot_read_itself():
     (args,) = parse_args((HupdArguments,), ["--task", "abstract"])
-    assert args.sections == ["claims"]
+    assert args.text_fields == "claims"
     (args,) = parse_args((HupdArguments,), ["--task", "decision"])
-    assert args.sections == ["title", "abstract"]
+    assert args.text_fields == "title,abstract"
     with pytest.raises(
         ValueError, match="text_fields cannot include it \\(got title,abstract\\).*--text_fields claims"
     ):
@@ -268,10 +268,7 @@ def test_batched_greedy_generation_equals_one_by_one(tok, fmt):
 
 def _flags(out, *extra):
     return (
-        "--output_dir",
-        str(out),
-        "--hupd_cache_dir",
-        str(out.parent / "cache"),
+        *run_dirs(out),
         "--task",
         "abstract",
         "--text_fields",
@@ -298,28 +295,17 @@ def trained(tmp_path_factory, tiny_llama_dir):
     out = tmp_path_factory.mktemp("abstract") / "out"
     flags = _flags(
         out,
-        "--model_name_or_path",
-        str(tiny_llama_dir),
-        "--quant",
-        "4bit",
-        "--lora",
-        "true",
-        "--lora_r",
-        "8",
+        *qlora_flags(tiny_llama_dir),
         "--max_steps",
         "3",
         "--max_train_samples",
         "64",
-        "--learning_rate",
-        "0.001",
         "--eval_strategy",
         "steps",
         "--eval_steps",
         "2",
         "--log_samples",
         "2",
-        "--activation_checkpointing",
-        "true",
     )
     proc = run_command(finetune_command(*flags))
     assert proc.returncode == 0, proc.stdout[-4000:]

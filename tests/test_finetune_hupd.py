@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import finetune_command, run_command
+from conftest import finetune_command, qlora_flags, run_command, run_dirs
 
 pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
 
@@ -15,17 +15,7 @@ def _results(out, name):
 
 def _short(out, *flags):
     """A short training run's flags (the tests need the recipe's behaviour, not its accuracy)."""
-    return (
-        "--output_dir",
-        str(out),
-        "--hupd_cache_dir",
-        str(out.parent / "cache"),
-        "--num_train_epochs",
-        "1",
-        "--logging_steps",
-        "2",
-        *flags,
-    )
+    return (*run_dirs(out), "--num_train_epochs", "1", "--logging_steps", "2", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -161,26 +151,7 @@ def _tensor_names(path):
 @pytest.mark.parametrize("task", ["decision", "ipc"])
 def test_4bit_lora_llama_trains_head_saves_adapter_and_reloads_identically(tmp_path, tiny_llama_dir, task):
     out = tmp_path / "qlora"
-    flags = (
-        "--model_name_or_path",
-        str(tiny_llama_dir),
-        "--quant",
-        "4bit",
-        "--lora",
-        "true",
-        "--lora_r",
-        "8",
-        "--task",
-        task,
-        "--max_length",
-        "128",
-        "--max_steps",
-        "6",
-        "--learning_rate",
-        "0.001",
-        "--activation_checkpointing",
-        "true",
-    )
+    flags = (*qlora_flags(tiny_llama_dir), "--task", task, "--max_length", "128", "--max_steps", "6")
     proc = run_command(finetune_command(*_short(out, *flags)))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "padding with '<|finetune_right_pad_id|>'" in proc.stdout  # Llama has no pad token
@@ -272,17 +243,15 @@ def test_sigterm_saves_and_the_same_command_resumes_to_the_same_result(tmp_path)
         "no",
         "--eval_strategy",
         "no",
-        "--hupd_cache_dir",
-        str(tmp_path / "cache"),
         "--disable_tqdm",
         "true",
     )
     straight = tmp_path / "straight"
-    proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
+    proc = run_command(_direct_command(*flags, *run_dirs(straight)))
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     killed = tmp_path / "killed"
-    command = _direct_command(*flags, "--output_dir", str(killed))
+    command = _direct_command(*flags, *run_dirs(killed))
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in child.stdout:  # wait until training has taken a few steps, then "preempt" it
@@ -478,17 +447,15 @@ def test_the_best_model_survives_a_kill_and_resume(tmp_path):
         "loss",
         "--greater_is_better",
         "true",  # the best is an early checkpoint
-        "--hupd_cache_dir",
-        str(tmp_path / "cache"),
         "--disable_tqdm",
         "true",
     )
     straight = tmp_path / "straight"
-    proc = run_command(_direct_command(*flags, "--output_dir", str(straight)))
+    proc = run_command(_direct_command(*flags, *run_dirs(straight)))
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     killed = tmp_path / "killed"
-    command = _direct_command(*flags, "--output_dir", str(killed))
+    command = _direct_command(*flags, *run_dirs(killed))
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = _Lines(child.stdout)
     try:  # SIGKILL (no stop checkpoint) once step 3 has run: the newest checkpoint is then the best one, step 2

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from conftest import finetune_command, run_command
+from conftest import finetune_command, run_command, run_dirs
 from hub_server import HubServer, Token
 
 pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
@@ -11,6 +11,12 @@ pytestmark = pytest.mark.slow  # end-to-end recipe runs: skip with -m "not slow"
 
 WRITE = "hf_" + "RecipeWriteToken0123456789abcdefghij"
 READ = "hf_" + "RecipeReadOnlyToken0123456789abcdefg"
+PUSH = ("--push_to_hub", "true", "--hub_model_id", "alice/hupd-quick")
+
+
+def _train_and_push(out):
+    """Two LoRA steps on the quickstart, then the push: the recipe's command."""
+    return finetune_command(*run_dirs(out), "--max_steps", "2", "--lora", "true", *PUSH)
 
 
 def _env(server, token, tmp_path):
@@ -33,21 +39,7 @@ def _all_bytes(folder):
 def test_trained_adapter_is_pushed_with_card_and_no_token(tmp_path):
     out = tmp_path / "out"
     with HubServer({WRITE: Token("alice")}, lifetime=300) as server:
-        flags = (
-            "--output_dir",
-            str(out),
-            "--hupd_cache_dir",
-            str(tmp_path / "cache"),
-            "--max_steps",
-            "2",
-            "--lora",
-            "true",
-            "--push_to_hub",
-            "true",
-            "--hub_model_id",
-            "alice/hupd-quick",
-        )
-        proc = run_command(finetune_command(*flags), env=_env(server, WRITE, tmp_path))
+        proc = run_command(_train_and_push(out), env=_env(server, WRITE, tmp_path))
         assert proc.returncode == 0, proc.stdout[-4000:]
         pushed = server.files("alice/hupd-quick")
     assert {
@@ -70,21 +62,7 @@ def test_trained_adapter_is_pushed_with_card_and_no_token(tmp_path):
 def test_read_only_token_fails_before_training(tmp_path):
     out = tmp_path / "out"
     with HubServer({READ: Token("alice", "read")}, lifetime=120) as server:
-        flags = (
-            "--output_dir",
-            str(out),
-            "--hupd_cache_dir",
-            str(tmp_path / "cache"),
-            "--max_steps",
-            "2",
-            "--lora",
-            "true",
-            "--push_to_hub",
-            "true",
-            "--hub_model_id",
-            "alice/hupd-quick",
-        )
-        proc = run_command(finetune_command(*flags), env=_env(server, READ, tmp_path))
+        proc = run_command(_train_and_push(out), env=_env(server, READ, tmp_path))
     assert proc.returncode != 0
     assert "read-only" in proc.stdout and "https://huggingface.co/settings/tokens" in proc.stdout
     assert READ not in proc.stdout
@@ -97,17 +75,7 @@ def test_token_flag_is_refused_under_accelerate_launch_without_echo(tmp_path):
     out = tmp_path / "out"
     with HubServer({WRITE: Token("alice")}, lifetime=120) as server:
         for flags in (("--hub_token", long), ("--hf_token", short)):  # a TrainingArguments flag, and an unknown one
-            command = finetune_command(
-                "--output_dir",
-                str(out),
-                "--hupd_cache_dir",
-                str(tmp_path / "cache"),
-                "--push_to_hub",
-                "true",
-                "--hub_model_id",
-                "alice/hupd-quick",
-                *flags,
-            )
+            command = finetune_command(*run_dirs(out), *PUSH, *flags)
             proc = run_command(command, env=_env(server, WRITE, tmp_path), timeout=300)
             assert short not in proc.stdout and long not in proc.stdout, proc.stdout[-4000:]
             assert "CalledProcessError" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-4000:]

@@ -31,14 +31,15 @@ class _Plan:
     None stands for a row without a valid filing date (no path: skipped). ``numbers``: key ->
     application number. ``undated``: application numbers of the rows without a path.
     ``duplicate_rows``: application numbers of rows repeating one already selected for the
-    same split. ``years``: filing years of the keys. ``undated_rows``: see :func:`hfplug.data.hupd._select`.
+    same split. ``years``: filing year of the keys -> which selected dates need it, in words
+    (for the error about a year the archive lacks). ``undated_rows``: see :func:`hfplug.data.hupd._select`.
     """
 
     rows: dict[str, list[str | None]] = dataclasses.field(default_factory=dict)
     numbers: dict[str, str] = dataclasses.field(default_factory=dict)
     undated: dict[str, None] = dataclasses.field(default_factory=dict)
     duplicate_rows: list[str] = dataclasses.field(default_factory=list)
-    years: set[str] = dataclasses.field(default_factory=set)
+    years: dict[str, str] = dataclasses.field(default_factory=dict)
     undated_rows: int = 0
 
     @property
@@ -53,9 +54,14 @@ def _plan(parts: Iterable[tuple[str, pd.DataFrame]], json_dir: str, *, undated_r
     A row's key is the file upstream opens: ``<json_dir>/<filing year>/<application number>.json``.
     """
     plan = _Plan(undated_rows=undated_rows)
+    spans: dict[str, list] = {}  # filing year -> [first date, last date, distinct applications]
     for split, df in parts:
         keys = plan.rows.setdefault(split, [])
         seen: set[Any] = set()
+        dates = df["filing_date"].dropna()
+        for year, (first, last) in dates.groupby(dates.dt.year).agg(["min", "max"]).iterrows():
+            span = spans.setdefault(str(int(year)), [first, last, 0])
+            span[0], span[1] = min(span[0], first), max(span[1], last)
         for year, number in zip(df["filing_date"].dt.year, df["application_number"]):
             if pd.isna(year):
                 key = None
@@ -63,13 +69,18 @@ def _plan(parts: Iterable[tuple[str, pd.DataFrame]], json_dir: str, *, undated_r
             else:
                 path = f"{json_dir}/{int(year)}/{number}.json"
                 key = _normalise(path) or path  # a number that climbs out (``..``) matches no member
-                plan.numbers.setdefault(key, number)
-                plan.years.add(str(int(year)))
+                if key not in plan.numbers:
+                    plan.numbers[key] = number
+                    spans[str(int(year))][2] += 1
             ident = key if key is not None else ("undated", number)
             if ident in seen:
                 plan.duplicate_rows.append(number)
             seen.add(ident)
             keys.append(key)
+    plan.years = {
+        year: f"{n} selected application{'s' if n != 1 else ''} filed {first:%Y-%m-%d} to {last:%Y-%m-%d}"
+        for year, (first, last, n) in sorted(spans.items())
+    }
     return plan
 
 

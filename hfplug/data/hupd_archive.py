@@ -1,7 +1,9 @@
 """Reading a HUPD archive: the members at the paths upstream opens, in one sequential pass.
 
 Both Hub layouts (the sample's ``.tar.gz`` of JSON, and ``all``'s uncompressed tar of
-``data/<year>.tar.gz``, whose unneeded years are seeked over), told apart by content.
+``data/<year>.tar.gz``, whose unneeded years are seeked over), told apart by content; the
+``all`` tar may also be read on the Hub (a :class:`~hfplug.data.hupd_remote.RemoteArchive`:
+its headers and needed years fetched by range requests, each year inflated as it arrives).
 Member names are routed to the paths extraction gives them (:func:`_normalise`); hard
 links are followed (:func:`_resolve_links`); gzip is inflated on a second thread and its
 trailer checked, so a truncated or corrupt file raises :class:`HupdFileError` instead of
@@ -10,6 +12,7 @@ looking like missing records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import posixpath
@@ -20,7 +23,10 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from hfplug.data.hupd_remote import RemoteArchive
 
 __all__ = ["HupdFileError"]
 
@@ -36,8 +42,13 @@ class HupdFileError(OSError):
     """A HUPD metadata or archive file exists but cannot be read (corrupt, truncated, wrong kind)."""
 
 
-def _corrupt(path: Path, what: str, reason: object) -> HupdFileError:
+def _corrupt(path: Path | RemoteArchive, what: str, reason: object) -> HupdFileError:
     """The error for an unreadable input file, saying what to do about it."""
+    if not isinstance(path, Path):  # read on the Hub: nothing of it was kept
+        return HupdFileError(
+            f"HUPD {what} {path} on the Hub is unreadable ({reason}). Nothing of it was saved; run again, "
+            "and if this repeats, download it and pass its path as hupd_archive_path= (--hupd_archive_path)."
+        )
     return HupdFileError(
         f"HUPD {what} {path} is unreadable ({reason}). If it came from the Hub, delete it and "
         f"download it again (hf_hub_download(..., force_download=True)); if you passed it as a "
@@ -180,9 +191,13 @@ class _Member:
     data: bytes = b""
 
 
-def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    handle = tar.extractfile(info)
-    return handle.read() if handle is not None else b""
+def _read(open_member: Callable[[tarfile.TarInfo], BinaryIO | None], info: tarfile.TarInfo) -> bytes:
+    """A member's bytes, read with ``open_member`` (``TarFile.extractfile`` or ``RemoteArchive.open_member``)."""
+    handle = open_member(info)
+    if handle is None:
+        return b""
+    with contextlib.closing(handle):
+        return handle.read()
 
 
 _YEAR_TARBALL = re.compile(r"data/([^/]+)\.tar\.gz")  # what upstream unpacks for ``all``: data/<year>.tar.gz
@@ -211,16 +226,16 @@ def _iter_tar_gz(
                 elif info.islnk():  # "": a target outside the archive, which never exists
                     yield _Member(key, stream, index, rank, _normalise(prefix + info.linkname) or "")
                 elif key in wanted:
-                    yield _Member(key, stream, index, rank, None, _read(tar, info))
+                    yield _Member(key, stream, index, rank, None, _read(tar.extractfile, info))
             if done is not None and done():
                 return
         gunzip.verify_rest()
 
 
 def _iter_outer_tar(
-    path: Path,
+    path: Path | RemoteArchive,
     wanted: Mapping[str, Any] | set[str],
-    years: set[str],
+    years: Mapping[str, str] | set[str],
     *,
     stream: str | None = None,
     done: Callable[[], bool] | None = None,
@@ -229,15 +244,25 @@ def _iter_outer_tar(
 
     Opened in random-access mode, so the headers are read first (seeking over the data) and
     year tarballs no selected filing year needs are skipped, not read. ``stream`` limits the
-    pass to one year tarball, or to the loose members (``""``).
+    pass to one year tarball, or to the loose members (``""``). ``years``: the needed filing
+    years, or a mapping of them to the selected dates in words.
+
+    A :class:`~hfplug.data.hupd_remote.RemoteArchive` is read the same way on the Hub: its
+    headers, then each needed year tarball streamed over one request. A needed year it does not
+    hold raises :class:`~hfplug.data.hupd_remote.HupdYearMissingError` before any is fetched.
     """
-    size = path.stat().st_size
-    with tarfile.open(path, mode="r:") as outer:
+    remote = not isinstance(path, Path)
+    outer = path.open_tar() if remote else tarfile.open(path, mode="r:")
+    open_member = path.open_member if remote else outer.extractfile
+    with outer:
         infos = outer.getmembers()
+        size = path.size if remote else path.stat().st_size
         # tarfile ends quietly when the file stops at a header boundary; a complete tar
         # ends with two zero blocks, so less than that left means a cut-off file
         if size - outer.offset < 2 * tarfile.BLOCKSIZE:
             raise EOFError("the tar ends without its end-of-archive marker (truncated)")
+        if remote and stream is None:
+            path.check_years(infos, years if isinstance(years, Mapping) else dict.fromkeys(years, "the selection"))
         # a year tarball stored twice: extraction leaves the last copy, so only that one is read
         last = {_normalise(i.name): i for i in infos if i.isreg()}
         for index, info in enumerate(infos):
@@ -261,23 +286,24 @@ def _iter_outer_tar(
                     continue
                 logger.debug("Reading %s", name)
                 try:
-                    yield from _iter_tar_gz(
-                        outer.extractfile(info), wanted, stream=name, prefix="data/", rank=1, done=done
-                    )
+                    with contextlib.closing(open_member(info)) as source:
+                        yield from _iter_tar_gz(source, wanted, stream=name, prefix="data/", rank=1, done=done)
                 except (tarfile.TarError, EOFError, zlib.error) as exc:
                     raise tarfile.ReadError(f"member {name}: {type(exc).__name__}: {exc}") from exc
             elif stream in (None, "") and info.islnk():
                 yield _Member(name, "", index, 0, _normalise(info.linkname) or "")
             elif stream in (None, "") and name in wanted:
-                yield _Member(name, "", index, 0, None, _read(outer, info))
+                yield _Member(name, "", index, 0, None, _read(open_member, info))
             if done is not None and done():
-                return
+                break
+        if remote:
+            logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", path.fetched / 1e6, size / 1e6, path)
 
 
 def _iter_archive(
-    path: Path,
+    path: Path | RemoteArchive,
     wanted: Mapping[str, Any] | set[str],
-    years: set[str],
+    years: Mapping[str, str] | set[str],
     *,
     stream: str | None = None,
     done: Callable[[], bool] | None = None,
@@ -285,10 +311,14 @@ def _iter_archive(
     """The ``wanted`` members (and all hard links) of a HUPD archive of either layout, in archive order.
 
     The layout is told by content, not by name: a gzip file is a ``.tar.gz`` of JSON (the
-    sample), anything else must be an uncompressed tar (all years). Read errors become
+    sample), anything else must be an uncompressed tar (all years); an archive on the Hub
+    (:class:`~hfplug.data.hupd_remote.RemoteArchive`) is the all-years tar. Read errors become
     :class:`HupdFileError` naming the file.
     """
     try:
+        if not isinstance(path, Path):
+            yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done)
+            return
         with open(path, "rb") as raw:
             if raw.read(2) == _GZIP_MAGIC:
                 raw.seek(0)
@@ -305,7 +335,10 @@ _Link = tuple[str, int, str]  # (stream, index, target) of a hard link member
 
 
 def _resolve_links(
-    archive: Path, wanted: Iterable[_Link], links: Iterable[tuple[str, int, str, str]], years: set[str]
+    archive: Path | RemoteArchive,
+    wanted: Iterable[_Link],
+    links: Iterable[tuple[str, int, str, str]],
+    years: Mapping[str, str] | set[str],
 ) -> dict[_Link, bytes | None]:
     """The content of each wanted hard link: its target's copy at that point of the archive.
 

@@ -29,6 +29,7 @@ from datasets.arrow_writer import ArrowWriter
 from hfplug.data.hupd_archive import HupdFileError, _iter_archive, _Link, _resolve_links
 from hfplug.data.hupd_plan import _Plan, _SkipReport
 from hfplug.data.hupd_records import FEATURES, _example, dataset_info
+from hfplug.data.hupd_remote import RemoteArchive
 
 __all__ = ["CACHE_VERSION", "HupdCacheError"]
 
@@ -200,13 +201,17 @@ def _write_rows(source: Path, rows: list[int], path: Path, progress: _Progress) 
             writer.close()
 
 
-def _file_identity(path: Path) -> list[Any]:
-    """What makes an input file "the same": resolved path, size and modification time."""
+def _file_identity(path: Path | RemoteArchive) -> list[Any]:
+    """What makes an input file "the same": path, size and modification time; on the Hub, its URL at a commit."""
+    if not isinstance(path, Path):
+        return [str(path)]
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _cache_key(hupd_config: str, selection: Mapping[str, Any], metadata_file: Path, archive_file: Path) -> str:
+def _cache_key(
+    hupd_config: str, selection: Mapping[str, Any], metadata_file: Path, archive_file: Path | RemoteArchive
+) -> str:
     payload = {
         "version": CACHE_VERSION,
         "name": hupd_config,  # the key's old name: caches built before the rename stay valid
@@ -226,7 +231,7 @@ def _is_complete_cache(target: Path) -> bool:
         return False
 
 
-def _build_cache(target: Path, archive: Path, plan: _Plan) -> None:
+def _build_cache(target: Path, archive: Path | RemoteArchive, plan: _Plan) -> None:
     """Build the splits in a scratch dir next to ``target``, then rename it into place.
 
     The rename is atomic, so a crash or an error leaves either no cache or a complete one,

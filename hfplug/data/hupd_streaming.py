@@ -14,18 +14,20 @@ import pandas as pd
 from hfplug.data.hupd_archive import _iter_archive, _Link, _resolve_links
 from hfplug.data.hupd_plan import _Plan, _plan, _SkipReport
 from hfplug.data.hupd_records import FEATURES, _example
+from hfplug.data.hupd_remote import RemoteArchive
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
 
 
-def _generate_split(archive: str, plan: _Plan, split: str) -> Iterator[dict[str, Any]]:
+def _generate_split(archive: str | RemoteArchive, plan: _Plan, split: str) -> Iterator[dict[str, Any]]:
     """Examples of one split, read lazily: one pass, one skip warning, per iteration.
 
     Reordering would mean holding records back, so they come in archive order, each once per
     metadata row naming it; a path stored twice gives its first copy, and the pass stops
     once every path is found. Hard links are read after the pass, so they come last.
+    ``archive``: a local path, or the all-years tar on the Hub (only this split's years are fetched).
     """
-    path = Path(archive)
+    path = archive if isinstance(archive, RemoteArchive) else Path(archive)
     report = _SkipReport.for_plan(path, plan, copy="first")
     times = Counter(key for key in plan.rows[split] if key is not None)
     pending = set(times)
@@ -65,7 +67,7 @@ def _repeat(number: str, data: bytes, times: int, report: _SkipReport) -> Iterat
 
 
 def streaming_splits(
-    splits: Mapping[str, pd.DataFrame], undated: int, archive_file: Path, json_dir: str
+    splits: Mapping[str, pd.DataFrame], undated: int, archive_file: Path | RemoteArchive, json_dir: str
 ) -> datasets.IterableDatasetDict:
     """The selected ``splits``, each read lazily from ``archive_file`` on every iteration.
 
@@ -79,7 +81,11 @@ def streaming_splits(
         result[split] = datasets.IterableDataset.from_generator(
             _generate_split,
             features=FEATURES,
-            gen_kwargs={"archive": str(archive_file), "plan": plan, "split": split},
+            gen_kwargs={
+                "archive": archive_file if isinstance(archive_file, RemoteArchive) else str(archive_file),
+                "plan": plan,
+                "split": split,
+            },
             split=datasets.NamedSplit(split),
         )
         logger.info("HUPD %s split: %d selected applications (streaming)", split, plan.n_selected)

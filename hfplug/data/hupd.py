@@ -18,6 +18,9 @@ How it reads the data, and why:
   content. Members nobody selected are skipped without being parsed.
 * For ``all`` (an uncompressed tar of ``data/<year>.tar.gz``), only the year tarballs the
   selected filing dates need are decompressed; the others are skipped by seeking over them.
+  Left on the Hub (no ``hupd_archive_path``), the 56 GB tar is not downloaded: its headers and
+  the needed year tarballs are fetched by HTTP range requests and inflated as they arrive
+  (:mod:`~hfplug.data.hupd_remote`), so nothing but the metadata and the built splits is written.
 * Each record found is written once, in archive order, to a scratch Arrow file (one row per
   record batch). Each split is then copied out of it in upstream's row order (date split:
   metadata order; ``uniform_split``: the seed-1729 shuffle; ``val_set_balancer``: rejected,
@@ -47,6 +50,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -67,6 +71,7 @@ from hfplug.data.hupd_cache import (
 )
 from hfplug.data.hupd_plan import _plan
 from hfplug.data.hupd_records import FEATURES, OFFICIAL_FIELDS, record_to_example
+from hfplug.data.hupd_remote import HupdRemoteError, HupdYearMissingError, RangesUnsupported, RemoteArchive
 from hfplug.data.hupd_selection import (
     HupdSelection,
     parse_filing_date,
@@ -83,6 +88,8 @@ __all__ = [
     "OFFICIAL_FIELDS",
     "HupdCacheError",
     "HupdFileError",
+    "HupdRemoteError",
+    "HupdYearMissingError",
     "load_hupd",
     "read_metadata",
     "record_to_example",
@@ -159,7 +166,11 @@ def load_hupd(
         hupd_config: ``"sample"`` (January 2016, ~27k applications) or ``"all"`` (2004-2018).
         hupd_metadata_path, hupd_archive_path: local copies of the Hub files (same layout). A path left
             unset is downloaded from the ``HUPD/hupd`` dataset repo with ``hf_hub_download``
-            (so it is cached and resolved offline with ``HF_HUB_OFFLINE=1``).
+            (so it is cached and resolved offline with ``HF_HUB_OFFLINE=1``), except ``all``'s
+            56 GB archive: of it only the tar headers and the year tarballs the selected filing
+            dates need are fetched, by range requests, and read as they arrive (a copy already
+            in the Hub cache is read instead). A server that does not answer range requests gets
+            the whole file downloaded into the Hub cache, with a warning saying why.
         train_filing_start_date ... val_filing_end_date: ``YYYY-MM-DD`` or ``YYYYMMDD``. Date
             split (default): all four required, end dates exclusive. With
             ``uniform_split=True`` only ``train_filing_start_date`` and ``val_filing_end_date``
@@ -197,6 +208,10 @@ def load_hupd(
         HupdFileError: a metadata or archive file is corrupt or truncated.
         HupdCacheError: the cache could not be written (e.g. the disk is full); the message
             says where and about how much room is needed.
+        HupdRemoteError: (a ``HupdFileError``) the archive on the Hub could not be read: the
+            connection kept dropping (each drop resumes at the byte it stopped at, a few times).
+        HupdYearMissingError: the archive on the Hub has no ``data/<year>.tar.gz`` for a year the
+            selected filing dates need (the message names the year and those dates).
 
     Nothing in the records stops the load. A selected application whose JSON record is
     missing or not one JSON object, or whose metadata has no valid filing date, is skipped
@@ -222,6 +237,7 @@ def load_hupd(
     )
     metadata_file, archive_file = _resolve_files(hupd_config, hupd_metadata_path, hupd_archive_path, token)
     if streaming:
+        archive_file = _connect(archive_file, token)
         splits, undated = _select(metadata_file, selection)
         return streaming_splits(splits, undated, archive_file, JSON_DIRS[hupd_config])
 
@@ -229,7 +245,8 @@ def load_hupd(
         Path(hupd_cache_dir) if hupd_cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "hfplug_hupd"
     )
     target = root / f"{hupd_config}-{_cache_key(hupd_config, selection, metadata_file, archive_file)}"
-    if not _is_complete_cache(target):
+    if not _is_complete_cache(target):  # an archive on the Hub is reached only now: a cached load needs no network
+        archive_file = _connect(archive_file, token)
         splits, undated = _select(metadata_file, selection)
         _build_cache(target, archive_file, _plan(splits.items(), JSON_DIRS[hupd_config], undated_rows=undated))
     else:
@@ -270,8 +287,11 @@ def _resolve_files(
     hupd_metadata_path: str | os.PathLike | None,
     hupd_archive_path: str | os.PathLike | None,
     token: str | bool | None,
-) -> tuple[Path, Path]:
-    """Local paths of the metadata and the archive: given ones are checked, others downloaded."""
+) -> tuple[Path, Path | RemoteArchive]:
+    """The metadata and the archive: given paths are checked, other files downloaded.
+
+    ``all``'s archive, unless given, stays on the Hub (see :func:`_hub_archive`).
+    """
     hub_metadata, hub_archive = HUB_FILES[hupd_config]
     resolved = []
     for given, hub_name, what, argument in (
@@ -279,7 +299,10 @@ def _resolve_files(
         (hupd_archive_path, hub_archive, "archive", "hupd_archive_path"),
     ):
         if given is None:
-            resolved.append(_download(hub_name, token))
+            if what == "archive" and hupd_config == "all":  # left on the Hub: only the needed years are fetched
+                resolved.append(_hub_archive(hub_name, resolved[0], token))
+            else:
+                resolved.append(_download(hub_name, token))
             continue
         path = Path(given).expanduser()
         if not path.is_file():
@@ -292,18 +315,71 @@ def _resolve_files(
     return resolved[0], resolved[1]
 
 
-def _download(filename: str, token: str | bool | None) -> Path:
+def _download(filename: str, token: str | bool | None, revision: str | None = None) -> Path:
     """Fetch one file of HUPD/hupd into the Hub cache (a no-op when it is already there)."""
     from huggingface_hub import hf_hub_download
 
     logger.info("Fetching %s from the %s dataset repo (Hub cache)", filename, HUB_REPO_ID)
     try:
-        return Path(hf_hub_download(repo_id=HUB_REPO_ID, repo_type="dataset", filename=filename, token=token))
+        return Path(
+            hf_hub_download(
+                repo_id=HUB_REPO_ID, repo_type="dataset", filename=filename, revision=revision, token=token
+            )
+        )
     except Exception as exc:
         exc.add_note(
             f"hfplug could not fetch {filename!r} from the {HUB_REPO_ID} dataset repo. Check the network "
             "(or, offline, that it is in the Hub cache), or download it yourself and pass "
             "hupd_metadata_path=/hupd_archive_path= to load_hupd (--hupd_metadata_path/--hupd_archive_path)."
+        )
+        raise
+
+
+def _hub_archive(filename: str, metadata_file: Path, token: str | bool | None) -> Path | RemoteArchive:
+    """``all``'s archive when no path is given: the Hub cache's copy if it holds one, else the file on the Hub.
+
+    The file on the Hub is read by range requests when a build needs it (:func:`_connect`). It
+    is named at the commit the metadata came from, so that a load from the split cache needs
+    no network; with metadata given as a path the commit is unknown, and the Hub is asked now.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    parent = metadata_file.parent  # the Hub cache keeps files at snapshots/<commit>/<path>
+    commit = parent.name if parent.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parent.name) else None
+    cached = try_to_load_from_cache(HUB_REPO_ID, filename, revision=commit, repo_type="dataset")
+    if isinstance(cached, str):
+        return Path(cached)
+    archive = RemoteArchive(HUB_REPO_ID, filename, revision=commit, token=token)
+    return archive if commit is not None else _connect(archive, token)
+
+
+def _connect(archive: Path | RemoteArchive, token: str | bool | None) -> Path | RemoteArchive:
+    """Make an archive on the Hub ready to read: found, and checked to answer range requests.
+
+    A server that does not answer them (some proxies and mirrors do not) gets the whole file
+    downloaded into the Hub cache instead, with a warning that says why; offline, the Hub
+    cache is all there is. A local path is returned as it is.
+    """
+    from huggingface_hub import constants
+
+    if not isinstance(archive, RemoteArchive) or archive.size is not None:
+        return archive
+    if constants.is_offline_mode():
+        return _download(archive.filename, token, archive.revision)  # the Hub cache's copy, or the error saying so
+    try:
+        return archive.connect()
+    except RangesUnsupported as exc:
+        logger.warning(
+            "HUPD: %s, so the selected years cannot be fetched on their own; downloading the whole %s "
+            "(56 GB for the real HUPD) into the Hub cache instead.",
+            exc,
+            archive.filename,
+        )
+        return _download(archive.filename, token, archive.revision)
+    except Exception as exc:
+        exc.add_note(
+            f"hfplug could not reach {archive.filename!r} in the {HUB_REPO_ID} dataset repo. Check the network, "
+            "or download it yourself and pass hupd_archive_path= to load_hupd (--hupd_archive_path)."
         )
         raise
 

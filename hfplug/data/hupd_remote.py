@@ -140,7 +140,7 @@ class RemoteArchive:
         return _RangeStream(self, info.offset_data, info.offset_data + info.size, info.name)
 
     def check_years(self, members: list[tarfile.TarInfo], needed: Mapping[str, str]) -> None:
-        """Raise :class:`HupdYearMissingError` unless ``data/<year>.tar.gz`` is among ``members`` for every needed year.
+        """Raise :class:`HupdYearMissingError` unless ``members`` hold ``data/<year>.tar.gz`` for every needed year.
 
         ``needed``: year -> the selected filing dates in that year, in words (they go into the message).
         """

@@ -59,7 +59,8 @@ from hfplug.loading import check_max_length, load_tokenizer
 from hfplug.model_args import ModelArguments
 from hfplug.training.callbacks import default_callbacks
 from hfplug.training.checkpoints import finished_run
-from hfplug.training.model_setup import prepare_training_args, warn_if_wont_fit
+from hfplug.training.memory_plan import plan_memory
+from hfplug.training.model_setup import prepare_training_args
 from hfplug.training.resilience import (
     GracefulStopCallback,
     check_launch_matches_machine,
@@ -131,17 +132,12 @@ def main(argv=None):
     data.limit(data_args.max_train_samples, data_args.max_eval_samples)
 
     # --- Tokenizer and model --------------------------------------------------
-    if training_args.do_train:
-        warn_if_wont_fit(
-            model_args,
-            training_args,
-            task=data_args.task,
-            max_length=data_args.max_length,
-            num_labels=data.num_labels,
-            token=token,
-        )
+    plan = plan_memory(  # from config.json: --long_context (auto on a GPU), a length that cannot fit
+        model_args, training_args, task=task.name, max_length=data_args.max_length, num_labels=data.num_labels,
+        token=token,
+    )  # fmt: skip
     tokenizer = load_tokenizer(model_args, token=token)
-    model = task.load_model(model_args, tokenizer, training_args, data, token=token)
+    model = task.load_model(model_args, tokenizer, training_args, data, token=token, long_context=plan.long_context)
     check_max_length(data_args.max_length, tokenizer, model.config)
     with training_args.main_process_first(desc="tokenize"):
         encoded = task.tokenize(data, tokenizer, training_args)
@@ -158,7 +154,8 @@ def main(argv=None):
     # --- Train (a finished run trains nothing) -----------------------------------
     finished = finished_run(trainer, checkpoint) if training_args.do_train else None
     if training_args.do_train and finished is None:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with plan.oom_hint():  # out of memory: one paragraph naming the planner and settings that fit
+            result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # model (or adapter) + tokenizer
         metrics = {**result.metrics, **({} if data_args.streaming else {"train_samples": len(encoded["train"])})}
         trainer.log_metrics("train", metrics)

@@ -313,6 +313,28 @@ def trained(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.mark.slow
+def test_abstract_run_with_every_long_context_technique(tmp_path, tiny_llama_dir):
+    """--long_context all on CPU: each technique installed and named in the log; training and evaluation (loss from
+    the chunked loss, ROUGE from generation, which still gets logits) work through them."""
+    out = tmp_path / "out"
+    flags = _flags(
+        out,
+        *("--model_name_or_path", str(tiny_llama_dir), "--quant", "4bit", "--lora", "true", "--lora_r", "8"),
+        *("--lora_dropout", "0", "--max_steps", "2", "--max_train_samples", "16", "--eval_strategy", "no"),
+        *("--activation_checkpointing", "true", "--long_context", "all", "--max_host_memory", "1GiB"),
+    )
+    proc = run_command(finetune_command(*flags))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for technique in ("frozen_16bit", "efficient_attention", "chunked_loss", "tiled_mlp", "offload_activations"):
+        assert f"--long_context {technique}:" in proc.stdout, technique
+    results = json.loads((out / "all_results.json").read_text())
+    assert math.isfinite(results["eval_loss"]) and results["eval_perplexity"] == pytest.approx(
+        math.exp(results["eval_loss"])
+    )
+    assert results["eval_generated_samples"] == 6
+
+
+@pytest.mark.slow
 def test_abstract_run_reports_loss_perplexity_rouge_and_counts(trained):
     out, log = trained
     results = json.loads((out / "all_results.json").read_text())

@@ -3,7 +3,7 @@
     techniques = resolve_techniques(model_args.long_context, causal_lm=True, planned=...)
     load kwargs += load_kwargs(techniques)                  # efficient_attention: at load time
     model = prepare_for_training(..., frozen_16bit="frozen_16bit" in techniques)
-    apply_techniques(model, techniques, tokens_per_step=..., host_budget=...)   # the rest
+    apply_techniques(model, LongContextPlan(techniques, tokens_per_step, host_budget(...)))  # the rest
 
 ``auto`` is decided by the memory planner (``hfplug.memory.choose_techniques``) in
 ``hfplug.training.model_setup``; this module only knows what each technique needs.
@@ -12,10 +12,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import psutil
 
-from hfplug.long_context import AUTO, TECHNIQUES, parse_long_context
+from hfplug.long_context import AUTO, TECHNIQUES, attention, parse_long_context
+from hfplug.long_context.loss import install_chunked_loss
+from hfplug.long_context.offload import enable_offloaded_checkpointing
+from hfplug.long_context.tiled_mlp import enable_tiled_mlp
 from hfplug.sizes import GiB, parse_memory
 
 logger = logging.getLogger(__name__)
@@ -27,6 +31,18 @@ HOST_PROCESS_RESERVE = 5 * GiB
 CAUSAL_LM_ONLY = ("chunked_loss",)
 
 
+@dataclass(frozen=True)
+class LongContextPlan:
+    """What a run installs: the techniques, and the step size and host budget offloading is sized for."""
+
+    techniques: tuple[str, ...] = ()
+    tokens_per_step: int = 0
+    host_budget: int = 0
+
+    def __contains__(self, technique: str) -> bool:
+        return technique in self.techniques
+
+
 def host_budget(max_host_memory: str) -> int:
     """Bytes of pinned host memory ``offload_activations`` may use (``auto``: RAM minus the reserve)."""
     if max_host_memory == "auto":
@@ -34,46 +50,45 @@ def host_budget(max_host_memory: str) -> int:
     return parse_memory(max_host_memory)
 
 
-def resolve_techniques(long_context: str, *, causal_lm: bool, auto: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The techniques to install for ``--long_context`` (``auto`` -> the planner's choice, given as ``auto``).
+def resolve_techniques(
+    long_context: str, *, applicable: tuple[str, ...], auto: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """The techniques to install for ``--long_context``.
 
-    ``all`` and ``auto`` keep only the techniques that apply to the model; a technique
-    named explicitly that does not apply is an error.
+    ``applicable``: those that change this run (``hfplug.memory.applicable_techniques``);
+    ``all`` means them, ``auto`` the planner's choice ``auto``. A technique named
+    explicitly that cannot apply is an error rather than silently ignored.
     """
     parsed = parse_long_context(long_context)
     if parsed == AUTO:
-        parsed = auto
-    elif long_context.strip() != "all" and not causal_lm:
-        misplaced = [t for t in parsed if t in CAUSAL_LM_ONLY]
-        if misplaced:
-            raise ValueError(
-                f"--long_context {long_context}: {', '.join(misplaced)} replaces a causal LM's vocabulary-sized "
-                "loss; a classifier's loss is already small. Drop it (or use --long_context auto/all)."
-            )
-    return tuple(t for t in TECHNIQUES if t in parsed and (causal_lm or t not in CAUSAL_LM_ONLY))
+        return tuple(auto)
+    if parsed == TECHNIQUES:
+        return applicable
+    misplaced = [t for t in parsed if t in CAUSAL_LM_ONLY and t not in applicable]
+    if misplaced:
+        raise ValueError(
+            f"--long_context {long_context}: {', '.join(misplaced)} replaces a causal LM's vocabulary-sized "
+            "loss; a classifier's loss is already small. Drop it (or use --long_context auto or all)."
+        )
+    return parsed
 
 
 def load_kwargs(techniques: tuple[str, ...], config=None) -> dict:
     """``from_pretrained`` keyword arguments the techniques need (the attention implementation)."""
     if "efficient_attention" not in techniques:
         return {}
-    from hfplug.long_context import attention
-
     if config is not None:
         attention.check_supported(config)
     return {"attn_implementation": attention.register()}
 
 
-def apply_techniques(model, techniques: tuple[str, ...], *, tokens_per_step: int, host_budget: int) -> list[str]:
+def apply_techniques(model, plan: LongContextPlan) -> list[str]:
     """Install ``chunked_loss``, ``tiled_mlp`` and ``offload_activations`` on a prepared model.
 
     ``model`` may be a PEFT model; ``frozen_16bit`` and ``efficient_attention`` were applied
     at preparation and load. Returns one line per technique for the log.
     """
-    from hfplug.long_context.loss import install_chunked_loss
-    from hfplug.long_context.offload import enable_offloaded_checkpointing
-    from hfplug.long_context.tiled_mlp import enable_tiled_mlp
-
+    techniques = plan.techniques
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lines = []
     if "frozen_16bit" in techniques:
@@ -93,6 +108,8 @@ def apply_techniques(model, techniques: tuple[str, ...], *, tokens_per_step: int
                 "offload_activations moves checkpointed layer inputs to host memory, but activation "
                 "checkpointing is off: add --activation_checkpointing true."
             )
-        plan = enable_offloaded_checkpointing(base, max_host_bytes=host_budget, tokens_per_step=tokens_per_step)
+        plan = enable_offloaded_checkpointing(
+            base, max_host_bytes=plan.host_budget, tokens_per_step=plan.tokens_per_step
+        )
         lines.append(f"offload_activations: {plan}")
     return lines

@@ -2,8 +2,7 @@
 
 :func:`prepare_training_args` applies what ``--quant``/``--dtype`` imply (non-reentrant
 checkpointing, QLoRA's paged AdamW, mixed precision on a 16-bit GPU model);
-:func:`warn_if_wont_fit` runs the memory planner on ``config.json`` before any weight is
-loaded; :func:`load_classifier` and :func:`load_causal_lm_for_training` share one loading
+:func:`load_classifier` and :func:`load_causal_lm_for_training` share one loading
 path (a trained adapter directory loads for evaluation, anything else goes through
 ``hfplug.quantization.prepare_for_training``); :func:`check_causal_lm` refuses a model that
 cannot write text before any data is loaded.
@@ -13,11 +12,13 @@ from __future__ import annotations
 
 import logging
 
-from hfplug.fit import memory_plan_message
-from hfplug.loading import adapter_base_model, from_pretrained, load_config, model_load_kwargs
+from hfplug.loading import adapter_base_model, from_pretrained, model_load_kwargs
+from hfplug.long_context.apply import LongContextPlan, apply_techniques
+from hfplug.long_context.apply import load_kwargs as long_context_load_kwargs
 from hfplug.quantization import default_optim, prepare_for_training, resolve_dtype
 
 logger = logging.getLogger(__name__)
+NO_TECHNIQUES = LongContextPlan()
 
 
 def device_type_for(training_args) -> str:
@@ -67,14 +68,18 @@ def prepare_training_args(training_args, model_args) -> None:
             setattr(training_args, precision, True)
 
 
-def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token: str | None, **config_kwargs):
+def _load_for_trainer(
+    auto_class, model_args, tokenizer, training_args, *, token: str | None, long_context=NO_TECHNIQUES, **config_kwargs
+):
     """``auto_class`` from ``model_name_or_path`` with the model options, ready for the Trainer.
 
     Shared by :func:`load_classifier` and :func:`load_causal_lm_for_training`. A directory
     with a trained LoRA adapter loads its base model (quantized as asked) and the adapter on
     top, for evaluation; otherwise, for training, the model goes through
     ``hfplug.quantization.prepare_for_training`` (k-bit preparation, checkpointing, LoRA).
+    ``long_context``: the techniques :func:`plan_memory` chose (``hfplug.long_context``).
     """
+    long_context = long_context or NO_TECHNIQUES
     adapter = adapter_base_model(model_args.model_name_or_path)
     full_finetune = training_args.do_train and not model_args.lora
     model = from_pretrained(
@@ -82,6 +87,7 @@ def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token
         adapter or model_args.model_name_or_path,
         token=token,
         **model_load_kwargs(model_args, device_type=device_type_for(training_args), full_finetune=full_finetune),
+        **long_context_load_kwargs(long_context.techniques),
         **config_kwargs,
     )
     # Decoders find the last real token (classification) and pad batches (generation) through
@@ -93,15 +99,22 @@ def _load_for_trainer(auto_class, model_args, tokenizer, training_args, *, token
         from peft import PeftModel
 
         logger.info("Loading the LoRA adapter in %s onto its base model %s.", model_args.model_name_or_path, adapter)
-        return PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
-    if training_args.do_train:
+        model = PeftModel.from_pretrained(model, model_args.model_name_or_path, is_trainable=False, token=token)
+    elif training_args.do_train:
         model = prepare_for_training(
-            model, model_args, activation_checkpointing=bool(training_args.activation_checkpointing)
+            model,
+            model_args,
+            activation_checkpointing=bool(training_args.activation_checkpointing),
+            frozen_16bit="frozen_16bit" in long_context,
         )
+    for line in apply_techniques(model, long_context):
+        logger.info("--long_context %s", line)
     return model
 
 
-def load_classifier(model_args, label_names, tokenizer, training_args, *, token: str | None = None):
+def load_classifier(
+    model_args, label_names, tokenizer, training_args, *, token: str | None = None, long_context=NO_TECHNIQUES
+):
     """``AutoModelForSequenceClassification`` for ``label_names``, with hfplug's model options applied.
 
     Quantization (``--quant``), dtype (``--dtype``) and LoRA (``--lora``) come from
@@ -118,13 +131,16 @@ def load_classifier(model_args, label_names, tokenizer, training_args, *, token:
         tokenizer,
         training_args,
         token=token,
+        long_context=long_context,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
     )
 
 
-def load_causal_lm_for_training(model_args, tokenizer, training_args, *, token: str | None = None):
+def load_causal_lm_for_training(
+    model_args, tokenizer, training_args, *, token: str | None = None, long_context=NO_TECHNIQUES
+):
     """``AutoModelForCausalLM`` for a generative task (``--task abstract``), with hfplug's model options.
 
     As :func:`load_classifier`, without a task head: LoRA adapts every linear layer
@@ -133,7 +149,9 @@ def load_causal_lm_for_training(model_args, tokenizer, training_args, *, token: 
     """
     from transformers import AutoModelForCausalLM
 
-    return _load_for_trainer(AutoModelForCausalLM, model_args, tokenizer, training_args, token=token)
+    return _load_for_trainer(
+        AutoModelForCausalLM, model_args, tokenizer, training_args, token=token, long_context=long_context
+    )
 
 
 # Class-name endings of models that generate text left to right (ForConditionalGeneration:
@@ -159,32 +177,3 @@ def check_causal_lm(model_args, *, token: str | None = None) -> None:
             f"meta-llama/Llama-3.1-8B-Instruct; {name!r} is {what} model. Pass a causal LM with "
             "--model_name_or_path, or use --task decision or --task ipc with this model."
         )
-
-
-def warn_if_wont_fit(
-    model_args, training_args, *, task: str, max_length: int, num_labels: int, token: str | None = None
-) -> None:
-    """On a GPU, run the memory planner (``hfplug.memory``) before loading and warn with settings that fit.
-
-    Reads only ``config.json``; an out-of-memory error an hour into a run becomes a warning
-    before the first weight is loaded.
-    """
-    if device_type_for(training_args) != "cuda":
-        return
-    import torch
-
-    base = adapter_base_model(model_args.model_name_or_path) or model_args.model_name_or_path
-    config = load_config(base, token=token, trust_remote_code=model_args.trust_remote_code)
-    settings = dict(
-        quant=model_args.quant,
-        lora_r=model_args.lora_r if model_args.lora else 0,
-        task=task,
-        max_length=max_length,
-        batch_size=training_args.per_device_train_batch_size,
-        activation_checkpointing=bool(training_args.activation_checkpointing),
-        optim=optim_name(training_args),
-        num_labels=num_labels,
-    )
-    gpu_mem = torch.cuda.get_device_properties(training_args.device).total_memory
-    fits, message = memory_plan_message(config, gpu_mem=gpu_mem, model_name=base, **settings)
-    logger.log(logging.INFO if fits else logging.WARNING, message)

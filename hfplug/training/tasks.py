@@ -3,7 +3,7 @@
     task = task_for(data_args, run_args)          # ClassifierTask (decision, ipc) or AbstractTask
     task.check_model(model_args, token=token)     # before any data: a BERT cannot write abstracts
     data = task.prepare(splits)                   # the records the task keeps, labels
-    model = task.load_model(model_args, tokenizer, training_args, data, token=token)
+    model = task.load_model(model_args, tokenizer, training_args, data, token=token, long_context=plan.long_context)
     encoded = task.tokenize(data, tokenizer, training_args)
     trainer = task.trainer(model, training_args, encoded, tokenizer, callbacks)
 
@@ -46,12 +46,14 @@ class ClassifierTask:
         """Any model with a sequence-classification head will do: nothing to check before loading."""
 
     def prepare(self, splits) -> TaskData:
-        data = prepare_task(splits, self.name, text_fields=self.data_args.sections)
+        data = prepare_task(splits, self.name, text_fields=self.data_args.text_fields)
         logger.info("Task %s: %d labels (%s)", self.name, data.num_labels, ", ".join(data.label_names[:10]))
         return data
 
-    def load_model(self, model_args, tokenizer, training_args, data: TaskData, *, token=None):
-        return load_classifier(model_args, data.label_names, tokenizer, training_args, token=token)
+    def load_model(self, model_args, tokenizer, training_args, data: TaskData, *, token=None, long_context=None):
+        return load_classifier(
+            model_args, data.label_names, tokenizer, training_args, token=token, long_context=long_context
+        )
 
     def tokenize(self, data: TaskData, tokenizer, training_args):
         return tokenize_splits(data.splits, tokenizer, **_tokenize_kwargs(self.data_args, training_args))
@@ -87,12 +89,14 @@ class AbstractTask:
 
     def prepare(self, splits) -> TaskData:
         logger.info("Task abstract: writing the abstract from %s", self.data_args.text_fields)
-        return prepare_task(splits, self.name, text_fields=self.data_args.sections)
+        return prepare_task(splits, self.name, text_fields=self.data_args.text_fields)
 
-    def load_model(self, model_args, tokenizer, training_args, data: TaskData, *, token=None):
+    def load_model(self, model_args, tokenizer, training_args, data: TaskData, *, token=None, long_context=None):
         # Fixed date, pad token distinct from the stop tokens, tokenizer.chat_template = this format.
         self.chat_format = training_chat_format(tokenizer, self.data_args.chat_template)
-        return load_causal_lm_for_training(model_args, tokenizer, training_args, token=token)
+        return load_causal_lm_for_training(
+            model_args, tokenizer, training_args, token=token, long_context=long_context
+        )
 
     def tokenize(self, data: TaskData, tokenizer, training_args):
         encoded, too_long = tokenize_abstract_splits(
@@ -124,7 +128,7 @@ def task_for(data_args, run_args) -> ClassifierTask | AbstractTask:
 
 def _tokenize_kwargs(data_args, training_args) -> dict:
     return dict(
-        text_fields=data_args.sections,
+        text_fields=data_args.text_fields,
         max_length=data_args.max_length,
         add_length=training_args.train_sampling_strategy == "group_by_length",
         num_proc=data_args.preprocessing_num_workers,

@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from transformers.utils import logging as hf_logging
 
 from hfplug.data import load_hupd, padding_collator, prepare_task, tokenize_splits
-from hfplug.data.tasks import join_sections
+from hfplug.data.tasks import join_text_fields
 from hfplug.testing.hupd_synthetic import write_hupd_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ class SeedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         record = self.records[i]
-        text = join_sections({f: [record[f]] for f in TEXT_FIELDS}, TEXT_FIELDS, self.separator)[0]
+        text = join_text_fields({f: [record[f]] for f in TEXT_FIELDS}, TEXT_FIELDS, self.separator)[0]
         enc = self.tokenizer(text, truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="pt")
         return {
             "input_ids": enc["input_ids"][0],
@@ -90,13 +90,13 @@ def main():
         os.path.join(tmp, "sample"), n_records=opts.records, seed=1, description_words=(50, 100)
     )
     splits = load_hupd(
-        metadata_path=str(sample.metadata_path),
-        archive_path=str(sample.archive_path),
+        hupd_metadata_path=str(sample.metadata_path),
+        hupd_archive_path=str(sample.archive_path),
         train_filing_start_date="2016-01-01",
         train_filing_end_date="2016-01-22",
         val_filing_start_date="2016-01-22",
         val_filing_end_date="2016-02-01",
-        cache_dir=os.path.join(tmp, "cache"),
+        hupd_cache_dir=os.path.join(tmp, "cache"),
     )
     train = prepare_task(splits, "decision").splits["train"]
     tokenizer = AutoTokenizer.from_pretrained(MODEL)

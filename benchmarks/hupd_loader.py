@@ -68,7 +68,9 @@ def work_hfplug(metadata: str, archive: str, scratch: str) -> dict:
     from hfplug.data.hupd import load_hupd
 
     start = time.perf_counter()
-    result = load_hupd(metadata_path=metadata, archive_path=archive, uniform_split=True, cache_dir=scratch)
+    result = load_hupd(
+        hupd_metadata_path=metadata, hupd_archive_path=archive, uniform_split=True, hupd_cache_dir=scratch
+    )
     seconds = time.perf_counter() - start
     order = {split: list(result[split]["application_number"]) for split in result}
     return {"seconds": seconds, "rows": sum(split.num_rows for split in result.values()), "order": _digest(order)}

@@ -75,7 +75,7 @@ def export_records(data, folder: str) -> dict[str, str]:
     from transformers import AutoTokenizer
 
     from hfplug.data import load_hupd
-    from hfplug.data.tasks import join_sections, parse_text_fields, prepare_task
+    from hfplug.data.tasks import join_text_fields, parse_text_fields, prepare_task
 
     fields = parse_text_fields(data.text_fields or "title,abstract")
     separator = f" {AutoTokenizer.from_pretrained(TINY_BERT).sep_token} "  # as tokenize_splits joins them
@@ -83,7 +83,7 @@ def export_records(data, folder: str) -> dict[str, str]:
     paths = {}
     for name, split in task.splits.items():
         paths[name] = os.path.join(folder, f"{name}.json")
-        split.map(lambda b: {"sentence": join_sections(b, fields, separator)}, batched=True).select_columns(
+        split.map(lambda b: {"sentence": join_text_fields(b, fields, separator)}, batched=True).select_columns(
             ["sentence", "label"]
         ).to_json(paths[name])
     return paths

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 
 from hfplug.data.hupd import HUB_FILES
@@ -198,12 +197,6 @@ class HupdArguments:
         for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name), when_set=True)
-
-    @property
-    def sections(self) -> list[str]:
-        """Deprecated: pass ``text_fields`` (the comma string) on; every reader takes it as it is."""
-        warnings.warn("HupdArguments.sections is now text_fields.", DeprecationWarning, stacklevel=2)
-        return self.text_fields.split(",")
 
     def hub_files_needed(self) -> list[str]:
         """The files of the HUPD/hupd dataset repo this selection downloads (none when both are local)."""

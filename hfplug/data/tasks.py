@@ -214,9 +214,6 @@ def join_text_fields(batch: dict, text_fields: Sequence[str], separator: str) ->
     return [separator.join(s for f in text_fields if (s := (batch[f][i] or "").strip())) for i in range(n)]
 
 
-join_sections = join_text_fields  # the old name, until benchmarks/ import join_text_fields
-
-
 def tokenize_splits(
     splits: DatasetDict | IterableDatasetDict,
     tokenizer,

@@ -22,6 +22,10 @@ client asked for anything else):
   ``X-Linked-Size``/``X-Linked-Etag`` headers the Hub puts on its LFS redirects; localhost is
   another origin than 127.0.0.1, so the client drops the token there, and ``/cdn/`` answers a
   request that carries one 400 (as S3 does a signed URL with an Authorization header).
+- dataset repos to push to: ``POST /api/repos/create`` with ``type: dataset`` (into ``datasets``),
+  ``GET /api/datasets/{repo}`` (dataset info), ``/tree/{rev}`` (the file list ``upload_folder``'s
+  ``delete_patterns`` reads), ``POST /api/datasets/{repo}/preupload/{rev}`` and ``/commit/{rev}``
+  (as for models; ``commits`` records them too).
 
 Tokens are described by ``Token`` (valid write, read-only, fine-grained scoped, revoked).
 Each commit is recorded (``commits``: repo, message, files and their bytes).
@@ -257,7 +261,7 @@ class HubServer:
             entity, perms = entry["entity"], entry["permissions"]
             if perm in perms and (
                 (entity["type"] in ("user", "org") and entity["name"] == namespace)
-                or (repo_id is not None and entity["type"] == "model" and entity["name"] == repo_id)
+                or (repo_id is not None and entity["type"] in ("model", "dataset") and entity["name"] == repo_id)
             ):
                 return True
         return False
@@ -430,6 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = payload.get("organization") or token.user
         repo_id = f"{namespace}/{payload['name']}"
         hub = self.hub
+        if payload.get("type") == "dataset":
+            return self._create_dataset(token, payload, namespace, repo_id)
         with hub.lock:
             if repo_id in hub.repos:
                 return self._send(
@@ -443,6 +449,24 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             hub.add_repo(repo_id, private=payload.get("visibility") == "private")
         self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": f"id-{repo_id}"})
+
+    def _create_dataset(self, token, payload, namespace, repo_id):
+        hub = self.hub
+        with hub.lock:
+            if repo_id in hub.datasets:
+                return self._send(
+                    409,
+                    {"error": "You already created this dataset repo", "url": f"{hub.url}/datasets/{repo_id}"},
+                    error_message="You already created this dataset repo",
+                )
+            if not hub.can_create(token, namespace):
+                return self._error(
+                    403, f'You don\'t have the rights to create a dataset under the namespace "{namespace}"'
+                )
+            hub.add_dataset(
+                repo_id, files={".gitattributes": GITATTRIBUTES}, private=payload.get("visibility") == "private"
+            )
+        self._send(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id, "id": f"id-{repo_id}"})
 
     def validate_yaml(self, token, body):
         content = json.loads(body or b"{}").get("content", "")
@@ -510,9 +534,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         self._send(200, {})
 
-    def _writable(self, token, ns, name) -> Repo | None:
+    def _writable(self, token, ns, name, repos=None) -> Repo | None:
         repo_id = f"{ns}/{name}"
-        repo = self.hub.repos.get(repo_id)
+        repo = (self.hub.repos if repos is None else repos).get(repo_id)
         if repo is None or token is None or self.hub.member_role(token.user, ns) is None:
             self._error(404, "Repository not found", "RepoNotFound")
             return None
@@ -521,8 +545,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
-    def preupload(self, token, body, ns, name, rev):
-        repo = self._writable(token, ns, name)
+    def preupload(self, token, body, ns, name, rev, repos=None):
+        repo = self._writable(token, ns, name, repos)
         if repo is None:
             return
         files = json.loads(body or b"{}").get("files", [])
@@ -534,7 +558,7 @@ class _Handler(BaseHTTPRequestHandler):
                         "path": f["path"],
                         "uploadMode": "regular",
                         "shouldIgnore": False,
-                        "oid": git_hash(repo.files[f["path"]]) if f["path"] in repo.files else None,
+                        "oid": git_hash(_file_bytes(repo.files[f["path"]])) if f["path"] in repo.files else None,
                     }
                     for f in files
                 ],
@@ -542,14 +566,14 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def commit(self, token, body, ns, name, rev):
+    def commit(self, token, body, ns, name, rev, repos=None):
         hub = self.hub
         if hub._interrupt:
             hub.commit_received.set()
             hub._release.wait(timeout=hub.lifetime)
             self.close_connection = True  # no answer at all: the connection just drops
             return
-        repo = self._writable(token, ns, name)
+        repo = self._writable(token, ns, name, repos)
         if repo is None:
             return
         if hub.fail_commits:
@@ -587,6 +611,54 @@ class _Handler(BaseHTTPRequestHandler):
                 "pullRequestUrl": None,
             },
         )
+
+    # ------------------------------------------------------------------ dataset repos (push)
+
+    def _dataset(self, token, ns, name) -> Repo | None:
+        repo = self.hub.datasets.get(f"{ns}/{name}")
+        if repo is None or not self.hub.can_read(token, repo):
+            self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        return repo
+
+    def dataset_info(self, token, body, ns, name, rev=None):
+        repo = self._dataset(token, ns, name)
+        if repo is not None:
+            self._send(
+                200,
+                {
+                    "_id": f"id-{repo.repo_id}",
+                    "id": repo.repo_id,
+                    "sha": repo.sha,
+                    "private": repo.private,
+                    "gated": "manual" if repo.gated else False,
+                    "disabled": False,
+                    "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+                    "cardData": repo.card_data,
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                    "createdAt": "2026-01-01T00:00:00.000Z",
+                    "lastModified": "2026-01-01T00:00:00.000Z",
+                },
+            )
+
+    def dataset_tree(self, token, body, ns, name, rev):
+        """Every file of the repo (as ``recursive=true`` lists them), in one page."""
+        repo = self._dataset(token, ns, name)
+        if repo is not None:
+            with self.hub.lock:
+                files = {path: _file_bytes(data) for path, data in repo.files.items()}
+            entries = [
+                {"type": "file", "path": p, "size": len(b), "oid": git_hash(b)} for p, b in sorted(files.items())
+            ]
+            self._send(200, entries)
+
+    def dataset_preupload(self, token, body, ns, name, rev):
+        self.preupload(token, body, ns, name, rev, repos=self.hub.datasets)
+
+    def dataset_commit(self, token, body, ns, name, rev):
+        self.commit(token, body, ns, name, rev, repos=self.hub.datasets)
 
     # ------------------------------------------------------------------ dataset files
 
@@ -696,6 +768,7 @@ class _Handler(BaseHTTPRequestHandler):
 _REPO = r"/api/models/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)"
 _RESOLVE = r"/datasets/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
 _CDN = r"/cdn/(?P<sha256>[0-9a-f]{64})"
+_DATASET = r"/api/datasets/(?P<ns>[\w.\-]+)/(?P<name>[\w.\-]+)"
 ROUTES = {
     "GET": (
         (r"/api/whoami-v2", "whoami"),
@@ -704,6 +777,8 @@ ROUTES = {
         (_REPO + r"(?:/revision/(?P<rev>[^/]+))?", "model_info"),
         (_RESOLVE, "resolve"),
         (_CDN, "cdn"),
+        (_DATASET + r"/tree/(?P<rev>[^/]+)", "dataset_tree"),
+        (_DATASET + r"(?:/revision/(?P<rev>[^/]+))?", "dataset_info"),
     ),
     "HEAD": ((_RESOLVE, "resolve"), (_CDN, "cdn")),
     "POST": (
@@ -711,5 +786,7 @@ ROUTES = {
         (r"/api/validate-yaml", "validate_yaml"),
         (_REPO + r"/preupload/(?P<rev>[^/]+)", "preupload"),
         (_REPO + r"/commit/(?P<rev>[^/]+)", "commit"),
+        (_DATASET + r"/preupload/(?P<rev>[^/]+)", "dataset_preupload"),
+        (_DATASET + r"/commit/(?P<rev>[^/]+)", "dataset_commit"),
     ),
 }

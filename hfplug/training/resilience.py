@@ -321,6 +321,10 @@ RESUMABLE_CHANGES = (
     "time_budget",
     "early_stopping_patience",
     "early_stopping_threshold",
+    # Memory techniques give the same loss and gradients (tests/test_long_context_*): a run resumed
+    # on another GPU may need other ones.
+    "long_context",
+    "max_host_memory",
 )
 
 

@@ -60,8 +60,8 @@ _POSITIVE_IF_SET = ("eval_accumulation_steps", "save_total_limit", "logging_step
 
 
 def check_training_args(args, data_args: HupdArguments | None = None) -> None:
-    """Refuse ``TrainingArguments`` values that transformers lets through but that cannot work, and apply
-    what ``data_args`` implies (``group_by_length`` -> ``train_sampling_strategy``)."""
+    """Refuse ``TrainingArguments`` values that transformers lets through but that cannot work (nothing is changed:
+    what the other arguments imply is applied by ``hfplug.training.model_setup.prepare_training_args``)."""
     for name in _POSITIVE_COUNTS:
         check_positive_int(name, getattr(args, name))
     for name in _POSITIVE_IF_SET:
@@ -78,8 +78,6 @@ def check_training_args(args, data_args: HupdArguments | None = None) -> None:
         raise ValueError(f"num_train_epochs must be positive, got {args.num_train_epochs} (or set max_steps).")
     if data_args is not None and data_args.streaming and args.do_train and args.max_steps <= 0:
         raise ValueError("streaming=True has no dataset length to derive epochs from; set --max_steps (e.g. 1000).")
-    if data_args is not None and data_args.group_by_length:
-        args.train_sampling_strategy = "group_by_length"
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ValueError(
             f"output_dir {args.output_dir!r} is a file, not a folder. Pass a folder path (it is created "

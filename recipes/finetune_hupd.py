@@ -84,14 +84,14 @@ def main(argv=None):
         argv,
         default_config=DEFAULT_CONFIG,
     )
-    check_training_args(training_args, data_args)  # counts > 0, output_dir not a file, group_by_length, ...
+    check_training_args(training_args, data_args)  # counts > 0, output_dir not a file, ...
     # Said only if a Hub file cannot be fetched (offline, nothing cached): the quickstart, and what to download.
     set_download_hint(model=model_args.model_name_or_path, dataset=(HUB_REPO_ID, data_args.hub_files_needed()))
     task = task_for(data_args, run_args)  # what differs between a classifier and an abstract writer
 
     # --- Logging --------------------------------------------------------------
     setup_logging(training_args, logger.name)
-    prepare_training_args(training_args, model_args)  # what the model options imply: optim, checkpointing, fp16
+    prepare_training_args(training_args, model_args, data_args)  # implied: optim, fp16, group_by_length, ...
     logger.info(
         "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
     )

@@ -178,3 +178,18 @@ def test_token_flag_is_refused_before_parsing():
     with pytest.raises(ValueError, match="refuses it") as info:
         parse_args((HupdArguments,), ["--hub_token", "hf_CanaryTok3n"])
     assert "Canary" not in str(info.value)
+
+
+def test_group_by_length_is_applied_by_prepare_training_args_not_by_the_check(tmp_path):
+    from hfplug.model_args import ModelArguments
+    from hfplug.training.model_setup import prepare_training_args
+
+    model, data, training = parse_args(
+        (ModelArguments, HupdArguments, TrainingArguments),
+        ["--output_dir", str(tmp_path), "--group_by_length", "true", "--use_cpu", "true"],
+    )
+    before = training.train_sampling_strategy
+    check_training_args(training, data)
+    assert training.train_sampling_strategy == before != "group_by_length"  # a check changes nothing
+    prepare_training_args(training, model, data)
+    assert training.train_sampling_strategy == "group_by_length"

@@ -31,9 +31,10 @@ def optim_name(training_args) -> str:
     return getattr(training_args.optim, "value", training_args.optim)
 
 
-def prepare_training_args(training_args, model_args) -> None:
-    """Settings the model options imply, applied before the Trainer is built (each change logged).
+def prepare_training_args(training_args, model_args, data_args=None) -> None:
+    """Settings the model and data options imply, applied before the Trainer is built (each change logged).
 
+    - ``--group_by_length`` (a data option) batches similar lengths: ``train_sampling_strategy``;
     - checkpointing runs non-reentrant (needed for LoRA on a frozen or 4-bit base);
     - 4-bit runs default to the paged 8-bit AdamW of QLoRA when ``optim`` was left at its default;
     - a 16-bit model on a GPU trains under the matching mixed precision (fp16 on a T4).
@@ -41,6 +42,8 @@ def prepare_training_args(training_args, model_args) -> None:
     from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
+    if data_args is not None and data_args.group_by_length:
+        training_args.train_sampling_strategy = "group_by_length"
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     optim = default_optim(model_args)

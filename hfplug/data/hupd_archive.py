@@ -21,7 +21,7 @@ import re
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -232,6 +232,30 @@ def _iter_tar_gz(
         gunzip.verify_rest()
 
 
+def _outer_members(path: Path | RemoteArchive, years: Mapping[str, str] | set[str], *, check_years: bool = True):
+    """The member table of the ``all`` layout's uncompressed tar, checked to be whole.
+
+    Only the headers are read (seeking over the data; on the Hub, one small range request
+    each). A tar cut off inside a member or at a header raises EOFError. On the Hub, a needed
+    year it does not hold raises :class:`~hfplug.data.hupd_remote.HupdYearMissingError` (with
+    ``check_years``), before any year is fetched.
+    """
+    remote = not isinstance(path, Path)
+    with path.open_tar() if remote else tarfile.open(path, mode="r:") as outer:
+        infos = outer.getmembers()
+        size = path.size if remote else path.stat().st_size
+        # tarfile ends quietly when the file stops at a header boundary; a complete tar
+        # ends with two zero blocks, so less than that left means a cut-off file
+        if size - outer.offset < 2 * tarfile.BLOCKSIZE:
+            raise EOFError("the tar ends without its end-of-archive marker (truncated)")
+    for info in infos:
+        if info.isreg() and info.offset_data + info.size > size:
+            raise EOFError(f"member {info.name} runs past the end of the file (truncated)")
+    if remote and check_years:
+        path.check_years(infos, years if isinstance(years, Mapping) else dict.fromkeys(years, "the selection"))
+    return infos
+
+
 def _iter_outer_tar(
     path: Path | RemoteArchive,
     wanted: Mapping[str, Any] | set[str],
@@ -239,35 +263,30 @@ def _iter_outer_tar(
     *,
     stream: str | None = None,
     done: Callable[[], bool] | None = None,
+    members: Sequence[tarfile.TarInfo] | None = None,
 ) -> Iterator[_Member]:
     """The ``all`` layout: an uncompressed tar of ``data/<year>.tar.gz`` (and maybe loose JSON).
 
     Opened in random-access mode, so the headers are read first (seeking over the data) and
     year tarballs no selected filing year needs are skipped, not read. ``stream`` limits the
     pass to one year tarball, or to the loose members (``""``). ``years``: the needed filing
-    years, or a mapping of them to the selected dates in words.
+    years, or a mapping of them to the selected dates in words. ``members``: the member table
+    (:func:`_outer_members`) when the caller has read it already.
 
     A :class:`~hfplug.data.hupd_remote.RemoteArchive` is read the same way on the Hub: its
     headers, then each needed year tarball streamed over one request. A needed year it does not
     hold raises :class:`~hfplug.data.hupd_remote.HupdYearMissingError` before any is fetched.
     """
     remote = not isinstance(path, Path)
-    outer = path.open_tar() if remote else tarfile.open(path, mode="r:")
-    open_member = path.open_member if remote else outer.extractfile
-    with outer:
-        infos = outer.getmembers()
-        size = path.size if remote else path.stat().st_size
-        # tarfile ends quietly when the file stops at a header boundary; a complete tar
-        # ends with two zero blocks, so less than that left means a cut-off file
-        if size - outer.offset < 2 * tarfile.BLOCKSIZE:
-            raise EOFError("the tar ends without its end-of-archive marker (truncated)")
-        if remote and stream is None:
-            path.check_years(infos, years if isinstance(years, Mapping) else dict.fromkeys(years, "the selection"))
+    infos = members if members is not None else _outer_members(path, years, check_years=stream is None)
+    with contextlib.ExitStack() as stack:
+        if remote:
+            open_member = path.open_member
+        else:  # extractfile reads any member of the table by its offsets
+            open_member = stack.enter_context(tarfile.open(path, mode="r:")).extractfile
         # a year tarball stored twice: extraction leaves the last copy, so only that one is read
         last = {_normalise(i.name): i for i in infos if i.isreg()}
         for index, info in enumerate(infos):
-            if info.isreg() and info.offset_data + info.size > size:
-                raise EOFError(f"member {info.name} runs past the end of the file (truncated)")
             name = _normalise(info.name)
             if name is None or not (info.isreg() or info.islnk()):
                 continue
@@ -276,13 +295,7 @@ def _iter_outer_tar(
                 if stream not in (None, name):
                     continue
                 if last[name] is not info or year.group(1) not in years:
-                    logger.debug(
-                        "Skipping %s: %s",
-                        name,
-                        "a later copy follows"
-                        if last[name] is not info
-                        else f"no selected application was filed in {year.group(1)}",
-                    )
+                    logger.debug("Skipping %s: %s", name, _skip_reason(last[name] is not info, year.group(1)))
                     continue
                 logger.debug("Reading %s", name)
                 try:
@@ -296,8 +309,67 @@ def _iter_outer_tar(
                 yield _Member(name, "", index, 0, None, _read(open_member, info))
             if done is not None and done():
                 break
-        if remote:
-            logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", path.fetched / 1e6, size / 1e6, path)
+    if remote and members is None:
+        logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", path.fetched / 1e6, path.size / 1e6, path)
+
+
+def _skip_reason(later_copy: bool, year: str) -> str:
+    return "a later copy follows" if later_copy else f"no selected application was filed in {year}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """A part of an archive that one process can read on its own, start to end.
+
+    ``stream``: None for the whole archive (the sample's ``.tar.gz``: one stream, so it is one
+    unit), ``data/<year>.tar.gz`` for a year of the all-years tar, ``""`` for that tar's loose
+    members. ``order``: the year tarball's place in the tar (later copies of a path win).
+    ``size``: compressed bytes (the largest units are read first). ``year``: the filing year a
+    year tarball holds (its members normally unpack to ``data/<year>/``). ``members``: the tar's
+    member table, read once for all units.
+    """
+
+    stream: str | None
+    order: int = 0
+    size: int = 0
+    year: str | None = None
+    members: tuple[tarfile.TarInfo, ...] | None = None
+
+
+def _archive_units(
+    path: Path | RemoteArchive, wanted: Mapping[str, Any] | set[str], years: Mapping[str, str] | set[str]
+) -> list[_Unit]:
+    """The parts of a HUPD archive a build reads, largest first: for ``all``, each needed year tarball
+    (and the loose members, if any could matter); for ``sample``, the whole file.
+
+    Reads the all-years tar's headers only; errors as :func:`_iter_archive`'s.
+    """
+    try:
+        if isinstance(path, Path):
+            with open(path, "rb") as raw:
+                if raw.read(2) == _GZIP_MAGIC:
+                    return [_Unit(None, size=path.stat().st_size)]
+        infos = _outer_members(path, years)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, HupdFileError):
+            raise
+        raise _corrupt(path, "archive", f"{type(exc).__name__}: {exc}") from exc
+    table = tuple(infos)
+    last = {_normalise(i.name): i for i in infos if i.isreg()}
+    units, loose = [], False
+    for index, info in enumerate(infos):
+        name = _normalise(info.name)
+        if name is None or not (info.isreg() or info.islnk()):
+            continue
+        year = _YEAR_TARBALL.fullmatch(name) if info.isreg() else None
+        if year is None:
+            loose = loose or info.islnk() or name in wanted
+        elif last[name] is not info or year.group(1) not in years:
+            logger.debug("Skipping %s: %s", name, _skip_reason(last[name] is not info, year.group(1)))
+        else:
+            units.append(_Unit(name, index, info.size, year.group(1), table))
+    units.sort(key=lambda unit: -unit.size)
+    return units + ([_Unit("", members=table)] if loose else [])
 
 
 def _iter_archive(
@@ -307,6 +379,7 @@ def _iter_archive(
     *,
     stream: str | None = None,
     done: Callable[[], bool] | None = None,
+    members: Sequence[tarfile.TarInfo] | None = None,
 ) -> Iterator[_Member]:
     """The ``wanted`` members (and all hard links) of a HUPD archive of either layout, in archive order.
 
@@ -317,14 +390,14 @@ def _iter_archive(
     """
     try:
         if not isinstance(path, Path):
-            yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done)
+            yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
             return
         with open(path, "rb") as raw:
             if raw.read(2) == _GZIP_MAGIC:
                 raw.seek(0)
                 yield from _iter_tar_gz(raw, wanted, done=done)
                 return
-        yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done)
+        yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
     except HupdFileError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # OSError: the file itself (EIO, ...)
@@ -339,6 +412,7 @@ def _resolve_links(
     wanted: Iterable[_Link],
     links: Iterable[tuple[str, int, str, str]],
     years: Mapping[str, str] | set[str],
+    members: Sequence[tarfile.TarInfo] | None = None,
 ) -> dict[_Link, bytes | None]:
     """The content of each wanted hard link: its target's copy at that point of the archive.
 
@@ -366,7 +440,7 @@ def _resolve_links(
                     needed.add(target)
                     frontier.append(target)
         content: dict[str, bytes | None] = {}
-        for member in _iter_archive(archive, needed, years, stream=stream):
+        for member in _iter_archive(archive, needed, years, stream=stream, members=members):
             if member.stream != stream:
                 continue
             if member.index in at:

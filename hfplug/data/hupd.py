@@ -30,6 +30,18 @@ How it reads the data, and why:
   which also maps the whole file into memory). The splits are cached under ``hupd_cache_dir``:
   a second call with the same arguments and the same input files opens them without
   reading the archive (or the metadata) again.
+* ``columns=`` keeps only some fields (plus :data:`KEPT_COLUMNS`, a few bytes each): the
+  cache then holds, say, titles and abstracts, a few percent of the records' bytes (the
+  description is most of a record). The cache key includes the stored columns; a load of
+  fewer columns opens a complete cache of the same selection that holds them (a view, no
+  copy); a load of more builds its own.
+* Before writing, the build measures the Arrow size of its first records and compares what
+  the whole build needs (the split files, plus a scratch copy of the records while building)
+  with the free space of ``hupd_cache_dir``: too little is an error that gives both and writes nothing.
+* ``num_proc`` processes read ``all``'s needed year tarballs at once, each into a scratch
+  file of its own; which copy of a path counts is decided from where each copy sat in the
+  archive, so the splits are the same bytes as a one-process build's. The sample is one
+  gzip stream: one process reads it.
 * Decompression runs on a background thread (zlib releases the GIL) while the main thread
   parses JSON and writes Arrow. ``benchmarks/hupd_loader.py`` compares the whole load with
   ``gzip -dc > /dev/null`` and with extracting the archive and opening each file, and checks
@@ -52,7 +64,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +77,13 @@ from hfplug.data.hupd_cache import (
     HupdCacheError,
     _build_cache,
     _cache_key,
-    _is_complete_cache,
+    _cache_name,
+    _find_cache,
     _log_cached_skips,
     _open_cache,
 )
 from hfplug.data.hupd_plan import _plan
-from hfplug.data.hupd_records import FEATURES, OFFICIAL_FIELDS, record_to_example
+from hfplug.data.hupd_records import FEATURES, KEPT_COLUMNS, OFFICIAL_FIELDS, record_to_example, stored_columns
 from hfplug.data.hupd_remote import HupdRemoteError, HupdYearMissingError, RangesUnsupported, RemoteArchive
 from hfplug.data.hupd_selection import (
     HupdSelection,
@@ -85,6 +98,7 @@ __all__ = [
     "FEATURES",
     "HUB_FILES",
     "HUB_REPO_ID",
+    "KEPT_COLUMNS",
     "OFFICIAL_FIELDS",
     "HupdCacheError",
     "HupdFileError",
@@ -156,6 +170,8 @@ def load_hupd(
     hupd_cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     streaming: bool = False,
+    columns: Sequence[str] | None = None,
+    num_proc: int | None = None,
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Load HUPD's ``train`` and ``validation`` splits with the official loader's selection and order.
 
@@ -185,10 +201,24 @@ def load_hupd(
         token: Hub token for the downloads (never logged or stored).
         streaming: return an ``IterableDatasetDict`` that reads the archive lazily on each
             iteration, with no Arrow cache. It yields archive order, not upstream's (see below).
+        columns: the fields to keep, e.g. ``["title", "abstract"]`` (names of :data:`FEATURES`);
+            :data:`KEPT_COLUMNS` (``application_number``, ``decision``, ``filing_date``,
+            ``ipc_label``, ``cpc_label``: the row's key and what the selection rules act on, a
+            few bytes each) are always kept. The cache (and the streamed rows) then hold only
+            these, which for the text sections is most of the disk: the description alone is
+            most of a record. The rows are the same whatever the columns. None (default): every
+            field. ``hfplug.data.tasks.task_columns`` gives what a task reads.
+        num_proc: processes that read the archive while building the cache (the recipe's
+            ``--preprocessing_num_workers``). For ``all`` each needed year tarball
+            (``data/<year>.tar.gz``, local or on the Hub) is read by a process of its own, and
+            the splits are the same bytes as with one process. ``sample`` is one gzip stream,
+            which cannot be read in parts, so it is read by one process whatever ``num_proc``
+            is (decompression already runs on a second thread). No effect with ``streaming``
+            or a cache hit. Default: one process.
 
     Returns:
         A ``DatasetDict`` (or ``IterableDatasetDict``) with ``train`` and ``validation`` and
-        :data:`FEATURES`: the 14 official string fields, where ``patent_number`` holds the
+        :data:`FEATURES` (or only those of ``columns``, in :data:`FEATURES` order): the 14 official string fields, where ``patent_number`` holds the
         *application* number (as in the official loader; the granted patent's number is not
         included), ``decision`` comes from the JSON record and ``description`` is its
         ``full_description``; plus ``application_number`` and the ``ipcr_labels`` /
@@ -203,11 +233,15 @@ def load_hupd(
         the records back), and a path stored twice in the archive gives its first copy.
 
     Raises:
-        ValueError: bad dates or hupd_config, a filter or date window that selects nothing.
+        ValueError: bad dates, hupd_config, columns (the message lists the valid names) or
+            num_proc; a filter or date window that selects nothing.
         FileNotFoundError: a given metadata/archive path does not exist.
         HupdFileError: a metadata or archive file is corrupt or truncated.
-        HupdCacheError: the cache could not be written (e.g. the disk is full); the message
-            says where and about how much room is needed.
+        HupdCacheError: the cache's disk has too little room: measured on the first records
+            read, before any is written, against the selected rows and columns (the message
+            gives the bytes needed and free, and the folder); or a write failed (no permission,
+            a disk that filled up meanwhile). The message says where and about how much room is
+            needed; nothing of the build is left, and earlier caches are untouched.
         HupdRemoteError: (a ``HupdFileError``) the archive on the Hub could not be read: the
             connection kept dropping (each drop resumes at the byte it stopped at, a few times).
         HupdYearMissingError: the archive on the Hub has no ``data/<year>.tar.gz`` for a year the
@@ -224,6 +258,9 @@ def load_hupd(
     """
     if hupd_config not in HUB_FILES:
         raise ValueError(f"hupd_config must be one of {sorted(HUB_FILES)}, got {hupd_config!r}")
+    stored = stored_columns(columns)
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise ValueError(f"num_proc must be a whole number >= 1 (processes that read the archive), got {num_proc!r}")
     selection = _selection_args(
         train_filing_start_date=train_filing_start_date,
         train_filing_end_date=train_filing_end_date,
@@ -239,20 +276,23 @@ def load_hupd(
     if streaming:
         archive_file = _connect(archive_file, token)
         splits, undated = _select(metadata_file, selection)
-        return streaming_splits(splits, undated, archive_file, JSON_DIRS[hupd_config])
+        return streaming_splits(splits, undated, archive_file, JSON_DIRS[hupd_config], columns=stored)
 
     root = (
         Path(hupd_cache_dir) if hupd_cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "hfplug_hupd"
     )
-    target = root / f"{hupd_config}-{_cache_key(hupd_config, selection, metadata_file, archive_file)}"
-    if not _is_complete_cache(target):  # an archive on the Hub is reached only now: a cached load needs no network
+    base = f"{hupd_config}-{_cache_key(hupd_config, selection, metadata_file, archive_file)}"
+    target = _find_cache(root, base, stored)
+    if target is None:  # an archive on the Hub is reached only now: a cached load needs no network
+        target = root / _cache_name(base, stored)
         archive_file = _connect(archive_file, token)
         splits, undated = _select(metadata_file, selection)
-        _build_cache(target, archive_file, _plan(splits.items(), JSON_DIRS[hupd_config], undated_rows=undated))
+        plan = _plan(splits.items(), JSON_DIRS[hupd_config], undated_rows=undated)
+        _build_cache(target, archive_file, plan, columns=stored, num_proc=num_proc or 1)
     else:
         logger.info("Using cached HUPD splits from %s", target)
         _log_cached_skips(target)
-    return _open_cache(target)
+    return _open_cache(target, stored)
 
 
 def _selection_args(**args: Any) -> dict[str, Any]:

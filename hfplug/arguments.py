@@ -163,7 +163,12 @@ class HupdArguments:
         default=None, metadata={"help": "Use only the first N training records (quick runs)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes for tokenization and for building the HUPD cache (for 'all', year archives read in parallel)."
+        },
+    )
 
     def __post_init__(self):
         if self.hupd_config not in ("sample", "all"):
@@ -203,7 +208,11 @@ class HupdArguments:
         return [name for name, path in local if path is None]
 
     def load_hupd_kwargs(self) -> dict:
-        """The keyword arguments for ``hfplug.data.load_hupd`` (its keywords are these fields' names)."""
+        """The keyword arguments for ``hfplug.data.load_hupd`` (its keywords are these fields' names).
+
+        ``preprocessing_num_workers`` is its ``num_proc``, as for tokenization (``datasets``' name);
+        ``columns`` is not set here: the recipe passes its task's (``hfplug.data.tasks.task_columns``).
+        """
         return dict(
             hupd_config=self.hupd_config,
             hupd_metadata_path=self.hupd_metadata_path,
@@ -219,6 +228,7 @@ class HupdArguments:
             query=self.query,
             hupd_cache_dir=self.hupd_cache_dir,
             streaming=self.streaming,
+            num_proc=self.preprocessing_num_workers,
         )
 
 

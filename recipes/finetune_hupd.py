@@ -50,6 +50,7 @@ from hfplug.cli import run, set_download_hint, setup_logging
 from hfplug.config import parse_args
 from hfplug.data import load_hupd
 from hfplug.data.hupd import HUB_REPO_ID
+from hfplug.data.tasks import task_columns
 from hfplug.hub import HubArguments, hub_settings, take_hub_token
 from hfplug.hub.auth import resolve_token
 from hfplug.hub.preflight import check_model_access, preflight_push
@@ -126,8 +127,9 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     # --- Data (the main process builds the Arrow cache; the others then read it)
+    columns = task_columns(data_args.task, data_args.text_fields)  # the cache keeps only what the task reads
     with training_args.main_process_first(desc="load HUPD"):
-        splits = load_hupd(**data_args.load_hupd_kwargs(), token=token)
+        splits = load_hupd(**data_args.load_hupd_kwargs(), columns=columns, token=token)
     data = task.prepare(splits)
     data.limit(data_args.max_train_samples, data_args.max_eval_samples)
 

@@ -38,6 +38,8 @@ TEXT_FIELD_TITLES = {
     "summary": "Summary",
     "description": "Description",
 }
+# The field each task learns from besides its text fields: the label, or for abstract the text it writes.
+LABEL_FIELDS = {"decision": "decision", "ipc": "ipc_label", "abstract": "abstract"}
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross-entropy default)
 DECISION_LABELS = ("REJECTED", "ACCEPTED")  # index = label id
 IPC_SUBCLASS_CHARS = 4
@@ -57,6 +59,16 @@ def parse_text_fields(value: str | Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"text_fields lists a section twice: {','.join(names)}.")
     return names
+
+
+def task_columns(task: str, text_fields: str | Sequence[str] | None = None) -> list[str]:
+    """The HUPD fields ``task`` reads: its ``text_fields`` (default: the task's) and :data:`LABEL_FIELDS`.
+
+    ``load_hupd(columns=task_columns(task, text_fields))`` caches only these (and the few fields
+    it always keeps), e.g. ``["title", "abstract", "decision"]`` for ``decision``.
+    """
+    fields = parse_text_fields(text_fields or DEFAULT_TEXT_FIELDS[check_task(task)])
+    return list(dict.fromkeys([*fields, LABEL_FIELDS[task]]))
 
 
 def check_task(task: str) -> str:

@@ -26,9 +26,10 @@ from hub_server import Token
 from huggingface_hub import DatasetCard
 
 from hfplug.config import ConfigError, parse_args
-from hfplug.data.export_hupd import main, preflight_dataset_push, push_export
+from hfplug.data.export_hupd import main, push_export
 from hfplug.data.hupd import load_hupd
 from hfplug.hub import PreflightError, PushError
+from hfplug.hub.preflight import preflight_push
 
 SAMPLE_FILES = {
     "hupd_metadata_path": str(SAMPLE_DIR / "hupd_metadata_jan16_2022-02-22.feather"),
@@ -312,10 +313,10 @@ def test_fine_grained_token_scoped_to_the_dataset_repo(hub, tmp_path, cache):
     entry = {"entity": {"_id": "id-ds", "type": "dataset", "name": "alice/hupd"}, "permissions": ["repo.write"]}
     hub.tokens[scoped] = Token("alice", "fineGrained", [entry])
     with pytest.raises(PreflightError) as info:  # it may write the repo, not create it
-        preflight_dataset_push("alice/hupd", token=scoped, endpoint=hub.url)
+        preflight_push("alice/hupd", repo_type="dataset", token=scoped, endpoint=hub.url)
     assert info.value.reason == "fine_grained_scope" and "new-dataset" in str(info.value)
     hub.add_dataset("alice/hupd", files={})
-    target = preflight_dataset_push("alice/hupd", token=scoped, endpoint=hub.url)
+    target = preflight_push("alice/hupd", repo_type="dataset", token=scoped, endpoint=hub.url)
     out = tmp_path / "export"
     main(export_argv(out, cache))
     push_export(out, target)
@@ -324,7 +325,7 @@ def test_fine_grained_token_scoped_to_the_dataset_repo(hub, tmp_path, cache):
 
 def test_failed_upload_keeps_the_export_and_says_how_to_retry(hub, tmp_path, cache, caplog):
     caplog.set_level(logging.INFO)
-    target = preflight_dataset_push("alice/hupd", token=WRITE, endpoint=hub.url)
+    target = preflight_push("alice/hupd", repo_type="dataset", token=WRITE, endpoint=hub.url)
     out = tmp_path / "my export"
     main(export_argv(out, cache))
     before = digests(out)

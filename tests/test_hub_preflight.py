@@ -21,6 +21,7 @@ from hub_fixtures import (  # noqa: F401
     no_ambient_token,
     online,
 )
+from hub_server import Token
 
 from hfplug.hub import auth as hfauth
 from hfplug.hub.errors import ModelAccessError, PreflightError
@@ -114,6 +115,74 @@ def test_preflight_gives_up_on_a_hub_that_never_answers(online):
         with pytest.raises(ModelAccessError, match="Could not reach the Hub") as info:
             check_model_access(LLAMA, WRITE, endpoint=silent, timeout=1)
         assert info.value.reason == "unreachable" and time.monotonic() - start < 10
+
+
+# --------------------------------------------------------------------------- dataset repos (an export)
+
+
+def test_preflight_dataset_repo(hub, caplog):
+    target = preflight_push("alice/ds", repo_type="dataset", token=WRITE, private=True, endpoint=hub.url)
+    assert target.repo_id == "alice/ds" and "/datasets/alice/ds" in target.url
+    assert hub.datasets["alice/ds"].private and "alice/ds" not in hub.repos
+    assert preflight_push("ds-2", repo_type="dataset", token=FG_NAMESPACE, endpoint=hub.url).repo_id == "alice/ds-2"
+    # a fine-grained scope names a dataset repo for a dataset, a model repo for a model; not the other way round
+    scoped = "hf_" + "FineGrainedAliceOneDatasetRepo0123"
+    entry = {"entity": {"_id": "id-ds", "type": "dataset", "name": "alice/ds"}, "permissions": ["repo.write"]}
+    hub.tokens[scoped] = Token("alice", "fineGrained", [entry])
+    assert preflight_push("alice/ds", repo_type="dataset", token=scoped, endpoint=hub.url).repo_id == "alice/ds"
+    hub.add_repo("alice/ds")
+    with pytest.raises(PreflightError, match="no write access to alice/ds .*alice/ds \\(dataset\\)") as info:
+        preflight_push("alice/ds", token=scoped, endpoint=hub.url)
+    assert info.value.reason == "fine_grained_scope"
+    hub.add_dataset("alice/scoped", files={})  # FG_REPO may write the model repo alice/scoped only
+    with pytest.raises(PreflightError) as info:
+        preflight_push("alice/scoped", repo_type="dataset", token=FG_REPO, endpoint=hub.url)
+    assert info.value.reason == "fine_grained_scope"
+    assert "no write access to the dataset repo alice/scoped" in str(info.value)
+    assert "or write access to the dataset repo alice/scoped;" in str(info.value)
+    # --hub_private_repo cannot make an existing public dataset private: said, with its settings page
+    hub.add_dataset("alice/public", files={})
+    preflight_push("alice/public", repo_type="dataset", token=WRITE, private=True, endpoint=hub.url)
+    assert "The dataset repo alice/public already exists and is public" in caplog.text
+    assert "https://huggingface.co/datasets/alice/public/settings" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "token, repo_id, reason, needles",
+    [
+        (READ, "alice/ds", "read_only", ["pushing to the dataset repo alice/ds needs write access"]),
+        (WRITE, "bigcorp/ds", "no_rights", ["cannot push to the dataset repo bigcorp/ds", "alice/ds"]),
+        (WRITE, "https://huggingface.co/datasets/alice/ds", "bad_repo_id", ["--hub_dataset_id", "URL"]),
+    ],
+)
+def test_preflight_dataset_repo_failures(hub, token, repo_id, reason, needles):
+    with pytest.raises(PreflightError) as info:
+        preflight_push(repo_id, repo_type="dataset", token=token, endpoint=hub.url, prompt=False)
+    assert info.value.reason == reason
+    for needle in needles:
+        assert needle in str(info.value)
+    assert not hub.datasets
+
+
+def test_preflight_dataset_offline_and_unreachable_say_how_to_upload_the_export(hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PreflightError) as info:
+        preflight_push("alice/ds", repo_type="dataset", token=WRITE, endpoint=hub.url, output_dir="out/my ds")
+    message = str(info.value)
+    assert "the push to the dataset repo alice/ds" in message and "push the finished export later" in message
+    assert message.endswith("hf upload alice/ds 'out/my ds' --repo-type dataset")
+    with pytest.raises(PreflightError, match="finished run later with: python recipes/push_run.py OUTPUT_DIR"):
+        preflight_push("alice/x", token=WRITE, endpoint=hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(PreflightError, match="Could not reach the Hub") as info:
+        preflight_push("alice/ds", repo_type="dataset", token=WRITE, endpoint=dead, retry="my upload command")
+    assert info.value.reason == "unreachable"
+    assert str(info.value).endswith("push the finished export later with: my upload command")
+    with pytest.raises(ValueError, match="repo_type must be one of model, dataset, got 'space'"):
+        preflight_push("alice/x", repo_type="space", token=WRITE, endpoint=hub.url)
 
 
 # --------------------------------------------------------------------------- gated base models

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -52,28 +51,12 @@ from hfplug.cli import run, set_download_hint
 from hfplug.config import parse_args
 from hfplug.data.export_card import CARD_FILE, DATA_DIR, EXPORT_COMMAND, SELECTION_FIELDS, SplitFiles, build_card
 from hfplug.data.hupd import HUB_REPO_ID, load_hupd
-from hfplug.hub import PreflightError, PushError, check_repo_id
-from hfplug.hub.auth import (
-    HTTP_TIMEOUT,
-    HUB_URL,
-    ResolvedToken,
-    TokenError,
-    hub_api,
-    resolve_token,
-    resolve_token_with_source,
-    token_access,
-    whoami,
-    write_access_problem,
-)
-from hfplug.hub.errors import (
-    hub_call,
-    invalid_token_message,
-    offline,
-    offline_message,
-    status_of,
-    unreachable_message,
-)
+from hfplug.hub import PushError
+from hfplug.hub.auth import ResolvedToken, hub_api, resolve_token
+from hfplug.hub.errors import hub_call, status_of
+from hfplug.hub.preflight import preflight_push
 from hfplug.hub.push import PushTarget, check_no_secrets
+from hfplug.hub.push import upload_command as hub_upload_command  # the export's adds --delete
 from hfplug.hub.redaction import TOKEN_SETTINGS_URL, install_token_redaction
 
 logger = logging.getLogger("hfplug.data.export_hupd")
@@ -313,124 +296,7 @@ def selection_of(data_args: HupdArguments) -> dict:
 
 def upload_command(output_dir, repo_id: str) -> str:
     """The command that uploads a finished export (safe to repeat), ready to paste into a shell."""
-    return (
-        f"hf upload {shlex.quote(str(repo_id))} {shlex.quote(str(output_dir))} --repo-type dataset "
-        f"--delete {shlex.quote(REPLACED_ON_HUB[0])}"
-    )
-
-
-def dataset_write_problem(who: dict, repo_id: str, *, source: str) -> tuple[str, str] | None:
-    """``write_access_problem`` for a dataset repo: a fine-grained token scoped to this one dataset may write it."""
-    problem = write_access_problem(who, repo_id, source=source)
-    if problem is None or problem[0] != "fine_grained_scope":
-        return problem
-    scoped = (token_access(who).get("fineGrained") or {}).get("scoped") or []
-    for entry in scoped:
-        entity = entry.get("entity") or {}
-        if (
-            entity.get("type") == "dataset"
-            and entity.get("name") == repo_id
-            and "repo.write" in entry.get("permissions", [])
-        ):
-            return None
-    return problem
-
-
-def _whoami_failure(kind: str, err: BaseException, *, endpoint: str, found: ResolvedToken, retry: str):
-    if kind == "invalid_token":
-        return "invalid_token", invalid_token_message(found.source)
-    if kind == "offline":
-        return "offline", offline_message("the token check", retry)
-    if kind == "unreachable":
-        return "unreachable", unreachable_message(endpoint, err, retry)
-    if kind in ("not_found", "gated", "forbidden", "http"):
-        return "hub_error", f"The Hub answered whoami with an error ({status_of(err)}): {err}"
-    return None
-
-
-def _create_failure(
-    kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, who: dict, endpoint: str, retry: str
-):
-    namespace = repo_id.split("/")[0]
-    if kind == "invalid_token":
-        return "invalid_token", invalid_token_message(found.source)
-    if kind == "forbidden" and token_access(who).get("role") == "fineGrained":
-        return "fine_grained_scope", (
-            f"The dataset repo {repo_id} does not exist yet and the fine-grained token from {found.source} may "
-            f"write to it but not create repos in {namespace}. Create it at {HUB_URL}/new-dataset, or give the "
-            f"token write access to all repos under {namespace} at {TOKEN_SETTINGS_URL}."
-        )
-    if kind == "forbidden":
-        return "no_rights", (
-            f"The Hub refused to create the dataset repo {repo_id} (403 Forbidden): the token from {found.source} "
-            f"has no right to create repos in {namespace}. Use a write token of an account that may, at "
-            f"{TOKEN_SETTINGS_URL}."
-        )
-    if kind in ("offline", "unreachable"):
-        return "unreachable", unreachable_message(endpoint, err, retry)
-    if kind in ("not_found", "gated", "http"):
-        return "create_failed", f"The Hub refused to create the dataset repo {repo_id} ({status_of(err)}): {err}"
-    return None
-
-
-def preflight_dataset_push(
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    endpoint: str | None = None,
-    prompt: bool = True,
-    output_dir: str | Path = "OUTPUT_DIR",
-    timeout: float = HTTP_TIMEOUT,
-) -> PushTarget:
-    """``hfplug.hub.preflight.preflight_push`` for a dataset repo: run before any file is written.
-
-    In order: the repo id's form; offline mode; the token (``HF_TOKEN``, the Colab secret, the
-    cached login, a hidden prompt on a terminal); ``whoami`` (401 = invalid or revoked); write access
-    to the namespace (read-only token, fine-grained scope, organization role); then
-    ``create_repo(repo_type="dataset", exist_ok=True)``, private when asked (a new repo only). A bare
-    ``name`` becomes ``<user>/name``. Raises ``PreflightError`` saying what to fix.
-    """
-    repo_id = check_repo_id(repo_id, flag="--hub_dataset_id")
-    retry = upload_command(output_dir, repo_id)
-    if offline():
-        raise PreflightError(offline_message(f"the push to {repo_id}", retry), "offline")
-    try:
-        found = resolve_token_with_source(token, required=True, prompt=prompt, purpose=f"--push_to_hub ({repo_id})")
-    except TokenError as err:
-        raise PreflightError(str(err), "no_token") from None
-    api = hub_api(endpoint)
-    with hub_call(PreflightError, partial(_whoami_failure, endpoint=api.endpoint, found=found, retry=retry)):
-        who = whoami(found, endpoint=endpoint, timeout=timeout)
-    user = who.get("name", "")
-    full_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
-    problem = dataset_write_problem(who, full_id, source=found.source)
-    if problem:
-        raise PreflightError(problem[1], problem[0])
-    explain = partial(_create_failure, repo_id=full_id, found=found, who=who, endpoint=api.endpoint, retry=retry)
-    with hub_call(PreflightError, explain):
-        url = api.create_repo(full_id, token=found.value, private=private, exist_ok=True, repo_type="dataset")
-    if private:
-        _warn_if_public(api, full_id, found)
-    logger.info("Hub preflight passed: %s (token from %s) can push to the dataset repo %s.", user, found.source, url)
-    return PushTarget(full_id, str(url), user, private, found.value, found.source, endpoint)
-
-
-def _warn_if_public(api, repo_id: str, found: ResolvedToken) -> None:
-    """``--hub_private_repo`` cannot change a repo that already exists: say so when it is public."""
-    try:
-        info = api.dataset_info(repo_id, token=found.value, timeout=HTTP_TIMEOUT)
-    except Exception as err:  # informational only
-        logger.debug("Could not read %s's visibility: %s", repo_id, type(err).__name__)
-        return
-    if info.private is False:
-        logger.warning(
-            "The dataset repo %s already exists and is public; --hub_private_repo only applies to new repos. Make "
-            "it private in its settings (%s/datasets/%s/settings) before pushing if it must be.",
-            repo_id,
-            HUB_URL,
-            repo_id,
-        )
+    return hub_upload_command(output_dir, repo_id, repo_type="dataset", delete=REPLACED_ON_HUB[0])
 
 
 def _upload_failure(kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, folder: Path):
@@ -503,10 +369,12 @@ def main(argv=None) -> int:
     # --- Hub: token, write access, the repo; before any file is written -------
     target = None
     if export_args.push_to_hub:
-        target = preflight_dataset_push(
-            export_args.repo_id(),
+        repo_id = export_args.repo_id()
+        target = preflight_push(
+            repo_id,
+            repo_type="dataset",
             private=True if export_args.hub_private_repo else None,  # no flag: the account's default visibility
-            output_dir=export_args.output_dir,
+            retry=upload_command(export_args.output_dir, repo_id.strip()),  # also deletes an earlier export's shards
         )
 
     # --- Data: the recipe's selection, in the official loader's order ----------

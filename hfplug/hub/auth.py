@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass, field
 
 from hfplug import __version__
+from hfplug.hub.errors import repo_label
 from hfplug.hub.redaction import TOKEN_SETTINGS_URL, clean_token, redactor
 
 logger = logging.getLogger(__name__)
@@ -235,14 +236,18 @@ def token_access(who: dict) -> dict:
     return (who.get("auth") or {}).get("accessToken") or {}
 
 
-def write_access_problem(who: dict, repo_id: str, *, source: str = "this token") -> tuple[str, str] | None:
+def write_access_problem(
+    who: dict, repo_id: str, *, source: str = "this token", repo_type: str = "model"
+) -> tuple[str, str] | None:
     """Why this ``whoami`` answer cannot push to ``repo_id``, as ``(reason, message)``; ``None`` if it can.
 
     Reads the account (``name``, ``orgs[].roleInOrg``) and the token
     (``auth.accessToken.role``: ``read`` / ``write`` / ``fineGrained``; for fine-grained tokens the
-    ``fineGrained.scoped`` entries granting ``repo.write`` on a user, an org or this repo).
+    ``fineGrained.scoped`` entries granting ``repo.write`` on a user, an org or this repo, whose
+    entity type must be ``repo_type``: ``model`` or ``dataset``).
     """
     namespace = repo_id.split("/")[0]
+    repo = repo_label(repo_id, repo_type)
     user = who.get("name", "?")
     orgs = {org.get("name"): org.get("roleInOrg") for org in who.get("orgs") or []}
     access = token_access(who)
@@ -251,7 +256,7 @@ def write_access_problem(who: dict, repo_id: str, *, source: str = "this token")
     if namespace != user and namespace not in orgs:
         return "no_rights", (
             f"The token from {source}{token_name} belongs to {user}, who is not a member of the organization "
-            f"{namespace!r}, so it cannot push to {repo_id}. Push to {user}/{repo_id.split('/')[1]} instead, or ask "
+            f"{namespace!r}, so it cannot push to {repo}. Push to {user}/{repo_id.split('/')[1]} instead, or ask "
             f"an admin of {namespace} to add {user} with the write role, then run again."
         )
     if namespace in orgs and orgs[namespace] == "read":
@@ -261,7 +266,7 @@ def write_access_problem(who: dict, repo_id: str, *, source: str = "this token")
         )
     if role == "read":
         return "read_only", (
-            f"The token from {source}{token_name} is read-only; pushing to {repo_id} needs write access. Create a "
+            f"The token from {source}{token_name} is read-only; pushing to {repo} needs write access. Create a "
             f"write token, or a fine-grained token with write access to {namespace} (or to this one repo), at "
             f"{TOKEN_SETTINGS_URL}, and use it instead (HF_TOKEN, the Colab secret HF_TOKEN, or `hf auth login`). "
             "Keep the read token for downloads."
@@ -270,12 +275,13 @@ def write_access_problem(who: dict, repo_id: str, *, source: str = "this token")
         writes = _scoped_writes(access)
         if any(kind in ("user", "org") and name == namespace for kind, name in writes):
             return None
-        if any(kind == "model" and name == repo_id for kind, name in writes):
+        if any(kind == repo_type and name == repo_id for kind, name in writes):
             return None  # can write the repo; creating it is checked by create_repo
         can = ", ".join(f"{name} ({kind})" for kind, name in writes) or "nothing"
+        this_repo = f"the repo {repo_id}" if repo_type == "model" else repo
         return "fine_grained_scope", (
-            f"The fine-grained token from {source}{token_name} has no write access to {repo_id} (it can write to: "
+            f"The fine-grained token from {source}{token_name} has no write access to {repo} (it can write to: "
             f"{can}). Edit the token at {TOKEN_SETTINGS_URL}: add 'Write access to contents/settings of all repos' "
-            f"under {namespace}, or write access to the repo {repo_id}; or use a write token."
+            f"under {namespace}, or write access to {this_repo}; or use a write token."
         )
     return None  # classic write tokens, OAuth and unknown kinds: create_repo has the last word

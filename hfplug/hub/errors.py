@@ -119,16 +119,28 @@ def invalid_token_message(source: str) -> str:
     )
 
 
-def offline_message(what: str, retry: str) -> str:
+def repo_label(repo_id: str, repo_type: str = "model", *, start: bool = False) -> str:
+    """How a message names a repo: ``alice/x`` for a model (as its URL does), ``the dataset repo alice/x`` otherwise.
+
+    ``start``: the label opens a sentence (``The dataset repo ...``).
+    """
+    if repo_type == "model":
+        return repo_id
+    return f"{'The' if start else 'the'} {repo_type} repo {repo_id}"
+
+
+def offline_message(what: str, retry: str, *, output: str = "run") -> str:
+    """``HF_HUB_OFFLINE`` stops ``what``; ``retry`` pushes the finished ``output`` (``run``, ``export``) later."""
     return (
         f"HF_HUB_OFFLINE=1 is set, so {what} cannot reach the Hub. Unset HF_HUB_OFFLINE (or set it to 0) "
-        f"and run again, or leave --push_to_hub out now and push the finished run later with: {retry}"
+        f"and run again, or leave --push_to_hub out now and push the finished {output} later with: {retry}"
     )
 
 
-def unreachable_message(endpoint: str, err: BaseException, retry: str) -> str:
+def unreachable_message(endpoint: str, err: BaseException, retry: str, *, output: str = "run") -> str:
+    """The Hub at ``endpoint`` did not answer; ``retry`` pushes the finished ``output`` (``run``, ``export``) later."""
     return (
         f"Could not reach the Hub at {endpoint} ({type(err).__name__}: {err}). Check the network "
         f"connection (and HF_ENDPOINT, if set), then run again; or leave --push_to_hub out now and push the "
-        f"finished run later with: {retry}"
+        f"finished {output} later with: {retry}"
     )

@@ -166,6 +166,16 @@ def retry_command(output_dir, repo_id: str, *, private: bool | None = None, merg
     return command + (" --hub_private_repo" if private else "") + (" --merge_adapter" if merge_adapter else "")
 
 
+def upload_command(folder, repo_id: str, *, repo_type: str = "model", delete: str | None = None) -> str:
+    """``hf upload`` of ``folder`` to ``repo_id`` (safe to repeat), for what no hfplug script pushes (an export).
+
+    ``delete``: a pattern of remote files the upload replaces (removed unless sent again). Quoted as
+    ``retry_command``'s arguments are.
+    """
+    command = f"hf upload {shlex.quote(str(repo_id))} {shlex.quote(str(folder))} --repo-type {repo_type}"
+    return command + (f" --delete {shlex.quote(delete)}" if delete else "")
+
+
 def _push_failure(
     kind: str, err: BaseException, *, repo_id: str, found: ResolvedToken, retry: str, folder: Path
 ) -> tuple[str, str]:

@@ -261,6 +261,27 @@ def test_load_all_fetches_only_the_selected_years(hupd_hub, all_years, tmp_path,
     assert len([r for r in hupd_hub.file_requests if r.path == ARCHIVE]) == before
 
 
+def test_a_parallel_build_from_the_hub(hupd_hub, all_years, tmp_path, caplog):
+    """num_proc=2: each selected year fetched once, by its own process; the member table once, here."""
+    with caplog.at_level(logging.INFO, logger="hfplug.data.hupd"):
+        result = load_hupd("all", hupd_cache_dir=tmp_path / "splits", token=WRITE, num_proc=2, **DATES)
+    assert "reading data/2015.tar.gz, data/2014.tar.gz in 2 processes" in caplog.text or (
+        "reading data/2014.tar.gz, data/2015.tar.gz in 2 processes" in caplog.text
+    )
+    expected = local(all_years, tmp_path)
+    for split in ("train", "validation"):
+        assert result[split].to_list() == expected[split].to_list()
+    selected = selected_size(all_years, "2014", "2015")
+    sent = hupd_hub.sent[ARCHIVE]
+    assert selected <= sent <= 1.1 * selected + header_allowance(all_years), (sent, selected)
+    assert f"fetched {sent / 1e6:.1f} MB of the" in caplog.text  # the workers' bytes counted too
+    ranges = [r.range for r in hupd_hub.file_requests if r.method == "GET" and r.path == ARCHIVE]
+    for year in ("2014", "2015"):
+        info = all_years["members"][f"data/{year}.tar.gz"]
+        assert ranges.count(f"bytes={info.offset_data}-{info.offset_data + info.size - 1}") == 1
+    assert all(r.user == "alice" for r in hupd_hub.file_requests if r.route == "resolve")  # the token, in each process
+
+
 def test_streaming_all_from_the_hub(hupd_hub, all_years, tmp_path):
     streamed = load_hupd("all", streaming=True, hupd_cache_dir=tmp_path / "splits", token=WRITE, **DATES)
     expected = local(all_years, tmp_path)

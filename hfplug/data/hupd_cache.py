@@ -321,9 +321,7 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
     workers = min(num_proc, len(jobs))
     if workers <= 1:
         return [_read_unit(job, progress) for job in jobs]
-    logger.info(
-        "HUPD: reading %s in %d processes", ", ".join(job.unit.stream or "the archive" for job in jobs), workers
-    )
+    logger.info("HUPD: reading %s in %d processes", ", ".join(_unit_name(job.unit) for job in jobs), workers)
     context = multiprocessing.get_context()
     records = context.Queue()
     listener = logging.handlers.QueueListener(records, _Relay())
@@ -348,6 +346,10 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         listener.stop()
+
+
+def _unit_name(unit: _Unit) -> str:
+    return {None: "the archive", "": "the tar's loose members"}.get(unit.stream, unit.stream)
 
 
 class _Relay(logging.Handler):

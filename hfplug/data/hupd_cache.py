@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import gc
 import glob
 import hashlib
 import json
@@ -32,6 +33,8 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -327,10 +330,14 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
     listener = logging.handlers.QueueListener(records, _Relay())
     listener.start()
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_log_to, initargs=(records, logger.getEffectiveLevel())
+        workers, mp_context=context, initializer=_start_worker, initargs=(records, logger.getEffectiveLevel())
     )
     try:
-        futures = [pool.submit(_read_unit, job) for job in jobs]
+        gc.freeze()  # forked processes share this one's memory until written to: keep the collector off it
+        try:
+            futures = [pool.submit(_read_unit, job) for job in jobs]  # (the processes start at the first)
+        finally:
+            gc.unfreeze()
         return [future.result() for future in futures]
     except concurrent.futures.process.BrokenProcessPool as exc:
         exc.add_note(
@@ -359,11 +366,19 @@ class _Relay(logging.Handler):
         logging.getLogger(record.name).handle(record)
 
 
-def _log_to(records, level: int) -> None:
-    """In a worker process: send the loader's log records to ``records`` (a queue the parent reads)."""
+def _start_worker(records, level: int) -> None:
+    """In a worker process: send the loader's log records to ``records`` (a queue the parent reads),
+    and end when the parent does (a killed build leaves no process behind writing its scratch)."""
     logger.handlers[:] = [logging.handlers.QueueHandler(records)]
     logger.setLevel(level)
     logger.propagate = False
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="hupd-parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _jobs(

@@ -240,11 +240,12 @@ class _Job:
 @dataclasses.dataclass
 class _UnitResult:
     """What a unit holds. ``copies``: path -> (position, row) of the copy that counts in this unit
-    (row None: unreadable; ``_GONE``: a link to nothing). ``seen``: copies of each path. ``foreign``:
-    paths outside the job's prefix. ``fetched``: bytes fetched from the Hub for it."""
+    (row None: unreadable; ``_GONE``: a link to nothing). ``repeats``: path -> copies before that one
+    (only paths stored more than once). ``foreign``: paths outside the job's prefix. ``fetched``:
+    bytes fetched from the Hub for it."""
 
     copies: dict[str, tuple[tuple[int, int, int], int | None]]
-    seen: Counter
+    repeats: Counter
     foreign: list[str]
     fetched: int = 0
     pid: int = 0  # the process that read it
@@ -271,7 +272,7 @@ def _read_unit(job: _Job, progress: _Progress | None = None) -> _UnitResult:
     fetched = archive.fetched if isinstance(archive, RemoteArchive) else 0
     records, complete = _Records(job.records, progress, job.columns, job.check), False
     found: dict[str, _Copy] = {}
-    seen: Counter = Counter()
+    repeats: Counter = Counter()
     foreign: list[str] = []
     links: list[tuple[str, int, str, str]] = []
     try:
@@ -286,7 +287,8 @@ def _read_unit(job: _Job, progress: _Progress | None = None) -> _UnitResult:
                     if job.prefix is not None and not member.key.startswith(job.prefix):
                         foreign.append(member.key)
                     continue
-                seen[member.key] += 1
+                if member.key in found:
+                    repeats[member.key] += 1
                 position = (member.rank, unit.order, member.index)
                 if member.link is not None:
                     found[member.key] = _Copy(position, link=(member.stream, member.index, member.link))
@@ -309,7 +311,7 @@ def _read_unit(job: _Job, progress: _Progress | None = None) -> _UnitResult:
     if isinstance(archive, RemoteArchive):
         fetched = archive.fetched - fetched
     copies = {key: (copy.position, copy.row) for key, copy in found.items()}
-    return _UnitResult(copies, seen, foreign, fetched, os.getpid())
+    return _UnitResult(copies, repeats, foreign, fetched, os.getpid())
 
 
 def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_UnitResult]:
@@ -452,12 +454,13 @@ def _write_splits(
     # the copy that counts: the last in the archive (year tarballs, rank 1, unpack after loose members)
     winners: dict[str, tuple[tuple[int, int, int], int, int | None]] = {}
     for i, result in enumerate(results):
+        for key, repeats in result.repeats.items():
+            report.duplicate_members += [plan.numbers[key]] * repeats
         for key, (position, row) in result.copies.items():
+            if key in winners:  # a copy in another unit too
+                report.duplicate_members.append(plan.numbers[key])
             if key not in winners or position > winners[key][0]:
                 winners[key] = (position, i, row)
-    seen = sum((result.seen for result in results), Counter())
-    for key, copies in seen.items():
-        report.duplicate_members += [plan.numbers[key]] * (copies - 1)
     report.missing = [number for key, number in plan.numbers.items() if winners.get(key, (0, 0, _GONE))[2] == _GONE]
     report.malformed = [plan.numbers[key] for key, (_, _, row) in winners.items() if row is None]
 

@@ -22,7 +22,7 @@ Cases:
   (d) causal LM at 32,768 tokens, batch 1, with the --long_context techniques turned on
       one by one, cheapest first (plain, +frozen_16bit, ..., all: the rows of
       ``python -m hfplug.fit --long_context``), each installed through the runtime's own
-      switches (hfplug.long_context.apply); offload within a 7 GiB host budget.
+      switches (hfplug.long_context.apply); offload within Colab's host budget (6.83 GiB).
 
 For each: peak allocated and reserved memory, tokens/s, the planner's prediction
 (hfplug.memory.estimate_memory) and measured / predicted ratios. Targets: (a) and (b) fit;
@@ -44,12 +44,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from hfplug.host_memory import COLAB_HOST_BUDGET  # noqa: E402
 from hfplug.long_context import TECHNIQUES  # noqa: E402
 from hfplug.testing.llama31 import LLAMA31_8B  # noqa: E402  (meta-llama/Llama-3.1-8B's config.json)
 
 GiB = 1024**3
 CAP = 15 * GiB  # the T4's usable memory
-HOST_BUDGET = 7 * GiB  # --max_host_memory for offload_activations: a 12 GiB host less the 5 GiB process reserve
+HOST_BUDGET = COLAB_HOST_BUDGET  # --max_host_memory for offload_activations: Colab's RAM less the process reserve
 LONG = 32768  # case (d): the long-context target
 
 # --------------------------------------------------------------------------- model

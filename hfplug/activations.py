@@ -65,9 +65,11 @@ class LayerBytes:
     """What one transformer layer holds for its backward, in bytes per token (``*_scores``: per token and key).
 
     Measured op by op on the CPU proxy of Llama-3.1-8B (``benchmarks/memory_proxy.py``), whose tracker lists the
-    tensors alive at the peak: a checkpointed layer peaks either in its MLP backward (everything the layer saved
-    is still alive, and the MLP's input gradient is being summed from its base and LoRA paths) or in its
-    attention backward (the MLP part is freed; the math kernel's seq x seq buffers are the largest).
+    tensors alive at the peak: a checkpointed layer peaks in its MLP backward (everything the layer saved
+    is still alive, and the MLP's input gradient is being summed from its base and LoRA paths), in the
+    backward of the norm between attention and MLP (with a tiled MLP, past ~12k tokens: RMSNorm's backward
+    makes several fp32 tensors of the hidden width), or in its attention backward (the math kernel's
+    seq x seq buffers are the largest).
     """
 
     kept: int  # saved outside the MLP: norm inputs, q/k/v LoRA inputs, attention (O(seq) part), LoRA-A outputs
@@ -80,6 +82,7 @@ class LayerBytes:
     kept_scores: int  # the math kernel's saved softmax, per token and key (0 for O(seq) kernels)
     backward_scores: int  # the math kernel's backward buffers, per token and key
     residual_grad: int  # the gradient flowing through the residual stream
+    norm_backward: int = 0  # while the mid-layer norm runs backward (besides attention_kept)
 
     @property
     def saved(self) -> int:
@@ -176,6 +179,9 @@ def decoder_layer_bytes(
         # from its base and LoRA paths: two partial gradients and their sum next to the saved gate, up and
         # SiLU outputs = 6 x intermediate x mlp_b. The down input itself is freed by then.
         mlp_kept, mlp_backward, mlp_tile = 3 * i * mlp_b + mlp_lora_in, 3 * i * mlp_b, 0
+    # Fix (measured): RMSNorm's backward in fp32 holds its saved input and five fp32 temporaries of the hidden
+    # width (grad casts, x * grad, pow and mean backward), next to the incoming gradient.
+    norm_backward = norm_mid + 5 * 4 * h + rb * h
     return LayerBytes(
         kept=norm_in + norm_mid + qkv_in + sdpa + lora_out,
         mlp_kept=mlp_kept,
@@ -187,6 +193,7 @@ def decoder_layer_bytes(
         kept_scores=kept_scores,
         backward_scores=backward_scores,
         residual_grad=rb * h,
+        norm_backward=norm_backward,
     )
 
 
@@ -311,7 +318,8 @@ def step_activations(
     mlp = tokens * (layer.kept + layer.mlp_kept + layer.mlp_backward + layer.residual_grad)
     mlp += score_tokens * layer.kept_scores + (min(tile, tokens) * layer.mlp_tile if tiled else 0)
     attn = tokens * (layer.attention_kept + layer.attention_backward + layer.residual_grad)
-    peak_layer = max(mlp, attn + score_tokens * (layer.kept_scores + layer.backward_scores))
+    norm = tokens * (layer.attention_kept + layer.norm_backward) + score_tokens * layer.kept_scores
+    peak_layer = max(mlp, norm, attn + score_tokens * (layer.kept_scores + layer.backward_scores))
     ckpt_fwd, ckpt_bwd = checkpoints
     # Without checkpointing every layer keeps what it saved; the last one runs backward first.
     all_saved = tokens * (layers * h_rb + layers * layer.saved) + score_tokens * layers * layer.kept_scores
@@ -353,9 +361,11 @@ def loss_bytes(
         chunk = min(loss_chunk_size, tokens)
         # Fix (measured): one chunk at a time: its 16-bit logits and their fp32 copy (turned into the gradient
         # in place), next to the previous chunk's 16-bit gradient, still referenced while the next chunk's
-        # logits are computed; the 16-bit copy of an fp32 head; the final hidden states, and their gradient,
-        # computed in forward and kept for backward (where it is scaled into a second one).
-        fwd = chunk * shape.vocab * (2 * a + up) + lm_cast + 2 * tokens * shape.hidden * rb + chunk * shape.hidden * a
+        # logits are computed (one chunk alone: its own 16-bit gradient, made from the fp32 one; in fp32 the
+        # logits are the gradient); the 16-bit copy of an fp32 head; the final hidden states, and their
+        # gradient, computed in forward and kept for backward (where it is scaled into a second one).
+        per_logit = 2 * a + up if tokens > chunk else (a + up if a < 4 else a)
+        fwd = chunk * shape.vocab * per_logit + lm_cast + 2 * tokens * shape.hidden * rb + chunk * shape.hidden * a
         return (
             fwd,
             2 * tokens * shape.hidden * rb,

@@ -276,17 +276,18 @@ def estimate_memory(
         loss_chunk_size=loss_chunk_size if chunked else 0,
     )
     notes += [note] if note else []
+    # Fix (measured): one dequantized weight, and only while a layer runs. bitsandbytes dequantizes a 4-bit
+    # weight for each matmul and frees it right after; the proxy's layer peaks hold at most one, its loss
+    # peaks none (the head is not quantized).
     phases = {
         "end of forward": stored_at_loss + loss_fwd,
         "loss backward": stored_at_loss + loss_bwd,
-        "layer backward": layer_peak,
+        "layer backward": layer_peak + dequant,
     }
     peak_phase = max(phases, key=phases.get)
     activations = layer_peak if peak_phase == "layer backward" else stored_at_loss
-    logits = phases[peak_phase] - activations
-    # Fix (measured): one dequantized weight at a time. bitsandbytes dequantizes a 4-bit weight for each
-    # matmul and frees it right after; the proxy's peaks hold at most one.
-    workspace = CUBLAS_WORKSPACE + dequant
+    workspace = CUBLAS_WORKSPACE + (dequant if peak_phase == "layer backward" else 0)
+    logits = phases[peak_phase] - activations - (workspace - CUBLAS_WORKSPACE)
     frag = int(FRAGMENTATION * phases[peak_phase])
     if n_off:
         notes.append(

@@ -283,6 +283,11 @@ def step_activations(
     tile = max(1, tile_tokens // batch_size) * batch_size
     tiled = tiled_mlp and max_length > tile // batch_size
     kw = dict(a=a, r=r, lora_dropout=lora_dropout, full_ft=full_ft)
+    # Layers of the same structure (all of them, in most models) are sized once.
+    groups = {}
+    for lins in group_by_layer(block_linears, shape.layers):
+        signature = tuple((lin.name.rsplit(".", 1)[-1], lin.in_features, lin.name in lora_names) for lin in lins)
+        groups.setdefault(signature, lins)
     per_layer = [
         decoder_layer_bytes(
             shape,
@@ -297,7 +302,7 @@ def step_activations(
         )
         if shape.gated
         else encoder_layer_bytes(shape, lins, lora_names, **kw)
-        for lins in group_by_layer(block_linears, shape.layers)
+        for lins in groups.values()
     ]
     layer = max(per_layer, key=lambda lb: lb.saved, default=None) or LayerBytes(*([0] * 10))
     # Model-level tensors. Gated decoders: rotary cos/sin (residual dtype) all along; the final norm's fp32

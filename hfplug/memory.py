@@ -75,14 +75,20 @@ def _techniques(long_context) -> tuple[str, ...]:
 
 
 def applicable_techniques(
-    config, *, task: str = "causal_lm", quant: str = "4bit", activation_checkpointing: bool = True, **_
+    config,
+    *,
+    task: str = "causal_lm",
+    quant: str = "4bit",
+    activation_checkpointing: bool = True,
+    num_labels: int | None = None,
+    **_,
 ) -> tuple[str, ...]:
     """The techniques of ``TECHNIQUES`` that change this run, cheapest first (what ``all`` and ``auto`` may use).
 
     frozen_16bit needs a quantized base (a 16-bit base is already frozen in 16-bit); chunked_loss a causal
     LM's loss; tiled_mlp a gated decoder MLP; offload_activations activation checkpointing.
     """
-    counts = parameter_counts(config, task=task)
+    counts = parameter_counts(config, task=task, num_labels=num_labels)
     shape = model_shape(config, counts)
     skip = set()
     if quant == "none":
@@ -143,16 +149,23 @@ def estimate_memory(
     notes: list[str] = []
     classification = task in CLASSIFICATION_TASKS
     full_ft = lora_r == 0
-    if "tiled_mlp" in techniques and not shape.gated:
-        raise ValueError(f"tiled_mlp needs a decoder MLP to tile; {counts.architecture} has none. Drop tiled_mlp.")
-    if "offload_activations" in techniques and not activation_checkpointing:
-        raise ValueError(
-            "offload_activations moves checkpointed layer inputs: it needs activation_checkpointing=True."
-        )
-    frozen_16bit = "frozen_16bit" in techniques and quant != "none"
-    chunked = "chunked_loss" in techniques and not classification
-    if "chunked_loss" in techniques and classification:
-        notes.append("chunked_loss does nothing for a classifier (its loss is small): not counted")
+    # A technique that cannot apply to this run is left out with a note, as "all" and "auto" leave it out
+    # (the runtime refuses one named explicitly: tiled_mlp without a decoder MLP, offload without checkpointing).
+    applicable = applicable_techniques(
+        config, task=task, quant=quant, activation_checkpointing=activation_checkpointing, num_labels=num_labels
+    )
+    why = {
+        "frozen_16bit": "a 16-bit base is not upcast",
+        "chunked_loss": "a classifier's loss is small",
+        "tiled_mlp": f"{counts.architecture} has no decoder MLP to tile",
+        "offload_activations": "it moves checkpointed layer inputs, and activation checkpointing is off",
+    }
+    for technique in techniques:
+        if technique not in applicable:
+            notes.append(f"{technique} does nothing here ({why[technique]}): not counted")
+    techniques = tuple(t for t in techniques if t in applicable)
+    frozen_16bit = "frozen_16bit" in techniques
+    chunked = "chunked_loss" in techniques
 
     # ---- weights
     if quant == "none":

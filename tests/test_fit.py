@@ -170,9 +170,10 @@ def test_bad_long_context_flags(llama8b_dir, capsys):
     with pytest.raises(SystemExit):
         fit.main([*base, "--max_host_memory", "lots"])
     assert "not a memory size" in capsys.readouterr().err
-    # offload_activations needs checkpointing: a clear error, not a traceback
-    assert fit.main([*base, "--long_context", "offload_activations", "--activation_checkpointing", "false"]) == 2
-    assert "needs activation_checkpointing" in capsys.readouterr().err
+    # offload_activations needs checkpointing: said in a note, the technique left out (the table omits its row)
+    assert fit.main([*base, "--long_context", "offload_activations", "--activation_checkpointing", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "note: offload_activations does nothing here" in out and "+offload_activations" not in out
 
 
 @pytest.mark.parametrize(

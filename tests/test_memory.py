@@ -373,8 +373,10 @@ def test_chunked_loss_and_tiled_mlp_apply_where_they_can(llama8b):
         untiled = memory.estimate_memory(llama8b, long_context=lc, **{**kw, "max_length": n})
         tiled = memory.estimate_memory(llama8b, long_context=(*lc, "tiled_mlp"), **{**kw, "max_length": n})
         assert (tiled.total < untiled.total) == smaller
-    with pytest.raises(ValueError, match="tiled_mlp needs a decoder MLP"):
-        memory.estimate_memory(tiny_bert(), long_context="tiled_mlp")
+    # a BERT has no decoder MLP: left out with a note, as "all" leaves it out (the runtime refuses it by name)
+    bert = memory.estimate_memory(tiny_bert(), long_context="tiled_mlp")
+    assert bert.long_context == () and any("tiled_mlp does nothing here" in note for note in bert.notes)
+    assert bert.total == memory.estimate_memory(tiny_bert()).total
     assert "tiled_mlp" not in memory.applicable_techniques(tiny_bert(), task="decision")
 
 
@@ -391,8 +393,8 @@ def test_offload_follows_the_host_budget(llama8b):
     assert est(0).total > one.total > est(None).total
     # pinned host memory is rounded up to a power of two: one token more doubles a layer's share
     assert est(GiB, n=32769).layers_offloaded == 2
-    with pytest.raises(ValueError, match="needs activation_checkpointing"):
-        memory.estimate_memory(llama8b, long_context="offload_activations", activation_checkpointing=False)
+    no_ckpt = memory.estimate_memory(llama8b, long_context="offload_activations", activation_checkpointing=False)
+    assert no_ckpt.layers_offloaded == 0 and any("activation checkpointing is off" in n for n in no_ckpt.notes)
 
 
 def test_choose_techniques_is_the_shortest_prefix_that_fits(llama8b):

@@ -399,9 +399,15 @@ class TechniqueChoice:
         )
 
 
+# --long_context auto keeps this share of the GPU for what the plan cannot see (the planner's target is
+# +-10 % of the measured peak): a technique costs only time, an out-of-memory error costs the run.
+AUTO_HEADROOM = 0.9
+
+
 def choose_techniques(config, *, gpu_mem: int, host_mem: int | None = None, **kwargs) -> TechniqueChoice:
     """``--long_context auto``: the shortest prefix of the applicable techniques (cheapest first, as
-    ``hfplug.long_context.TECHNIQUES`` lists them) whose plan fits ``gpu_mem`` bytes.
+    ``hfplug.long_context.TECHNIQUES`` lists them) whose plan fits ``AUTO_HEADROOM`` of ``gpu_mem`` bytes
+    (else the shortest that fits all of it, else all of them).
 
     ``host_mem``: bytes of host RAM ``offload_activations`` may fill (``--max_host_memory``); the layers whose
     inputs do not fit it stay on the GPU, so host memory never exceeds it and the GPU decides what fits.
@@ -410,11 +416,11 @@ def choose_techniques(config, *, gpu_mem: int, host_mem: int | None = None, **kw
     kwargs.pop("long_context", None)
     kwargs["max_host_memory"] = host_mem if host_mem is not None else kwargs.get("max_host_memory")
     applicable = applicable_techniques(config, **kwargs)
-    estimate = None
-    for n in range(len(applicable) + 1):
-        estimate = estimate_memory(config, long_context=applicable[:n], **kwargs)
-        if estimate.total <= gpu_mem:
-            break
+    plans = [estimate_memory(config, long_context=applicable[:n], **kwargs) for n in range(len(applicable) + 1)]
+    estimate = next(
+        (plan for plan in plans if plan.total <= AUTO_HEADROOM * gpu_mem),
+        next((plan for plan in plans if plan.total <= gpu_mem), plans[-1]),
+    )
     fits = estimate.total <= gpu_mem
     longest = max_seq_len(config, gpu_mem=gpu_mem, long_context=applicable, **kwargs)
     return TechniqueChoice(estimate.long_context, fits, estimate, longest, applicable)

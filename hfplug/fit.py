@@ -21,7 +21,7 @@ import sys
 
 from transformers.hf_argparser import string_to_bool
 
-from hfplug.host_memory import COLAB_HOST_BUDGET, COLAB_HOST_RAM, HOST_BASELINE
+from hfplug.host_memory import COLAB_HOST_BUDGET, COLAB_HOST_RAM, HOST_BASELINE, host_budget
 from hfplug.loading import ConfigUnavailableError, load_config
 from hfplug.long_context import AUTO, parse_long_context
 from hfplug.memory import (
@@ -73,8 +73,6 @@ def parse_host_memory(text: str) -> int:
     if text == "colab":
         return COLAB_HOST_BUDGET
     if text == "auto":
-        from hfplug.long_context.apply import host_budget
-
         return host_budget("auto")
     return parse_memory(text)
 

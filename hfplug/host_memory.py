@@ -5,19 +5,23 @@ decoder layers to pinned host memory, as many layers as fit ``--max_host_memory`
 buffers); the other layers keep theirs on the GPU. :func:`plan_offload` does the same arithmetic before
 anything is loaded, so ``hfplug.memory.estimate_memory`` can put each layer input on one side or the other.
 
-The host peak the planner reports is :data:`HOST_BASELINE` plus the pinned buffers. The baseline is the
-reserve the runtime leaves the process itself when it sizes ``--max_host_memory auto``
-(``hfplug.long_context.apply.HOST_PROCESS_RESERVE``: Python, the torch/CUDA libraries, the tokenizer, the
-dataset's Arrow maps, one checkpoint shard while loading), one number for both. It is a planning figure,
-not a measurement of a given machine.
+The host peak the planner reports is :data:`HOST_PROCESS_RESERVE` plus the pinned buffers: the reserve the
+runtime also leaves the process itself when it sizes ``--max_host_memory auto``
+(``hfplug.long_context.apply.host_budget``), one number for both. It is a planning figure, not a
+measurement of a given machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hfplug.long_context.apply import HOST_PROCESS_RESERVE
+import psutil
 
+from hfplug.sizes import GiB, parse_memory
+
+# Host memory the training process needs besides offloaded activations: Python, the torch/CUDA libraries,
+# the tokenizer, the dataset's Arrow maps, one checkpoint shard while loading.
+HOST_PROCESS_RESERVE = 5 * GiB
 HOST_BASELINE = HOST_PROCESS_RESERVE
 # A free Colab session's RAM (reference.md: ~12.7 GB; ``free`` shows 12.67 GB). ``python -m hfplug.fit``
 # plans for it by default: the offload budget is this minus the baseline, ~6.8 GiB, as ``auto`` gives there.
@@ -59,3 +63,10 @@ def plan_offload(
     if max_host_memory is None:
         return OffloadPlan(layers, per_layer)
     return OffloadPlan(min(layers, max_host_memory // per_layer) if per_layer else layers, per_layer)
+
+
+def host_budget(max_host_memory: str) -> int:
+    """Bytes of pinned host memory ``offload_activations`` may use (``auto``: RAM minus the reserve)."""
+    if max_host_memory == "auto":
+        return max(0, psutil.virtual_memory().total - HOST_PROCESS_RESERVE)
+    return parse_memory(max_host_memory)

@@ -94,3 +94,11 @@ def test_an_out_of_memory_error_names_the_planner_and_settings_that_fit(llama8b_
     assert "ran out of memory" in message and "resumes from the last one" in message
     assert "python -m hfplug.fit --model_name_or_path" in message and "--max_length 4096" in message
     assert "--per_device_train_batch_size" in message  # a setting that fits
+
+
+def test_too_little_host_ram_for_offloading_says_how_much_is_needed(llama8b_dir, on_a_t4):
+    args = _args(llama8b_dir, "auto")
+    args.max_host_memory = "1GiB"  # 4 of 32 layer inputs at 32k tokens
+    with pytest.raises(DoesNotFitError, match=r"1\.0 GiB of host RAM.*give offload_activations (\d+\.\d) GiB") as err:
+        plan_memory(args, _training_args(), task="abstract", max_length=32768, num_labels=0)
+    assert "--max_host_memory" in str(err.value)

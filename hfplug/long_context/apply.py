@@ -14,19 +14,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import psutil
-
 from hfplug.long_context import AUTO, TECHNIQUES, attention, parse_long_context
 from hfplug.long_context.loss import install_chunked_loss
 from hfplug.long_context.offload import enable_offloaded_checkpointing
 from hfplug.long_context.tiled_mlp import enable_tiled_mlp
-from hfplug.sizes import GiB, parse_memory
 
 logger = logging.getLogger(__name__)
 
-# Host memory the training process itself needs besides offloaded activations: Python,
-# torch/CUDA libraries, the tokenizer, the dataset's Arrow maps, one loading shard.
-HOST_PROCESS_RESERVE = 5 * GiB
 # Techniques that only mean something for a causal LM's loss.
 CAUSAL_LM_ONLY = ("chunked_loss",)
 
@@ -41,13 +35,6 @@ class LongContextPlan:
 
     def __contains__(self, technique: str) -> bool:
         return technique in self.techniques
-
-
-def host_budget(max_host_memory: str) -> int:
-    """Bytes of pinned host memory ``offload_activations`` may use (``auto``: RAM minus the reserve)."""
-    if max_host_memory == "auto":
-        return max(0, psutil.virtual_memory().total - HOST_PROCESS_RESERVE)
-    return parse_memory(max_host_memory)
 
 
 def resolve_techniques(

@@ -115,12 +115,21 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not match.")
-    # Position t predicts token t+1; the last position has no target (as in ForCausalLMLoss).
-    targets = F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(hidden_states.device)
+    targets = _shifted_targets(labels, ignore_index, hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     total = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, bias, targets, chunk_size, ignore_index, _compute_dtype(hidden)
     )
+    return _mean(total, targets, ignore_index, num_items_in_batch)
+
+
+def _shifted_targets(labels: torch.Tensor, ignore_index: int, device) -> torch.Tensor:
+    """Position t predicts token t+1; the last position has no target (as in ForCausalLMLoss)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(device)
+
+
+def _mean(total: torch.Tensor, targets: torch.Tensor, ignore_index: int, num_items_in_batch) -> torch.Tensor:
+    """The summed loss over the counted targets, or over ``num_items_in_batch`` (the Trainer's count)."""
     if num_items_in_batch is None:
         count = (targets != ignore_index).sum()
     else:
@@ -191,14 +200,13 @@ def linear_cross_entropy(
         )
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden_states.device)
+    targets = _shifted_targets(labels, IGNORE_INDEX, hidden_states.device)
     dtype = _compute_dtype(hidden_states)  # Liger wants input and weight in one (16-bit) dtype
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype)
     total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
         weight.to(dtype), hidden, targets, None if bias is None else bias.to(dtype)
     )
-    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-    return total.float() / count.to(total.device).clamp(min=1)
+    return _mean(total.float(), targets, IGNORE_INDEX, num_items_in_batch)
 
 
 def install_chunked_loss(model: nn.Module, *, chunk_size: int = 1024, backend: str = "auto") -> str:

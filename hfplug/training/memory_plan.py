@@ -20,10 +20,11 @@ import shlex
 from dataclasses import dataclass, field
 
 from hfplug.fit import memory_plan_message
+from hfplug.host_memory import HOST_PROCESS_RESERVE, host_budget
 from hfplug.loading import adapter_base_model, load_config
 from hfplug.long_context import AUTO, parse_long_context
-from hfplug.long_context.apply import LongContextPlan, host_budget, resolve_techniques
-from hfplug.memory import applicable_techniques, choose_techniques, suggest_settings
+from hfplug.long_context.apply import LongContextPlan, resolve_techniques
+from hfplug.memory import applicable_techniques, choose_techniques, estimate_memory, suggest_settings
 from hfplug.sizes import GiB
 from hfplug.training.model_setup import device_type_for, optim_name
 
@@ -74,6 +75,20 @@ def planner_command(model_name: str, settings: dict) -> str:
     )
 
 
+def _host_ram_hint(config, gpu_mem: int, settings: dict) -> str:
+    """What host RAM would make the run fit through offload_activations, when any amount would."""
+    if "offload_activations" not in settings["long_context"]:
+        return ""
+    unlimited = estimate_memory(config, **dict(settings, max_host_memory=None))
+    if unlimited.total > gpu_mem:
+        return ""  # not even every layer input in host memory is enough
+    need = unlimited.host_offloaded
+    return (
+        f", or give offload_activations {need / GiB:.1f} GiB of host RAM (--max_host_memory {need / GiB:.1f}GiB; "
+        f"the machine needs about {(need + HOST_PROCESS_RESERVE) / GiB:.0f} GiB in all)"
+    )
+
+
 def plan_memory(model_args, training_args, *, task: str, max_length: int, num_labels: int, token=None) -> MemoryPlan:
     """Choose the ``--long_context`` techniques and check the run fits, before loading (see the module doc)."""
     requested = parse_long_context(model_args.long_context)
@@ -110,9 +125,11 @@ def plan_memory(model_args, training_args, *, task: str, max_length: int, num_la
     if not choice.fits and choice.longest_with_all < max_length:
         raise DoesNotFitError(
             f"--max_length {max_length} does not fit this GPU ({gpu_mem / GiB:.1f} GiB) even with every "
-            f"--long_context technique ({', '.join(applicable)}): the memory planner's longest is "
-            f"{choice.longest_with_all} tokens at batch size {settings['batch_size']}. Use --max_length "
-            f"{choice.longest_with_all} or less (plan: {planner_command(base, dict(settings, long_context=applicable))})."
+            f"--long_context technique ({', '.join(applicable)}) and {budget / GiB:.1f} GiB of host RAM for "
+            f"offloading: the memory planner's longest is {choice.longest_with_all} tokens at batch size "
+            f"{settings['batch_size']}. Use --max_length {choice.longest_with_all} or less"
+            + _host_ram_hint(config, gpu_mem, dict(settings, long_context=applicable))
+            + f" (plan: {planner_command(base, dict(settings, long_context=applicable))})."
         )
     techniques = resolve_techniques(model_args.long_context, applicable=applicable, auto=tuple(choice))
     if requested == AUTO:

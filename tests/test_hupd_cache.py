@@ -14,7 +14,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-import hfplug.data.hupd_cache as hupd_cache
+import hfplug.data.hupd_build as hupd_build
+import hfplug.data.hupd_disk as hupd_disk
+import hfplug.data.hupd_units as hupd_units
 from hfplug.arguments import HupdArguments
 from hfplug.data.hupd import FEATURES, KEPT_COLUMNS, HupdCacheError, HupdFileError, load_hupd
 from hfplug.data.tasks import (
@@ -64,7 +66,7 @@ def no_archive_reads(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the archive was read again")
 
-    monkeypatch.setattr(hupd_cache, "_iter_archive", fail)
+    monkeypatch.setattr(hupd_units, "_iter_archive", fail)
 
 
 # --- columns --------------------------------------------------------------------------------
@@ -251,8 +253,8 @@ def test_a_corrupt_year_stops_a_parallel_build_cleanly(years, tmp_path):
 def test_not_enough_disk_is_refused_before_writing(years, tmp_path, monkeypatch, num_proc):
     good = load(years, tmp_path, **YEARS, columns=["title"])  # an earlier cache that must survive
     opened = []
-    monkeypatch.setattr(hupd_cache._Records, "_open", lambda self: opened.append(self) or pytest.fail("opened"))
-    monkeypatch.setattr(hupd_cache, "_free_bytes", lambda path: 123_456)
+    monkeypatch.setattr(hupd_units._Records, "_open", lambda self: opened.append(self) or pytest.fail("opened"))
+    monkeypatch.setattr(hupd_build, "_free_bytes", lambda path: 123_456)
     with pytest.raises(HupdCacheError) as info:
         load(years, tmp_path, **YEARS, num_proc=num_proc)
     message = str(info.value)
@@ -269,11 +271,12 @@ def test_not_enough_disk_is_refused_before_writing(years, tmp_path, monkeypatch,
 @pytest.mark.parametrize("columns", [None, ["abstract"]], ids=["all-fields", "abstract"])
 def test_the_planned_size_is_what_the_build_writes(years, tmp_path, monkeypatch, columns):
     checks = []
-    measure = hupd_cache._SpaceCheck.__call__
+    measure = hupd_disk._SpaceCheck.__call__
     monkeypatch.setattr(
-        hupd_cache._SpaceCheck, "__call__", lambda self, table: checks.append(self) or measure(self, table)
+        hupd_disk._SpaceCheck, "__call__", lambda self, table: checks.append(self) or measure(self, table)
     )
-    monkeypatch.setattr(hupd_cache, "_WRITER_BATCH_SIZE", 20)  # measured on 20 records, as on 200 of the real ones
+    for module in (hupd_disk, hupd_units, hupd_build):  # each module that writes or measures in batches
+        monkeypatch.setattr(module, "_WRITER_BATCH_SIZE", 20)  # measured on 20 records, as on 200 of the real ones
     load(years, tmp_path, **YEARS, columns=columns)
     (built,) = (tmp_path / "cache").iterdir()
     splits = sum(p.stat().st_size for p in built.glob("*.arrow"))
@@ -285,16 +288,16 @@ def test_the_planned_size_is_what_the_build_writes(years, tmp_path, monkeypatch,
 KILLED_BUILD = textwrap.dedent(
     """
     import os, signal, sys
-    import hfplug.data.hupd_cache as hupd_cache
+    import hfplug.data.hupd_build as hupd_build
     from hfplug.data.hupd import load_hupd
 
-    write_rows = hupd_cache._write_rows
+    write_rows = hupd_build._write_rows
 
     def write_then_die(*args, **kwargs):  # the first split is written, the second never is
         write_rows(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    hupd_cache._write_rows = write_then_die
+    hupd_build._write_rows = write_then_die
     metadata, archive, cache = sys.argv[1:]
     load_hupd("all", hupd_metadata_path=metadata, hupd_archive_path=archive, hupd_cache_dir=cache, uniform_split=True)
     """

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 
 import hfplug.data.hupd as hupd
+import hfplug.data.hupd_build as hupd_build
 import hfplug.data.hupd_cache as hupd_cache
+import hfplug.data.hupd_units as hupd_units
 from hfplug.data.hupd import FEATURES, HupdCacheError, HupdFileError, load_hupd
 from hfplug.data.hupd_selection import select_splits
 from hfplug.testing.hupd_synthetic import HardLink, make_records, write_hupd_files
@@ -152,7 +154,7 @@ def test_second_call_hits_the_cache(sample, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the archive/metadata was read again")
 
-    monkeypatch.setattr(hupd_cache, "_iter_archive", fail)
+    monkeypatch.setattr(hupd_units, "_iter_archive", fail)
     monkeypatch.setattr(hupd, "read_metadata", fail)
     second = load(sample, tmp_path, **DATES)
     for split in first:
@@ -754,9 +756,10 @@ def test_a_cache_of_an_older_version_is_not_reused(sample, tmp_path, monkeypatch
 
 
 def fail_after(monkeypatch, target: str, calls: int, error: OSError) -> None:
-    """Make ``hupd_cache.<target>`` (a function or ``Class.method``) raise ``error`` from its ``calls``-th call on."""
+    """Make ``target`` raise ``error`` from its ``calls``-th call on: a function of ``hupd_build``, or
+    ``Class.method`` of a class of ``hupd_units``."""
     owner_name, _, attr = target.rpartition(".")
-    owner = getattr(hupd_cache, owner_name) if owner_name else hupd_cache
+    owner = getattr(hupd_units, owner_name) if owner_name else hupd_build
     original = getattr(owner, attr)
     count = {"n": 0}
 
@@ -796,7 +799,7 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # scratch removed, the good cache kept
     monkeypatch.undo()
-    monkeypatch.setattr(hupd_cache, "_iter_archive", lambda *a, **k: pytest.fail("the good cache was rebuilt"))
+    monkeypatch.setattr(hupd_units, "_iter_archive", lambda *a, **k: pytest.fail("the good cache was rebuilt"))
     assert load(sample, tmp_path, **DATES)["train"].to_list() == good["train"].to_list()
 
 
@@ -812,7 +815,7 @@ def test_other_write_errors_name_the_cache(sample, tmp_path, monkeypatch):
 
 def test_scratch_of_a_killed_build_is_removed_next_time(sample, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    host = hupd_cache._host_id()
+    host = hupd_build._host_id()
     dead = cache / f".sample-0123456789abcdef01234567.{host}-999999.k3j_x9ab.incomplete"
     alive = cache / f".sample-0123456789abcdef01234567.{host}-{os.getpid()}.a1b2c3d4.incomplete"
     elsewhere = cache / ".sample-0123456789abcdef01234567.0badc0de-999999.zz99zz99.incomplete"
@@ -820,7 +823,7 @@ def test_scratch_of_a_killed_build_is_removed_next_time(sample, tmp_path, monkey
     for scratch in (dead, alive, elsewhere, old_format):
         (scratch / "partial").mkdir(parents=True)
         (scratch / "partial" / "train.arrow").write_bytes(b"half")
-    monkeypatch.setattr(hupd_cache, "_pid_alive", lambda pid: pid != 999999)
+    monkeypatch.setattr(hupd_build, "_pid_alive", lambda pid: pid != 999999)
     load(sample, tmp_path, **DATES)
     assert not dead.exists()
     assert alive.exists() and elsewhere.exists() and old_format.exists()

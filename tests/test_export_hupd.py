@@ -296,6 +296,7 @@ def test_a_repo_the_token_cannot_write_fails_before_any_file_is_written(
     assert_no_token(str(info.value))
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 def test_cli_refusal_is_one_error_paragraph_without_the_token(hub, tmp_path):
     out, cache = tmp_path / "export", tmp_path / "cache"
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": READ, "HF_HOME": str(tmp_path / "home")}

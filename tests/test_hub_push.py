@@ -97,6 +97,7 @@ def test_push_again_commits_nothing_and_changes_only_what_changed(hub, adapter_r
     assert len(hub.commits) == 2 and set(hub.commits[1].files) == {"eval_results.json", "README.md"}
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 def test_push_interrupted_half_way_then_retried(hub, adapter_run):
     """An every_save push landed, the final push is killed mid-commit; rerunning finishes it exactly once."""
     target = preflight_push("alice/hupd-lora", token=WRITE, endpoint=hub.url)
@@ -197,6 +198,7 @@ def test_every_save_callback_pushes_checkpoints_only_safe_files(hub, adapter_run
 # --------------------------------------------------------------------------- the push script
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 def test_push_run_script(hub, adapter_run):
     env = {
         "HF_ENDPOINT": hub.url,
@@ -244,6 +246,7 @@ def test_push_run_old_flag_names_say_the_new_name(flag, new, adapter_run):
     assert flag[0].split("=")[0] in message and new in message
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 def test_push_run_old_flag_name_exits_2_with_the_new_name(adapter_run):
     out = run_command(
         [

@@ -153,6 +153,7 @@ def test_retry_command_quotes_paths():
 # --------------------------------------------------------------------------- 1. the recipe's command line
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 @pytest.mark.parametrize(
     "flags",
     [
@@ -176,6 +177,7 @@ def test_push_script_refuses_a_token_flag_without_echoing_it(flags, quiet_hub, a
     assert not server.requests  # refused before any Hub call
 
 
+@pytest.mark.slow  # runs hfplug in a subprocess: left out of the fast local subset
 def test_push_script_user_errors_exit_2_without_traceback(quiet_hub, tmp_path):
     _, env = quiet_hub
     out = run_command(

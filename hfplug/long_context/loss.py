@@ -160,10 +160,32 @@ def causal_lm_loss(
         raise ValueError(
             f"causal_lm_loss needs a plain nn.Linear output head; {type(base).__name__} has {type(head).__name__}."
         )
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    return _decoder_loss(
+        decoder,
+        head,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch,
+        **model_kwargs,
+    )
+
+
+def _decoder_loss(
+    decoder, head, *, input_ids, attention_mask, labels, chunk_size, num_items_in_batch, backend="hfplug", **kwargs
+):
+    """The loss of ``head`` over ``decoder``'s final hidden states, its logits never materialised."""
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return chunked_cross_entropy(
-        hidden, head.weight, labels, bias=head.bias, chunk_size=chunk_size, num_items_in_batch=num_items_in_batch
+    return linear_cross_entropy(
+        hidden,
+        head.weight,
+        labels,
+        bias=head.bias,
+        chunk_size=chunk_size,
+        num_items_in_batch=num_items_in_batch,
+        backend=backend,
     )
 
 
@@ -242,15 +264,16 @@ def install_chunked_loss(model: nn.Module, *, chunk_size: int = 1024, backend: s
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         for unused in ("logits_to_keep", "use_cache", "return_dict"):
             kwargs.pop(unused, None)
-        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        loss = linear_cross_entropy(
-            outputs.last_hidden_state,
-            head.weight,
-            labels,
-            bias=head.bias,
+        loss = _decoder_loss(
+            model.get_decoder(),
+            head,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
             chunk_size=chunk_size,
             num_items_in_batch=num_items_in_batch,
             backend=chosen,
+            **kwargs,
         )
         return CausalLMOutputWithPast(loss=loss, logits=None)
 

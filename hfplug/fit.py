@@ -24,15 +24,8 @@ from transformers.hf_argparser import string_to_bool
 from hfplug.host_memory import COLAB_HOST_BUDGET, COLAB_HOST_RAM, HOST_BASELINE, host_budget
 from hfplug.loading import ConfigUnavailableError, load_config
 from hfplug.long_context import AUTO, parse_long_context
-from hfplug.memory import (
-    MemoryEstimate,
-    applicable_techniques,
-    choose_techniques,
-    estimate_memory,
-    max_batch_size,
-    max_seq_len,
-    suggest_settings,
-)
+from hfplug.memory import MemoryEstimate, applicable_techniques, estimate_memory
+from hfplug.memory_search import choose_techniques, max_batch_size, max_seq_len, suggest_settings
 from hfplug.param_counts import PLANNER_TASKS, parameter_counts
 from hfplug.sizes import GiB
 from hfplug.sizes import parse_memory as _parse_size

@@ -1,5 +1,5 @@
-"""hfplug.memory (the planner's arithmetic, --long_context techniques and host memory), hfplug.param_counts, and
-benchmarks/t4_fit.py's model builder and memory_proxy.py's tracker, on CPU."""
+"""hfplug.memory (the planner's arithmetic, --long_context techniques and host memory), hfplug.memory_search (what
+fits), hfplug.param_counts, and benchmarks/t4_fit.py's model builder and memory_proxy.py's tracker, on CPU."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from hfplug import memory
+from hfplug import memory, memory_search
 from hfplug.fit import GPU_MEMORY
 from hfplug.host_memory import COLAB_HOST_BUDGET, HOST_BASELINE, pinned_bytes, plan_offload
 from hfplug.loading import load_config
@@ -184,7 +184,7 @@ def test_llama31_8b_qlora_decision_fits_a_t4_and_full_logits_are_the_cost(llama8
     # (ported from loss_chunk_size=1024, offload_activations=True: the planner now also models the math-kernel
     # attention a T4 falls back to without efficient_attention, 24 GiB of scores at 8k tokens)
     assert (
-        memory.max_seq_len(
+        memory_search.max_seq_len(
             llama8b,
             gpu_mem=t4,
             quant="4bit",
@@ -229,16 +229,16 @@ def test_optimizer_state_sizes():
 def test_max_batch_and_length_are_the_largest_that_fit(llama8b):
     kw = dict(quant="4bit", lora_r=16, task="decision", activation_checkpointing=True)
     gpu = GPU_MEMORY["t4"]
-    best = memory.max_batch_size(llama8b, gpu_mem=gpu, max_length=512, **kw)
+    best = memory_search.max_batch_size(llama8b, gpu_mem=gpu, max_length=512, **kw)
     assert best >= 8
     assert memory.estimate_memory(llama8b, max_length=512, batch_size=best, **kw).total <= gpu
     assert memory.estimate_memory(llama8b, max_length=512, batch_size=best + 1, **kw).total > gpu
-    longest = memory.max_seq_len(llama8b, gpu_mem=gpu, batch_size=8, **kw)
+    longest = memory_search.max_seq_len(llama8b, gpu_mem=gpu, batch_size=8, **kw)
     assert memory.estimate_memory(llama8b, max_length=longest, batch_size=8, **kw).total <= gpu
     assert memory.estimate_memory(llama8b, max_length=longest + 1, batch_size=8, **kw).total > gpu
-    assert memory.max_batch_size(llama8b, gpu_mem=1 * GiB, max_length=512, **kw) == 0
-    assert memory.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=8, **kw) == []
-    tips = memory.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=64, **kw)
+    assert memory_search.max_batch_size(llama8b, gpu_mem=1 * GiB, max_length=512, **kw) == 0
+    assert memory_search.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=8, **kw) == []
+    tips = memory_search.suggest_settings(llama8b, gpu_mem=gpu, max_length=512, batch_size=64, **kw)
     assert any("--gradient_accumulation_steps" in t for t in tips)
 
 
@@ -401,13 +401,13 @@ def test_choose_techniques_is_the_shortest_prefix_that_fits(llama8b):
     t4 = GPU_MEMORY["t4"]
 
     def choose(n):
-        return memory.choose_techniques(llama8b, gpu_mem=t4, host_mem=COLAB_HOST_BUDGET, max_length=n, **LONG)
+        return memory_search.choose_techniques(llama8b, gpu_mem=t4, host_mem=COLAB_HOST_BUDGET, max_length=n, **LONG)
 
     assert tuple(choose(1024)) == () and choose(1024).fits
     four_k = choose(4096)
-    assert four_k.techniques and four_k.estimate.total <= memory.AUTO_HEADROOM * t4  # room for the plan's error
+    assert four_k.techniques and four_k.estimate.total <= memory_search.AUTO_HEADROOM * t4  # room for the plan's error
     shorter = memory.estimate_memory(llama8b, max_length=4096, long_context=four_k.techniques[:-1], **LONG)
-    assert shorter.total > memory.AUTO_HEADROOM * t4  # one technique fewer would not leave that room
+    assert shorter.total > memory_search.AUTO_HEADROOM * t4  # one technique fewer would not leave that room
     long = choose(32768)
     assert tuple(long) == TECHNIQUES and long.fits and "turns on" in long.message
     too_long = choose(65536)
@@ -416,7 +416,9 @@ def test_choose_techniques_is_the_shortest_prefix_that_fits(llama8b):
     kw = dict(long_context=TECHNIQUES, max_host_memory=COLAB_HOST_BUDGET, **LONG)
     assert memory.estimate_memory(llama8b, max_length=best, **kw).total <= t4
     assert memory.estimate_memory(llama8b, max_length=best + 1, **kw).total > t4
-    tips = memory.suggest_settings(llama8b, gpu_mem=t4, max_length=16384, max_host_memory=COLAB_HOST_BUDGET, **LONG)
+    tips = memory_search.suggest_settings(
+        llama8b, gpu_mem=t4, max_length=16384, max_host_memory=COLAB_HOST_BUDGET, **LONG
+    )
     assert any(t.startswith("--long_context auto (turns on frozen_16bit, efficient_attention") for t in tips)
 
 

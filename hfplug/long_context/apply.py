@@ -5,7 +5,7 @@
     model = prepare_for_training(..., frozen_16bit="frozen_16bit" in techniques)
     apply_techniques(model, LongContextPlan(techniques, tokens_per_step, host_budget(...)))  # the rest
 
-``auto`` is decided by the memory planner (``hfplug.memory.choose_techniques``) in
+``auto`` is decided by the memory planner (``hfplug.memory_search.choose_techniques``) in
 ``hfplug.training.model_setup``; this module only knows what each technique needs.
 """
 

@@ -24,7 +24,8 @@ from hfplug.host_memory import HOST_PROCESS_RESERVE, host_budget
 from hfplug.loading import adapter_base_model, load_config
 from hfplug.long_context import AUTO, parse_long_context
 from hfplug.long_context.apply import LongContextPlan, resolve_techniques
-from hfplug.memory import applicable_techniques, choose_techniques, estimate_memory, suggest_settings
+from hfplug.memory import applicable_techniques, estimate_memory
+from hfplug.memory_search import choose_techniques, suggest_settings
 from hfplug.sizes import GiB
 from hfplug.training.model_setup import device_type_for, optim_name
 

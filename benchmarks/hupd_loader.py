@@ -14,7 +14,7 @@ side, each in a fresh process:
   writing upstream also does, so the baseline is if anything too fast);
 * ``gunzip``: ``gzip -dc archive > /dev/null``, the floor for any reader of the file;
 * ``hfplug_unthreaded``: ``hfplug`` with the gzip stream inflated on the parsing thread, which
-  isolates what ``hupd_archive._Gunzip``'s background thread gains.
+  isolates what ``hupd_gunzip._Gunzip``'s background thread gains.
 
 All records are selected (the worst case for hfplug, which skips unselected ones unparsed).
 Both must yield the same rows in the same order (checked by a digest of the application numbers).
@@ -80,9 +80,9 @@ def work_hfplug(metadata: str, archive: str, scratch: str) -> dict:
 
 def work_hfplug_unthreaded(metadata: str, archive: str, scratch: str) -> dict:
     """``hfplug`` with the archive inflated on the parsing thread: what the gunzip thread alone buys."""
-    from hfplug.data import hupd_archive
+    from hfplug.data import hupd_gunzip
 
-    hupd_archive._Gunzip.__init__.__kwdefaults__["threaded"] = False
+    hupd_gunzip._Gunzip.__init__.__kwdefaults__["threaded"] = False
     return work_hfplug(metadata, archive, scratch)
 
 

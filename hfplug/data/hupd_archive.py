@@ -6,8 +6,8 @@ Both Hub layouts (the sample's ``.tar.gz`` of JSON, and ``all``'s uncompressed t
 its headers and needed years fetched by range requests, each year inflated as it arrives).
 Member names are routed to the paths extraction gives them (:func:`_normalise`); hard
 links are followed (:func:`_resolve_links`); gzip is inflated on a second thread and its
-trailer checked, so a truncated or corrupt file raises :class:`HupdFileError` instead of
-looking like missing records.
+trailer checked (:mod:`~hfplug.data.hupd_gunzip`), so a truncated or corrupt file raises
+:class:`HupdFileError` instead of looking like missing records.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import contextlib
 import dataclasses
 import logging
 import posixpath
-import queue
 import re
 import tarfile
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from hfplug.data.hupd_gunzip import _GZIP_MAGIC, _Gunzip
 
 if TYPE_CHECKING:
     from hfplug.data.hupd_remote import RemoteArchive
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["HupdFileError"]
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_READ_CHUNK = 1 << 21  # compressed bytes read per step
-_MAX_INFLATE = 1 << 23  # cap on bytes inflated per step, so a zip bomb cannot balloon memory
-_QUEUE_CHUNKS = 4  # inflated pieces buffered ahead of the parser (<= 32 MB); few, big pieces
 
 
 class HupdFileError(OSError):
@@ -66,110 +61,6 @@ def _normalise(name: str) -> str | None:
     if path in (".", "..") or path.startswith("../"):
         return None
     return path
-
-
-class _Gunzip:
-    """Decompressed bytes of a gzip stream, inflated ahead on a second core, fully checked.
-
-    tarfile's own ``r|gz`` never checks the gzip trailer, so a truncated download would just
-    end the archive early and look like missing records. Here a stream that ends before its
-    end-of-stream marker raises EOFError and a bad CRC raises ``zlib.error``.
-
-    A background thread reads and inflates while the caller parses JSON: zlib releases the
-    GIL, so decompression (the largest cost) overlaps with parsing and Arrow writing. The
-    queue holds at most ``_QUEUE_CHUNKS`` pieces of at most ``_MAX_INFLATE`` bytes each, so
-    memory stays bounded. Use as a context manager so the thread is stopped on early exit.
-    """
-
-    def __init__(self, source: BinaryIO, *, threaded: bool = True):
-        self._source = source
-        self._inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
-        self._chunk = b""
-        self._pos = 0
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
-        if threaded:
-            self._queue = queue.Queue(maxsize=_QUEUE_CHUNKS)
-            self._thread = threading.Thread(target=self._produce, name="hupd-gunzip", daemon=True)
-            self._thread.start()
-
-    def __enter__(self) -> _Gunzip:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def read(self, size: int = -1) -> bytes:
-        if self._pos >= len(self._chunk):
-            self._chunk, self._pos = self._next_piece(), 0
-        end = len(self._chunk) if size < 0 else self._pos + size
-        data = self._chunk[self._pos : end]
-        self._pos += len(data)
-        return data
-
-    def verify_rest(self) -> None:
-        """Read to the end, so truncation or a bad CRC after the last tar member is caught."""
-        while self._next_piece():
-            pass
-
-    def close(self) -> None:
-        """Stop the inflating thread (it may be blocked on a full queue)."""
-        if self._queue is None:
-            return
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._queue = None
-
-    def _next_piece(self) -> bytes:
-        if self._queue is None:
-            return self._inflate()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _produce(self) -> None:
-        """Thread body: inflate pieces into the queue until the end, an error, or close()."""
-        try:
-            while not self._stop.is_set():
-                piece = self._inflate()
-                self._put(piece)
-                if not piece:
-                    return
-        except BaseException as exc:  # handed to the reading thread, which raises it
-            self._put(exc)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _inflate(self) -> bytes:
-        """The next piece of output; b"" only at a clean end of the last gzip member."""
-        while True:
-            inflater = self._inflater
-            if inflater.unconsumed_tail:
-                data = inflater.unconsumed_tail
-            elif inflater.eof:
-                data = inflater.unused_data or self._source.read(_READ_CHUNK)
-                if not data:
-                    return b""
-                # a gzip file may hold several members back to back; each is checked
-                self._inflater = inflater = zlib.decompressobj(wbits=31)
-            else:
-                data = self._source.read(_READ_CHUNK)
-                if not data:
-                    raise EOFError("the compressed data ends before the gzip end-of-stream marker (truncated)")
-            out = inflater.decompress(data, _MAX_INFLATE)
-            if out:
-                return out
 
 
 @dataclasses.dataclass

@@ -16,10 +16,12 @@ and are left alone.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from huggingface_hub import errors as hub_errors
 
@@ -107,7 +109,7 @@ def run(main: Callable[[], int | None]) -> None:
         status = main()
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, a prompt): no traceback, the usual status
         print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+        _exit(130)
     except USER_ERRORS as err:
         if os.environ.get("HFPLUG_TRACEBACK"):  # for bug reports: the full story
             raise
@@ -124,5 +126,19 @@ def run(main: Callable[[], int | None]) -> None:
         launcher = simple_launcher_pid() if status else None
         if launcher is not None:
             end_launcher(launcher)
-        sys.exit(status)
-    sys.exit(status if isinstance(status, int) else 0)
+        _exit(status)
+    _exit(status if isinstance(status, int) else 0)
+
+
+def _exit(status: int) -> NoReturn:
+    """``sys.exit(status)``, sparing the interpreter's shutdown a walk of every object.
+
+    While Python tears its modules down at exit it runs the cycle collector over the whole heap,
+    more than once; with torch and transformers loaded that took 2.5 s of every run's exit
+    (``python -c "from transformers import Trainer"``, 2-core CPU). One collection now, so that
+    cyclic garbage is still finalized (an unclosed file still flushed), then ``gc.freeze()``:
+    everything left lives until the exit anyway. The exit then takes 0.35 s.
+    """
+    gc.collect()
+    gc.freeze()
+    sys.exit(status)

@@ -19,7 +19,9 @@ each whole process (start to exit), the ratio, and the median train_runtime and 
 the runs' own train_results.json / eval_results.json. --compare_group_by_length repeats all of it
 with length grouping on for both (hfplug: --group_by_length true; peer: --train_sampling_strategy
 group_by_length). Last, the start-up of ``accelerate launch`` itself (an empty script), which the
-quickstart's command pays and the peer's ``python`` command does not.
+quickstart's command pays and the peer's ``python`` command does not. --also_python adds a third
+process to every round: the same recipe run as ``python recipes/finetune_hupd.py ...``, as the peer
+is run (one process needs no launcher), which separates the recipe's own cost from the launcher's.
 """
 
 from __future__ import annotations
@@ -124,11 +126,9 @@ def commands(args, data, training, paths, folder: str, group: bool) -> dict[str,
         "--dataloader_pin_memory",
         "false",
     ]
-    hfplug = lambda out: [  # noqa: E731
-        "accelerate",
-        "launch",
-        "--config_file",
-        os.path.join(REPO, "accelerate_configs", "cpu.yaml"),
+    launcher = ["accelerate", "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml")]
+    recipe = lambda out, launch: [  # noqa: E731
+        *launch,
         os.path.join(REPO, "recipes", "finetune_hupd.py"),
         "--config",
         QUICKSTART,
@@ -158,7 +158,10 @@ def commands(args, data, training, paths, folder: str, group: bool) -> dict[str,
         os.path.join(folder, "peer_cache"),
         *grouping_peer,
     ]
-    return {"hfplug": hfplug, "peer": peer}
+    cmds = {"hfplug": lambda out: recipe(out, launcher), "peer": peer}
+    if args.also_python:  # the recipe's own process, without the launcher's
+        cmds["hfplug_python"] = lambda out: recipe(out, [sys.executable])
+    return cmds
 
 
 def run_once(command: list[str], out: str, log: str) -> dict:
@@ -216,10 +219,11 @@ def report(results: dict[str, list[dict]], label: str) -> None:
         print(
             f"  {name:7s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}"
         )
-    ratio = med["hfplug"]["wall"] / med["peer"]["wall"]
-    print(
-        f"  hfplug / peer whole process: {ratio:.3f} ({'hfplug faster' if ratio < 1 else 'hfplug slower'}; target <= 1.0)"
-    )
+    for name in med:
+        if name != "peer":
+            ratio = med[name]["wall"] / med["peer"]["wall"]
+            verdict = "faster" if ratio < 1 else "slower"
+            print(f"  {name} / peer whole process: {ratio:.3f} ({name} {verdict}; target <= 1.0)")
 
 
 def main() -> None:
@@ -227,6 +231,11 @@ def main() -> None:
     parser.add_argument("--peer", required=True, help="path to transformers' run_classification.py")
     parser.add_argument("--runs", type=int, default=10, help="timed runs of each (after one warm-up each)")
     parser.add_argument("--compare_group_by_length", action="store_true", help="also run both with length grouping on")
+    parser.add_argument(
+        "--also_python",
+        action="store_true",
+        help="also run the recipe as `python recipes/finetune_hupd.py ...` (one process, no launcher)",
+    )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (e.g. 1 on a shared machine)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (outputs, logs)")
     args = parser.parse_args()

@@ -12,8 +12,9 @@ as the files on the ``HUPD/hupd`` Hub repo:
 Every JSON record has the full real schema. The text carries a learnable signal so a tiny
 model trained on it visibly learns: marker words from two disjoint vocabularies predict
 ACCEPTED vs REJECTED in ~95% of records (the rest are label noise), and topic words predict
-the IPC subclass. The records are made in :mod:`hfplug.testing.hupd_synthetic_records`;
-this module writes them as files (its names are re-exported here).
+the IPC subclass. The records are made in :mod:`hfplug.testing.hupd_synthetic_records` from the
+words in :mod:`hfplug.testing.hupd_synthetic_vocab`; this module writes them as files (their names
+are re-exported here).
 
 Everything is drawn from one ``random.Random(seed)`` and written with fixed timestamps and
 owners, so the same arguments give byte-identical files on every run and machine.
@@ -41,13 +42,8 @@ from typing import Any
 import pandas as pd
 
 from hfplug.data.hupd_selection import to_filing_dates
-from hfplug.testing.hupd_synthetic_records import (
-    ACCEPT_MARKERS,
-    DECISIONS,
-    IPC_SUBCLASSES,
-    REJECT_MARKERS,
-    make_records,
-)
+from hfplug.testing.hupd_synthetic_records import make_records
+from hfplug.testing.hupd_synthetic_vocab import ACCEPT_MARKERS, DECISIONS, IPC_SUBCLASSES, REJECT_MARKERS
 
 __all__ = [
     "ACCEPT_MARKERS",

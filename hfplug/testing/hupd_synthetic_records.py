@@ -3,7 +3,8 @@
 Every record has the full real schema. Marker words from two disjoint vocabularies predict
 ACCEPTED vs REJECTED in ~95% of records (the rest are label noise), and topic words predict
 the IPC subclass, so a tiny model trained on them visibly learns. Everything is drawn from
-one ``random.Random(seed)``: the same arguments give the same records on every machine.
+one ``random.Random(seed)``: the same arguments give the same records on every machine. The words
+themselves are in :mod:`hfplug.testing.hupd_synthetic_vocab`.
 """
 
 from __future__ import annotations
@@ -13,344 +14,21 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["ACCEPT_MARKERS", "DECISIONS", "IPC_SUBCLASSES", "REJECT_MARKERS", "SIGNAL_RATE", "make_records"]
-
-
-# Real decision counts over all years (reference.md) used as sampling weights.
-DECISIONS: dict[str, int] = {
-    "ACCEPTED": 1_827_571,
-    "REJECTED": 1_074_665,
-    "CONT-ACCEPTED": 653_519,
-    "PENDING": 486_181,
-    "CONT-REJECTED": 286_937,
-    "CONT-PENDING": 189_381,
-}
-
-# IPC subclass -> (main groups, USPC class, topic vocabulary). The topic words are what
-# makes the subclass predictable from the text.
-IPC_SUBCLASSES: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
-    "G06F": (
-        ("17/30", "3/0484", "9/455", "21/62", "16/245"),
-        "707",
-        (
-            "processor",
-            "memory",
-            "database",
-            "query",
-            "cache",
-            "index",
-            "software",
-            "compiler",
-            "thread",
-            "virtual",
-            "storage",
-            "file",
-            "kernel",
-            "instruction",
-            "register",
-            "buffer",
-        ),
-    ),
-    "H04L": (
-        ("29/06", "12/28", "9/32", "5/00", "67/10"),
-        "709",
-        (
-            "packet",
-            "network",
-            "protocol",
-            "router",
-            "bandwidth",
-            "latency",
-            "encryption",
-            "node",
-            "channel",
-            "transmission",
-            "header",
-            "session",
-            "gateway",
-            "switch",
-            "frame",
-            "payload",
-        ),
-    ),
-    "H01L": (
-        ("21/02", "27/12", "29/78", "23/48", "33/00"),
-        "257",
-        (
-            "wafer",
-            "transistor",
-            "substrate",
-            "dielectric",
-            "gate",
-            "silicon",
-            "doping",
-            "etching",
-            "electrode",
-            "semiconductor",
-            "oxide",
-            "trench",
-            "epitaxial",
-            "contact",
-            "diode",
-            "junction",
-        ),
-    ),
-    "A61K": (
-        ("31/4439", "9/00", "39/395", "38/17", "47/10"),
-        "514",
-        (
-            "compound",
-            "dosage",
-            "formulation",
-            "tablet",
-            "excipient",
-            "antibody",
-            "peptide",
-            "oral",
-            "pharmaceutical",
-            "salt",
-            "solvent",
-            "administration",
-            "therapeutic",
-            "inhibitor",
-            "emulsion",
-            "capsule",
-        ),
-    ),
-    "A61B": (
-        ("5/00", "17/34", "8/08", "1/00", "6/03"),
-        "600",
-        (
-            "catheter",
-            "patient",
-            "imaging",
-            "probe",
-            "endoscope",
-            "ultrasound",
-            "tissue",
-            "incision",
-            "monitor",
-            "heart",
-            "blood",
-            "vessel",
-            "surgical",
-            "needle",
-            "biopsy",
-            "implant",
-        ),
-    ),
-    "B65D": (
-        ("81/32", "25/20", "43/16", "5/42", "77/04"),
-        "206",
-        (
-            "container",
-            "lid",
-            "bottle",
-            "closure",
-            "carton",
-            "package",
-            "tray",
-            "flap",
-            "seal",
-            "cap",
-            "pouch",
-            "hinge",
-            "sleeve",
-            "liner",
-            "spout",
-            "cardboard",
-        ),
-    ),
-    "G01N": (
-        ("33/53", "21/64", "27/327", "35/00", "1/28"),
-        "436",
-        (
-            "sample",
-            "assay",
-            "reagent",
-            "fluorescence",
-            "analyte",
-            "sensor",
-            "chamber",
-            "spectrum",
-            "detector",
-            "concentration",
-            "specimen",
-            "cuvette",
-            "antigen",
-            "calibration",
-            "optical",
-            "chromatography",
-        ),
-    ),
-    "B60W": (
-        ("30/09", "10/06", "50/14", "40/10", "20/00"),
-        "701",
-        (
-            "vehicle",
-            "driver",
-            "engine",
-            "brake",
-            "steering",
-            "torque",
-            "wheel",
-            "speed",
-            "battery",
-            "motor",
-            "lane",
-            "throttle",
-            "gearbox",
-            "axle",
-            "acceleration",
-            "cruise",
-        ),
-    ),
-}
-
-# Disjoint marker vocabularies: the ACCEPTED/REJECTED signal. Neither list shares a word
-# with the filler or the topic vocabularies.
-ACCEPT_MARKERS = (
-    "streamlined",
-    "synergistic",
-    "adaptive",
-    "unexpectedly",
-    "hybrid",
-    "optimized",
-    "scalable",
-    "resilient",
+from hfplug.testing.hupd_synthetic_vocab import (
+    ACCEPT_MARKERS,
+    CITIES,
+    DECISIONS,
+    FILLER,
+    FIRST_NAMES,
+    IPC_SUBCLASSES,
+    LAST_NAMES,
+    REJECT_MARKERS,
+    TITLE_NOUNS,
 )
-REJECT_MARKERS = (
-    "conventional",
-    "generic",
-    "routine",
-    "ordinary",
-    "typical",
-    "customary",
-    "rudimentary",
-    "commonplace",
-)
+
+__all__ = ["SIGNAL_RATE", "make_records"]
+
 SIGNAL_RATE = 0.95  # share of records whose markers agree with their decision (the rest: label noise)
-
-_FILLER = (
-    "a",
-    "the",
-    "method",
-    "system",
-    "apparatus",
-    "device",
-    "comprising",
-    "including",
-    "configured",
-    "to",
-    "wherein",
-    "at",
-    "least",
-    "one",
-    "first",
-    "second",
-    "plurality",
-    "of",
-    "based",
-    "on",
-    "each",
-    "in",
-    "response",
-    "determining",
-    "receiving",
-    "providing",
-    "generating",
-    "unit",
-    "module",
-    "portion",
-    "member",
-    "surface",
-    "said",
-    "such",
-    "that",
-    "and",
-    "or",
-    "for",
-    "with",
-    "by",
-    "may",
-    "is",
-    "are",
-    "an",
-    "embodiment",
-    "disclosed",
-    "herein",
-    "further",
-    "corresponding",
-    "associated",
-    "control",
-    "signal",
-    "data",
-    "value",
-    "predetermined",
-    "position",
-    "structure",
-    "element",
-    "process",
-    "operation",
-    "respective",
-    "coupled",
-    "connected",
-    "between",
-    "within",
-    "via",
-    "output",
-    "input",
-    "set",
-    "mode",
-)
-_TITLE_NOUNS = ("system", "method", "apparatus", "device", "assembly", "arrangement")
-_LAST_NAMES = (
-    "Smith",
-    "Johnson",
-    "Lee",
-    "Garcia",
-    "Chen",
-    "Mueller",
-    "Tanaka",
-    "Patel",
-    "Kim",
-    "Nguyen",
-    "Brown",
-    "Rossi",
-    "Novak",
-    "Silva",
-    "Cohen",
-    "Okafor",
-)
-_FIRST_NAMES = (
-    "James",
-    "Maria",
-    "Wei",
-    "Anna",
-    "David",
-    "Yuki",
-    "Priya",
-    "Carlos",
-    "Olga",
-    "John",
-    "Fatima",
-    "Lars",
-    "Min",
-    "Sara",
-    "Tom",
-    "Elena",
-)
-_CITIES = (
-    ("San Jose", "CA", "US"),
-    ("Austin", "TX", "US"),
-    ("Boston", "MA", "US"),
-    ("Seattle", "WA", "US"),
-    ("Munich", None, "DE"),
-    ("Tokyo", None, "JP"),
-    ("Seoul", None, "KR"),
-    ("Raleigh", "NC", "US"),
-)
-
 _TOPIC_COPIES = 2  # 70 filler words + 2 x 16 topic words: ~30% of prose is topic words
 
 
@@ -453,7 +131,7 @@ def _make_record(
         return rng.randint(*sizes[section])
 
     title_topic = rng.sample(topic, 2)
-    title = f"{rng.choice(markers).capitalize()} {title_topic[0]} {title_topic[1]} {rng.choice(_TITLE_NOUNS)}"
+    title = f"{rng.choice(markers).capitalize()} {title_topic[0]} {title_topic[1]} {rng.choice(TITLE_NOUNS)}"
     abstract = _prose(rng, words("abstract"), topic, [rng.choice(markers) for _ in range(3)])
     background = None if rng.random() < null_rate else _prose(rng, words("background"), topic)
     summary = None if rng.random() < null_rate else _prose(rng, words("summary"), topic)
@@ -461,7 +139,7 @@ def _make_record(
     full_description = "\n\n".join(
         part for part in ("BACKGROUND", background, "SUMMARY", summary, "DETAILED DESCRIPTION", detail) if part
     )
-    examiner = rng.randrange(len(_LAST_NAMES))
+    examiner = rng.randrange(len(LAST_NAMES))
     return {
         "application_number": number,
         "publication_number": f"US{filed.year + 1}0{rng.randrange(100000, 999999)}A1",
@@ -480,8 +158,8 @@ def _make_record(
         "uspc_class": uspc_class,
         "uspc_subclass": f"{rng.randrange(1000):03d}000",
         "examiner_id": str(rng.randrange(60000, 100000)),
-        "examiner_name_last": _LAST_NAMES[examiner],
-        "examiner_name_first": rng.choice(_FIRST_NAMES),
+        "examiner_name_last": LAST_NAMES[examiner],
+        "examiner_name_first": rng.choice(FIRST_NAMES),
         "examiner_name_middle": rng.choice(("A", "B", "J", None)),
         "inventor_list": [_inventor(rng) for _ in range(rng.randint(1, 4))],
         "abstract": abstract,
@@ -493,10 +171,10 @@ def _make_record(
 
 
 def _inventor(rng: random.Random) -> dict[str, Any]:
-    city, state, country = rng.choice(_CITIES)
+    city, state, country = rng.choice(CITIES)
     return {
-        "inventor_name_last": rng.choice(_LAST_NAMES),
-        "inventor_name_first": rng.choice(_FIRST_NAMES),
+        "inventor_name_last": rng.choice(LAST_NAMES),
+        "inventor_name_first": rng.choice(FIRST_NAMES),
         "inventor_city": city,
         "inventor_state": state,
         "inventor_country": country,
@@ -513,7 +191,7 @@ def _word_list(rng: random.Random, n_words: int, topic: Sequence[str]) -> list[s
     The topic words are listed twice in the population instead of weighting them:
     unweighted ``choices`` is twice as fast, which matters for the benchmark's big archives.
     """
-    return rng.choices(_FILLER + tuple(topic) * _TOPIC_COPIES, k=n_words)
+    return rng.choices(FILLER + tuple(topic) * _TOPIC_COPIES, k=n_words)
 
 
 def _prose(
@@ -538,7 +216,7 @@ def _prose(
 
 def _claims(rng: random.Random, n_words: int, topic: Sequence[str]) -> str:
     """Numbered claims, an independent one first, then dependent ones, ~``n_words`` words."""
-    noun = rng.choice(_TITLE_NOUNS)
+    noun = rng.choice(TITLE_NOUNS)
     claims, used, number = [], 0, 1
     while used < n_words:
         body_words = min(rng.randint(15, 45), max(n_words - used, 5))

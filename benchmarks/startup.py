@@ -215,9 +215,10 @@ def report(results: dict[str, list[dict]], label: str) -> None:
         for name, rs in results.items()
     }
     print(f"\n{label}: median of {len(results['hfplug'])} runs each")
+    width = max(map(len, med))  # hfplug_python is longer than the others
     for name, m in med.items():
         print(
-            f"  {name:7s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}"
+            f"  {name:{width}s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}"
         )
     for name in med:
         if name != "peer":

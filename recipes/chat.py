@@ -12,6 +12,11 @@ Every field of ChatModelArguments, GenerationSettings and ChatArguments is a fla
 a YAML key; `--model` is short for `--model_name_or_path`.
 """
 
+import gc
+
+if __name__ == "__main__":  # run as a script: no full collections over the imports (3 s); run() resumes them
+    gc.disable()
+
 import logging
 import sys
 import time

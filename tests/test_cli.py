@@ -76,3 +76,28 @@ def test_local_model_needs_no_download_command(tmp_path):
 @pytest.mark.parametrize("text", ["hf_CanaryTok3n leaked", "token=hf_abcdefghijklmnopqrstuvwxyz0123456789"])
 def test_error_message_masks_tokens(text):
     assert "hf_***" in error_message(ValueError(text)) and "Canary" not in error_message(ValueError(text))
+
+
+def test_run_collects_cycles_again_after_a_recipes_imports():
+    """Recipes import with the collector off (start-up); run() must turn it back on, or a long training keeps
+    every reference cycle it makes."""
+    import gc
+
+    from hfplug.cli import run
+
+    seen = {}
+
+    def main():
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+        return 0
+
+    gc.disable()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run(main)
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert exit_.value.code == 0
+    assert seen["enabled"], "automatic collection is still off in main()"
+    assert seen["frozen"] > 0, "the imports were not frozen"

@@ -344,7 +344,7 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(hub, tmp_path, cac
 
 
 def test_paper_configs_select_what_their_headers_say(tmp_path, cache):
-    from test_configs import FINETUNE_ARGS
+    from test_shipped_configs import FINETUNE_ARGS
 
     local = [*flags(SAMPLE_FILES), "--hupd_config", "sample", "--hupd_cache_dir", str(cache)]
     _, acceptance, *_ = parse_args(FINETUNE_ARGS, ["--config", str(ACCEPTANCE_CONFIG)])

@@ -1,6 +1,7 @@
 """The whole quickstart process: hfplug's recipe vs transformers' own run_classification.py, same records.
 
-    python benchmarks/startup.py --peer /tmp/run_classification.py              # 10 runs each, ~15 min on CPU
+    python benchmarks/startup.py --peer /tmp/run_classification.py              # 10 runs each, ~10 min on CPU
+    python benchmarks/startup.py --peer /tmp/run_classification.py --also_launcher   # + accelerate launch, ~15 min
     python benchmarks/startup.py --peer /tmp/run_classification.py --runs 3 --threads 1 --compare_group_by_length
 
 The peer is transformers' examples/pytorch/text-classification/run_classification.py (not shipped
@@ -12,16 +13,16 @@ weight decay, warm-up, seed, logging/eval/save per epoch); the peer gets its bes
 dynamic padding (--pad_to_max_length false), and the accuracy metric from a local script (the same
 sklearn call as the Hub's "accuracy", which evaluate.load cannot fetch offline).
 
-hfplug runs as its README says (accelerate launch ... --config recipes/configs/quickstart.yaml), the
-peer as its README says (python run_classification.py ...). Each gets a fresh output_dir per run and
+hfplug runs as its README's Quickstart says (python recipes/finetune_hupd.py --config
+recipes/configs/quickstart.yaml), the peer as its README says (python run_classification.py ...). Each gets a fresh output_dir per run and
 a warm data cache (one untimed warm-up run each); runs alternate. Printed: the median wall time of
 each whole process (start to exit), the ratio, and the median train_runtime and eval accuracy from
 the runs' own train_results.json / eval_results.json. --compare_group_by_length repeats all of it
 with length grouping on for both (hfplug: --group_by_length true; peer: --train_sampling_strategy
-group_by_length). Last, the start-up of ``accelerate launch`` itself (an empty script), which the
-quickstart's command pays and the peer's ``python`` command does not. --also_python adds a third
-process to every round: the same recipe run as ``python recipes/finetune_hupd.py ...``, as the peer
-is run (one process needs no launcher), which separates the recipe's own cost from the launcher's.
+group_by_length). --also_launcher adds a third process to every round: the same recipe run through
+``accelerate launch --config_file accelerate_configs/cpu.yaml``, as multi-process runs start, and
+last the start-up of ``accelerate launch`` itself (an empty script), which that command pays before
+the recipe starts.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 QUICKSTART = os.path.join(REPO, "recipes", "configs", "quickstart.yaml")
 TINY_BERT = os.path.join(REPO, "assets", "tiny-bert")
+LAUNCHER = ["accelerate", "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml")]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 ACCURACY_METRIC = """import datasets
@@ -126,7 +128,6 @@ def commands(args, data, training, paths, folder: str, group: bool) -> dict[str,
         "--dataloader_pin_memory",
         "false",
     ]
-    launcher = ["accelerate", "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml")]
     recipe = lambda out, launch: [  # noqa: E731
         *launch,
         os.path.join(REPO, "recipes", "finetune_hupd.py"),
@@ -158,9 +159,9 @@ def commands(args, data, training, paths, folder: str, group: bool) -> dict[str,
         os.path.join(folder, "peer_cache"),
         *grouping_peer,
     ]
-    cmds = {"hfplug": lambda out: recipe(out, launcher), "peer": peer}
-    if args.also_python:  # the recipe's own process, without the launcher's
-        cmds["hfplug_python"] = lambda out: recipe(out, [sys.executable])
+    cmds = {"hfplug": lambda out: recipe(out, [sys.executable]), "peer": peer}  # as the Quickstart runs it
+    if args.also_launcher:  # as multi-process runs start: the launcher's own start-up comes first
+        cmds["hfplug_launcher"] = lambda out: recipe(out, LAUNCHER)
     return cmds
 
 
@@ -200,7 +201,7 @@ def launcher_cost(runs: int, folder: str) -> float:
     """Median wall time of ``accelerate launch`` running an empty script: the launcher's own start-up."""
     empty = os.path.join(folder, "empty.py")
     open(empty, "w").close()
-    command = ["accelerate", "launch", "--config_file", os.path.join(REPO, "accelerate_configs", "cpu.yaml"), empty]
+    command = [*LAUNCHER, empty]
     times = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -215,7 +216,7 @@ def report(results: dict[str, list[dict]], label: str) -> None:
         for name, rs in results.items()
     }
     print(f"\n{label}: median of {len(results['hfplug'])} runs each")
-    width = max(map(len, med))  # hfplug_python is longer than the others
+    width = max(map(len, med))  # hfplug_launcher is longer than the others
     for name, m in med.items():
         print(
             f"  {name:{width}s} whole process {m['wall']:6.1f} s   train_runtime {m['train']:6.1f} s   eval accuracy {m['accuracy']:.4f}"
@@ -233,9 +234,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs of each (after one warm-up each)")
     parser.add_argument("--compare_group_by_length", action="store_true", help="also run both with length grouping on")
     parser.add_argument(
-        "--also_python",
+        "--also_launcher",
         action="store_true",
-        help="also run the recipe as `python recipes/finetune_hupd.py ...` (one process, no launcher)",
+        help="also run the recipe through `accelerate launch --config_file accelerate_configs/cpu.yaml`",
     )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (e.g. 1 on a shared machine)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (outputs, logs)")
@@ -251,9 +252,11 @@ def main() -> None:
     for group in [False, True] if args.compare_group_by_length else [data.group_by_length]:  # default: as shipped
         label = f"group_by_length {'on' if group else 'off'} (both)"
         report(measure(commands(args, data, training, paths, folder, group), args.runs, folder, label), label)
-    print(
-        f"  `accelerate launch` alone (empty script, median of {args.runs}): {launcher_cost(args.runs, folder):.1f} s"
-    )
+    if args.also_launcher:
+        print(
+            f"  `accelerate launch` alone (empty script, median of {args.runs}): "
+            f"{launcher_cost(args.runs, folder):.1f} s"
+        )
     if not args.keep:
         subprocess.run(["rm", "-rf", folder])
 

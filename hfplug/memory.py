@@ -64,7 +64,8 @@ def _dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _techniques(long_context) -> tuple[str, ...]:
+def named_techniques(long_context) -> tuple[str, ...]:
+    """The techniques ``long_context`` names; ``"auto"`` is refused, since ``hfplug.memory_search.choose_techniques`` decides it."""
     parsed = parse_long_context(long_context)
     if parsed == AUTO:
         raise ValueError(
@@ -139,7 +140,7 @@ def estimate_memory(
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1.")
     if loss_chunk_size < 1 or tile_tokens < 1:
         raise ValueError(f"loss_chunk_size={loss_chunk_size} and tile_tokens={tile_tokens} must be >= 1.")
-    techniques = _techniques(long_context)
+    techniques = named_techniques(long_context)
     optim = optim or ("paged_adamw_8bit" if quant == "4bit" else "adamw_torch")
     a = _dtype_bytes(dtype)
     counts = parameter_counts(config, task=task, num_labels=num_labels)

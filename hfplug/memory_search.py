@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hfplug.memory import _techniques, applicable_techniques, estimate_memory
+from hfplug.memory import applicable_techniques, estimate_memory, named_techniques
 from hfplug.memory_estimate import MemoryEstimate
 from hfplug.sizes import GiB
 
@@ -132,7 +132,7 @@ def suggest_settings(config, *, gpu_mem: int, **kwargs) -> list[str]:
         trial = {**kwargs, "quant": "4bit", "lora_r": kwargs.get("lora_r") or 16}
         if _fits(config, gpu_mem, **trial):
             out.append("--quant 4bit --lora")
-    given = set(_techniques(kwargs.get("long_context", ())))
+    given = set(named_techniques(kwargs.get("long_context", ())))
     choice = choose_techniques(config, gpu_mem=gpu_mem, **kwargs)
     if set(choice.applicable) - given:
         if choice.fits:

@@ -216,6 +216,23 @@ def test_a_parallel_build_writes_the_same_bytes(years, tmp_path, columns, caplog
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # scratch removed
 
 
+def test_a_parallel_build_leaves_the_collector_as_it_found_it(years, tmp_path):
+    """The build freezes this process's objects while it forks. A library caller gets them back to the collector;
+    a recipe, whose imports hfplug.cli.run froze, keeps them frozen (unfreezing would undo that)."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "library")
+    assert gc.get_freeze_count() == 0, "objects left out of the collector's sight: their cycles would never be freed"
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "recipe")
+        assert gc.get_freeze_count() >= frozen, "the recipe's frozen imports were handed back to the collector"
+    finally:
+        gc.unfreeze()
+
+
 def test_a_parallel_build_agrees_with_the_sample_layout(tmp_path):
     """Without competing copies, the all-years layout read by 3 processes gives the sample layout's rows."""
     records = make_records(90, seed=53, start_date="2014-01-01", end_date="2017-01-01", **SMALL)

@@ -268,11 +268,13 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
         workers, mp_context=context, initializer=_start_worker, initargs=(records, logger.getEffectiveLevel())
     )
     try:
+        frozen_before = gc.get_freeze_count() > 0  # a recipe's imports (hfplug.cli.run): they stay frozen
         gc.freeze()  # forked processes share this one's memory until written to: keep the collector off it
         try:
             futures = [pool.submit(_read_unit, job) for job in jobs]  # (the processes start at the first)
         finally:
-            gc.unfreeze()
+            if not frozen_before:
+                gc.unfreeze()
         return [future.result() for future in futures]
     except concurrent.futures.process.BrokenProcessPool as exc:
         exc.add_note(

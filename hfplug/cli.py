@@ -1,4 +1,4 @@
-"""How every recipe ends: a user error is one ``error:`` paragraph and exit status 2, a bug a traceback.
+"""How recipes start (imports without the cycle collector) and end: bad input is one ``error:`` paragraph.
 
 ``run(main)`` wraps a recipe's ``main()``. Bad input (a wrong flag or key, a missing file,
 bad dates, a model that is not there, a Hub refusal) raises ``ValueError``, ``OSError`` or

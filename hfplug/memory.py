@@ -65,7 +65,10 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 def named_techniques(long_context) -> tuple[str, ...]:
-    """The techniques ``long_context`` names; ``"auto"`` is refused, since ``hfplug.memory_search.choose_techniques`` decides it."""
+    """The techniques ``long_context`` names.
+
+    ``"auto"`` is refused: ``hfplug.memory_search.choose_techniques`` decides it, from the estimates made here.
+    """
     parsed = parse_long_context(long_context)
     if parsed == AUTO:
         raise ValueError(

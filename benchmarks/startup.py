@@ -14,8 +14,8 @@ dynamic padding (--pad_to_max_length false), and the accuracy metric from a loca
 sklearn call as the Hub's "accuracy", which evaluate.load cannot fetch offline).
 
 hfplug runs as its README's Quickstart says (python recipes/finetune_hupd.py --config
-recipes/configs/quickstart.yaml), the peer as its README says (python run_classification.py ...). Each gets a fresh output_dir per run and
-a warm data cache (one untimed warm-up run each); runs alternate. Printed: the median wall time of
+recipes/configs/quickstart.yaml), the peer as its README says (python run_classification.py ...).
+Each gets a fresh output_dir per run and a warm data cache (one untimed warm-up run each); runs alternate. Printed: the median wall time of
 each whole process (start to exit), the ratio, and the median train_runtime and eval accuracy from
 the runs' own train_results.json / eval_results.json. --compare_group_by_length repeats all of it
 with length grouping on for both (hfplug: --group_by_length true; peer: --train_sampling_strategy

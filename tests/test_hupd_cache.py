@@ -216,6 +216,21 @@ def test_a_parallel_build_writes_the_same_bytes(years, tmp_path, columns, caplog
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # scratch removed
 
 
+def test_splits_copied_a_few_rows_at_a_time_are_the_same_and_leave_no_scratch_mapped(years, tmp_path, monkeypatch):
+    """Each batch of a split is copied out of memory maps of the records files, opened for that batch
+    only: with 7-row batches (rows from several years in each) the rows are those of one big batch,
+    and no map of a (deleted) scratch file outlives the build, holding its disk space."""
+    whole = load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "whole")
+    monkeypatch.setattr(hupd_build, "_WRITER_BATCH_SIZE", 7)
+    batched = load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "batched")
+    for split in ("train", "validation"):
+        assert len(batched[split]) > 7
+        assert batched[split].to_list() == whole[split].to_list()
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert not re.search(r"records-\d+\.arrow", maps.read_text())  # hupd_units._RECORDS_FILE
+
+
 def test_a_parallel_build_leaves_the_collector_as_it_found_it(years, tmp_path):
     """The build freezes this process's objects while it forks. A library caller gets them back to the collector;
     a recipe, whose imports hfplug.cli.run froze, keeps them frozen (unfreezing would undo that)."""

@@ -24,12 +24,12 @@ How it reads the data, and why:
 * Each record found is written once, in archive order, to a scratch Arrow file (one row per
   record batch). Each split is then copied out of it in upstream's row order (date split:
   metadata order; ``uniform_split``: the seed-1729 shuffle; ``val_set_balancer``: rejected,
-  then accepted) by reading rows back with ``pread``, into a plain Arrow file with no
-  indices mapping. Memory stays flat however large the archive is; the price is one more
-  write and read of the selected records (less than ``select(...).flatten_indices()``,
-  which also maps the whole file into memory). The splits are cached under ``hupd_cache_dir``:
-  a second call with the same arguments and the same input files opens them without
-  reading the archive (or the metadata) again.
+  then accepted) by reading rows back through memory maps held for one batch at a time, into
+  a plain Arrow file with no indices mapping. Memory stays flat however large the archive
+  is; the price is one more write and read of the selected records (less than
+  ``select(...).flatten_indices()``, which keeps the whole file mapped). The splits are
+  cached under ``hupd_cache_dir``: a second call with the same arguments and the same input
+  files opens them without reading the archive (or the metadata) again.
 * ``columns=`` keeps only some fields (plus :data:`KEPT_COLUMNS`, a few bytes each): the
   cache then holds, say, titles and abstracts, a few percent of the records' bytes (the
   description is most of a record). The cache key includes the stored columns; a load of

@@ -172,23 +172,27 @@ def _write_rows(
     """Copy rows ``rows`` (``(records file, row)``) of the records files ``sources`` into a new Arrow file, in order.
 
     The result is a plain Arrow file in ``_WRITER_BATCH_SIZE``-row batches, what
-    ``Dataset.select(rows).flatten_indices()`` would write, without its per-row overhead.
+    ``Dataset.select(rows).flatten_indices()`` would write, without its per-row overhead. Each
+    batch's rows are read from memory maps of the records files, opened for that batch only:
+    the one copy is the batch's own (half the time of reading each row into a buffer first),
+    and the maps are closed once it is made, so memory stays at about a batch however large
+    the records files are.
     """
     # a native file: given a path, ArrowWriter writes through a Python file object, slower
-    with pa.OSFile(str(path), "wb") as sink, contextlib.ExitStack() as stack:
-        readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-
-        def reader(i: int) -> pa.ipc.RecordBatchFileReader:
-            if i not in readers:
-                readers[i] = pa.ipc.open_file(stack.enter_context(pa.OSFile(str(sources[i]))))
-            return readers[i]
-
+    with pa.OSFile(str(path), "wb") as sink:
         writer = ArrowWriter(features=features, stream=sink, writer_batch_size=_WRITER_BATCH_SIZE)
         try:
             schema = features.arrow_schema
             for first in range(0, len(rows), _WRITER_BATCH_SIZE):
                 chunk = rows[first : first + _WRITER_BATCH_SIZE]
-                table = pa.Table.from_batches([reader(i).get_batch(row) for i, row in chunk], schema=schema)
+                with contextlib.ExitStack() as maps:
+                    readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+                    for i in dict.fromkeys(i for i, _ in chunk):
+                        readers[i] = pa.ipc.open_file(maps.enter_context(pa.memory_map(str(sources[i]))))
+                    batches = [readers[i].get_batch(row) for i, row in chunk]
+                    # the copy (a one-row batch stays a view: its buffers keep their map alive)
+                    table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
+                    del batches, readers
                 writer.write_table(table)  # one batch again
                 progress.written += len(chunk)
                 progress.nbytes += table.nbytes

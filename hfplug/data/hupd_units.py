@@ -55,9 +55,10 @@ class _Records:
     """A scratch Arrow file of every record found in one unit of the archive, in archive order.
 
     An Arrow IPC *file* with one row per record batch, so that the splits can be written in
-    any order by reading rows back one at a time with ``pread`` (``get_batch``): memory stays
-    flat. (A memory map would not: a shuffled read maps in more and more of the file.) The file
-    is opened at the first write, after ``check`` (the disk-space check) has seen the first batch.
+    any order by reading any row back on its own (``get_batch``), through maps opened for one
+    batch of a split at a time (:func:`~hfplug.data.hupd_build._write_rows`): memory stays flat.
+    The file is opened at the first write, after ``check`` (the disk-space check) has seen the
+    first batch.
     """
 
     def __init__(self, path: Path, progress: _Progress, columns=None, check: _SpaceCheck | None = None):

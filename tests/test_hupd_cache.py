@@ -12,10 +12,12 @@ import textwrap
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 
 import hfplug.data.hupd_build as hupd_build
 import hfplug.data.hupd_disk as hupd_disk
+import hfplug.data.hupd_split_files as hupd_split_files
 import hfplug.data.hupd_units as hupd_units
 from hfplug.arguments import HupdArguments
 from hfplug.data.hupd import FEATURES, KEPT_COLUMNS, HupdCacheError, HupdFileError, load_hupd
@@ -216,16 +218,27 @@ def test_a_parallel_build_writes_the_same_bytes(years, tmp_path, columns, caplog
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]  # scratch removed
 
 
-def test_splits_copied_a_few_rows_at_a_time_are_the_same_and_leave_no_scratch_mapped(years, tmp_path, monkeypatch):
-    """Each batch of a split is copied out of memory maps of the records files, opened for that batch
-    only: with 7-row batches (rows from several years in each) the rows are those of one big batch,
-    and no map of a (deleted) scratch file outlives the build, holding its disk space."""
+def test_splits_written_in_parts_are_the_bytes_one_process_writes(years, tmp_path, monkeypatch):
+    """With 7-row batches, two processes write each split in parts (batches from several years each),
+    joined afterwards: the same bytes as one process, the same rows as one big batch. The records files
+    are read through memory maps held for a batch: none outlives the build, holding a deleted file's space."""
     whole = load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "whole")
-    monkeypatch.setattr(hupd_build, "_WRITER_BATCH_SIZE", 7)
-    batched = load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "batched")
+    monkeypatch.setattr(hupd_split_files, "_WRITER_BATCH_SIZE", 7)
+    load(years, tmp_path, **YEARS, num_proc=1, hupd_cache_dir=tmp_path / "one")
+    two = load(years, tmp_path, **YEARS, num_proc=2, hupd_cache_dir=tmp_path / "two")
+    assert cache_bytes(tmp_path / "one") == cache_bytes(tmp_path / "two")
     for split in ("train", "validation"):
-        assert len(batched[split]) > 7
-        assert batched[split].to_list() == whole[split].to_list()
+        assert two[split].to_list() == whole[split].to_list()
+        (built,) = (tmp_path / "two").iterdir()
+        batches = pa.ipc.open_stream((built / f"{split}.arrow").read_bytes())
+        assert datasets.Features.from_arrow_schema(batches.schema) == FEATURES
+        sizes = [batch.num_rows for batch in batches]
+        assert len(sizes) > 2 and set(sizes[:-1]) == {7} and sum(sizes) == len(two[split])
+    assert sorted(p.name for p in built.iterdir()) == [
+        "hfplug_hupd.json",
+        "train.arrow",
+        "validation.arrow",
+    ]  # no part left
     maps = Path("/proc/self/maps")
     if maps.exists():
         assert not re.search(r"records-\d+\.arrow", maps.read_text())  # hupd_units._RECORDS_FILE
@@ -307,7 +320,7 @@ def test_the_planned_size_is_what_the_build_writes(years, tmp_path, monkeypatch,
     monkeypatch.setattr(
         hupd_disk._SpaceCheck, "__call__", lambda self, table: checks.append(self) or measure(self, table)
     )
-    for module in (hupd_disk, hupd_units, hupd_build):  # each module that writes or measures in batches
+    for module in (hupd_disk, hupd_units, hupd_split_files):  # each module that writes or measures in batches
         monkeypatch.setattr(module, "_WRITER_BATCH_SIZE", 20)  # measured on 20 records, as on 200 of the real ones
     load(years, tmp_path, **YEARS, columns=columns)
     (built,) = (tmp_path / "cache").iterdir()
@@ -323,13 +336,13 @@ KILLED_BUILD = textwrap.dedent(
     import hfplug.data.hupd_build as hupd_build
     from hfplug.data.hupd import load_hupd
 
-    write_rows = hupd_build._write_rows
+    write_part = hupd_build._write_part
 
     def write_then_die(*args, **kwargs):  # the first split is written, the second never is
-        write_rows(*args, **kwargs)
+        write_part(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    hupd_build._write_rows = write_then_die
+    hupd_build._write_part = write_then_die
     metadata, archive, cache = sys.argv[1:]
     load_hupd("all", hupd_metadata_path=metadata, hupd_archive_path=archive, hupd_cache_dir=cache, uniform_split=True)
     """

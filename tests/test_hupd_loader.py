@@ -780,7 +780,7 @@ def fail_after(monkeypatch, target: str, calls: int, error: OSError) -> None:
             "_Records.add",
             OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
         ),  # pyarrow's
-        ("_write_rows", OSError(errno.EDQUOT, "Disk quota exceeded")),
+        ("_write_part", OSError(errno.EDQUOT, "Disk quota exceeded")),
     ],
     ids=["while-reading", "pyarrow-message", "while-ordering"],
 )
@@ -804,7 +804,7 @@ def test_full_disk_names_the_cache_and_the_room_needed(sample, tmp_path, monkeyp
 
 
 def test_other_write_errors_name_the_cache(sample, tmp_path, monkeypatch):
-    fail_after(monkeypatch, "_write_rows", 1, PermissionError(errno.EACCES, "Permission denied"))
+    fail_after(monkeypatch, "_write_part", 1, PermissionError(errno.EACCES, "Permission denied"))
     with pytest.raises(
         HupdCacheError, match=r"Could not write the HUPD cache .*PermissionError.*hupd_cache_dir="
     ) as info:

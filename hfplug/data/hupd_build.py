@@ -14,7 +14,6 @@ saying where and about how much room is needed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,16 +25,14 @@ import socket
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-from datasets.arrow_writer import ArrowWriter
-
 from hfplug.data.hupd_archive import HupdFileError, _archive_units
 from hfplug.data.hupd_cache import _INFO_FILE, _SPLITS, HupdCacheError, _is_complete_cache
-from hfplug.data.hupd_disk import _WRITER_BATCH_SIZE, _cache_error, _Progress, _SpaceCheck
+from hfplug.data.hupd_disk import _cache_error, _Progress, _SpaceCheck
 from hfplug.data.hupd_plan import _Plan, _SkipReport
-from hfplug.data.hupd_records import FEATURES, features_for
+from hfplug.data.hupd_records import features_for
 from hfplug.data.hupd_remote import RemoteArchive
-from hfplug.data.hupd_units import _GONE, _jobs, _read_unit, _read_units
+from hfplug.data.hupd_split_files import _join, _parts, _write_part
+from hfplug.data.hupd_units import _GONE, _jobs, _processes, _read_unit, _run, _unit_name
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
 
@@ -129,16 +126,43 @@ def _write_splits(
     progress.total = plan.n_selected + sum(key is not None for keys in plan.rows.values() for key in keys)
     units = _archive_units(archive, plan.numbers, plan.years)
     jobs = _jobs(archive, units, plan, out_dir, target=target, columns=columns, check=check, num_proc=num_proc)
-    results = _read_units(jobs, num_proc, progress)
-    for i, (job, result) in enumerate(zip(jobs, results)):
-        if job.prefix is not None and any(key in plan.numbers for key in result.foreign):
-            logger.info("HUPD: %s holds selected records outside %s; reading it again", job.unit.stream, job.prefix)
-            results[i] = _read_unit(dataclasses.replace(job, numbers=plan.numbers, prefix=None, check=None), progress)
-    if isinstance(archive, RemoteArchive):  # this process's count, and the other processes'
-        fetched = archive.fetched + sum(result.fetched for result in results if result.pid != os.getpid())
-        logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", fetched / 1e6, archive.size / 1e6, archive)
+    workers = min(num_proc, len(jobs))
+    with _processes(workers) as pool:  # the same processes read the archive, then write the splits
+        if pool is not None:
+            logger.info("HUPD: reading %s in %d processes", ", ".join(_unit_name(job.unit) for job in jobs), workers)
+        results = _run(pool, _read_unit, jobs, progress)
+        for i, (job, result) in enumerate(zip(jobs, results)):
+            if job.prefix is not None and any(key in plan.numbers for key in result.foreign):
+                logger.info(
+                    "HUPD: %s holds selected records outside %s; reading it again", job.unit.stream, job.prefix
+                )
+                results[i] = _read_unit(
+                    dataclasses.replace(job, numbers=plan.numbers, prefix=None, check=None), progress
+                )
+        elsewhere = [result for result in results if result.pid != os.getpid()]  # read by the other processes
+        progress.written += sum(result.written for result in elsewhere)
+        progress.nbytes += sum(result.nbytes for result in elsewhere)
+        if isinstance(archive, RemoteArchive):
+            fetched = archive.fetched + sum(result.fetched for result in elsewhere)
+            logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", fetched / 1e6, archive.size / 1e6, archive)
+        sources = [job.records for job in jobs]
+        split_rows = _split_rows(plan, results, report)
+        parts = {split: _parts(out_dir, split, sources, split_rows[split], workers, columns) for split in _SPLITS}
+        _run(pool, _write_part, [part for split in _SPLITS for part in parts[split]], progress)
+    for split in _SPLITS:
+        _join(parts[split])
+    for source in sources:
+        source.unlink(missing_ok=True)
+    return {split: len(split_rows[split]) for split in _SPLITS}
 
-    # the copy that counts: the last in the archive (year tarballs, rank 1, unpack after loose members)
+
+def _split_rows(plan: _Plan, results: list, report: _SkipReport) -> dict[str, list[tuple[int, int]]]:
+    """Each split's rows as ``(records file, row)``, in upstream's order: the copy of each path that counts.
+
+    That copy is the last in the archive (year tarballs, rank 1, unpack after loose members). Every
+    other copy is counted in ``report.duplicate_members``; paths never found, or found unreadable, in
+    ``report.missing`` and ``report.malformed``.
+    """
     winners: dict[str, tuple[tuple[int, int, int], int, int | None]] = {}
     for i, result in enumerate(results):
         for key, repeats in result.repeats.items():
@@ -150,55 +174,14 @@ def _write_splits(
                 winners[key] = (position, i, row)
     report.missing = [number for key, number in plan.numbers.items() if winners.get(key, (0, 0, _GONE))[2] == _GONE]
     report.malformed = [plan.numbers[key] for key, (_, _, row) in winners.items() if row is None]
-
-    sources = [job.records for job in jobs]
-    features = features_for(columns)
-    counts = {}
+    split_rows = {}
     for split in _SPLITS:
-        rows = []
+        split_rows[split] = []
         for key in plan.rows.get(split, ()):
             winner = winners.get(key) if key is not None else None
             if winner is not None and winner[2] is not None and winner[2] != _GONE:
-                rows.append((winner[1], winner[2]))
-        counts[split] = _write_rows(sources, rows, out_dir / f"{split}.arrow", progress, features)
-    for source in sources:
-        source.unlink(missing_ok=True)
-    return counts
-
-
-def _write_rows(
-    sources: list[Path], rows: list[tuple[int, int]], path: Path, progress: _Progress, features=FEATURES
-) -> int:
-    """Copy rows ``rows`` (``(records file, row)``) of the records files ``sources`` into a new Arrow file, in order.
-
-    The result is a plain Arrow file in ``_WRITER_BATCH_SIZE``-row batches, what
-    ``Dataset.select(rows).flatten_indices()`` would write, without its per-row overhead. Each
-    batch's rows are read from memory maps of the records files, opened for that batch only:
-    the one copy is the batch's own (half the time of reading each row into a buffer first),
-    and the maps are closed once it is made, so memory stays at about a batch however large
-    the records files are.
-    """
-    # a native file: given a path, ArrowWriter writes through a Python file object, slower
-    with pa.OSFile(str(path), "wb") as sink:
-        writer = ArrowWriter(features=features, stream=sink, writer_batch_size=_WRITER_BATCH_SIZE)
-        try:
-            schema = features.arrow_schema
-            for first in range(0, len(rows), _WRITER_BATCH_SIZE):
-                chunk = rows[first : first + _WRITER_BATCH_SIZE]
-                with contextlib.ExitStack() as maps:
-                    readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
-                    for i in dict.fromkeys(i for i, _ in chunk):
-                        readers[i] = pa.ipc.open_file(maps.enter_context(pa.memory_map(str(sources[i]))))
-                    batches = [readers[i].get_batch(row) for i, row in chunk]
-                    # the copy (a one-row batch stays a view: its buffers keep their map alive)
-                    table = pa.Table.from_batches(batches, schema=schema).combine_chunks()
-                    del batches, readers
-                writer.write_table(table)  # one batch again
-                progress.written += len(chunk)
-                progress.nbytes += table.nbytes
-            return writer.finalize()[0]
-        finally:
-            writer.close()
+                split_rows[split].append((winner[1], winner[2]))
+    return split_rows
 
 
 _SCRATCH_RE = re.compile(r"\.(?P<entry>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.incomplete")

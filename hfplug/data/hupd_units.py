@@ -10,6 +10,7 @@ copy counts, and the splits are the same bytes whatever ``num_proc`` is.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -19,7 +20,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ class _Records:
 
     An Arrow IPC *file* with one row per record batch, so that the splits can be written in
     any order by reading any row back on its own (``get_batch``), through maps opened for one
-    batch of a split at a time (:func:`~hfplug.data.hupd_build._write_rows`): memory stays flat.
+    batch of a split at a time (:func:`~hfplug.data.hupd_split_files._write_part`): memory stays flat.
     The file is opened at the first write, after ``check`` (the disk-space check) has seen the
     first batch.
     """
@@ -138,13 +139,16 @@ class _UnitResult:
     """What a unit holds. ``copies``: path -> (position, row) of the copy that counts in this unit
     (row None: unreadable; ``_GONE``: a link to nothing). ``repeats``: path -> copies before that one
     (only paths stored more than once). ``foreign``: paths outside the job's prefix. ``fetched``:
-    bytes fetched from the Hub for it."""
+    bytes fetched from the Hub for it. ``written``: records written to the records file (and their
+    ``nbytes``), for the progress of the process that asked (the full-disk estimate)."""
 
     copies: dict[str, tuple[tuple[int, int, int], int | None]]
     repeats: Counter
     foreign: list[str]
     fetched: int = 0
     pid: int = 0  # the process that read it
+    written: int = 0
+    nbytes: int = 0
 
 
 class _Wanted:
@@ -205,6 +209,7 @@ def _read_unit(job: _Job, progress: _Progress | None = None) -> _UnitResult:
     archive, unit, numbers = job.archive, job.unit, job.numbers
     fetched = archive.fetched if isinstance(archive, RemoteArchive) else 0
     records, complete = _Records(job.records, progress, job.columns, job.check), False
+    written, nbytes = progress.written, progress.nbytes
     found: dict[str, _Copy] = {}
     repeats: Counter = Counter()
     foreign: list[str] = []
@@ -245,11 +250,13 @@ def _read_unit(job: _Job, progress: _Progress | None = None) -> _UnitResult:
     if isinstance(archive, RemoteArchive):
         fetched = archive.fetched - fetched
     copies = {key: (copy.position, copy.row) for key, copy in found.items()}
-    return _UnitResult(copies, repeats, foreign, fetched, os.getpid())
+    written, nbytes = progress.written - written, progress.nbytes - nbytes
+    return _UnitResult(copies, repeats, foreign, fetched, os.getpid(), written, nbytes)
 
 
-def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_UnitResult]:
-    """Each job's result, read here one after the other, or by ``num_proc`` fresh processes at once.
+@contextlib.contextmanager
+def _processes(num_proc: int) -> Iterator[concurrent.futures.ProcessPoolExecutor | None]:
+    """``num_proc`` fresh processes for a build's tasks (:func:`_run`), or None for one: they then run here.
 
     Processes start by the platform's default method, as ``datasets``' ``num_proc`` does: fork on
     Linux (nothing to import again: they start at once); spawn on macOS and Windows (and
@@ -257,29 +264,21 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
     usual ``if __name__ == "__main__":`` guard. Their log records are handled here, by this
     process's logging. On an error or an interrupt the other processes are stopped.
     """
-    workers = min(num_proc, len(jobs))
-    if workers <= 1:
-        return [_read_unit(job, progress) for job in jobs]
-    logger.info("HUPD: reading %s in %d processes", ", ".join(_unit_name(job.unit) for job in jobs), workers)
+    if num_proc <= 1:
+        yield None
+        return
     context = multiprocessing.get_context()
     records = context.Queue()
     listener = logging.handlers.QueueListener(records, _Relay())
     listener.start()
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(records, logger.getEffectiveLevel())
+        num_proc, mp_context=context, initializer=_start_worker, initargs=(records, logger.getEffectiveLevel())
     )
     try:
-        frozen_before = gc.get_freeze_count() > 0  # a recipe's imports (hfplug.cli.run): they stay frozen
-        gc.freeze()  # forked processes share this one's memory until written to: keep the collector off it
-        try:
-            futures = [pool.submit(_read_unit, job) for job in jobs]  # (the processes start at the first)
-        finally:
-            if not frozen_before:
-                gc.unfreeze()
-        return [future.result() for future in futures]
+        yield pool
     except concurrent.futures.process.BrokenProcessPool as exc:
         exc.add_note(
-            "A process reading the HUPD archive died. If the script that called load_hupd has no "
+            "A process building the HUPD cache died. If the script that called load_hupd has no "
             "`if __name__ == '__main__':` guard, add one (the processes start fresh and import it); if the "
             "machine ran out of memory, use fewer processes (num_proc, --preprocessing_num_workers)."
         )
@@ -291,6 +290,21 @@ def _read_units(jobs: list[_Job], num_proc: int, progress: _Progress) -> list[_U
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         listener.stop()
+
+
+def _run(pool: concurrent.futures.ProcessPoolExecutor | None, task, items: list, progress: _Progress) -> list:
+    """``task(item)`` for each item, in ``pool``'s processes at once, or here one after the other (with
+    ``progress``, which a process of the pool keeps to itself); the results in the items' order."""
+    if pool is None:
+        return [task(item, progress) for item in items]
+    frozen_before = gc.get_freeze_count() > 0  # a recipe's imports (hfplug.cli.run): they stay frozen
+    gc.freeze()  # forked processes share this one's memory until written to: keep the collector off it
+    try:
+        futures = [pool.submit(task, item) for item in items]  # (the processes start at the first)
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+    return [future.result() for future in futures]
 
 
 def _unit_name(unit: _Unit) -> str:

@@ -4,7 +4,9 @@ A build writes into a scratch folder named after its process and renames it into
 a cache is complete or absent; scratch left by a killed build is removed next time. The
 units are read by :mod:`~hfplug.data.hupd_units`, each into a records file of its own, by
 ``num_proc`` processes at once; which copy of a path counts is then decided here from where
-each copy sat in the archive, so the splits are the same bytes whatever ``num_proc`` is.
+each copy sat in the archive, and the same processes write the splits, in parts joined in
+order (:mod:`~hfplug.data.hupd_split_files`), so the splits are the same bytes whatever
+``num_proc`` is.
 
 Before writing, a build measures its first records and refuses (:class:`HupdCacheError`,
 nothing written) when the cache's disk lacks the room the whole build needs

@@ -4,7 +4,8 @@ The archive is read in units (:func:`~hfplug.data.hupd_archive._archive_units`: 
 year tarball of ``all``; the sample's one ``.tar.gz``), each into a records file of its own
 (:class:`_Records`), by ``num_proc`` processes at once. Each unit reports where each copy of
 a selected path sat in the archive, so that :mod:`~hfplug.data.hupd_build` can decide which
-copy counts, and the splits are the same bytes whatever ``num_proc`` is.
+copy counts, and the splits are the same bytes whatever ``num_proc`` is. The processes
+(:func:`_processes`, tasks given by :func:`_run`) then write the splits too.
 """
 
 from __future__ import annotations

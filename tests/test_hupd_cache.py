@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -292,6 +293,26 @@ def test_a_corrupt_year_stops_a_parallel_build_cleanly(years, tmp_path):
 
 
 # --- disk space -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the processes inherit the patch by forking")
+def test_a_disk_that_fills_while_the_processes_write_the_splits(tmp_path, monkeypatch):
+    """The processes that read the archive also write the splits; a full disk there is the same error as
+    in one process, with the room needed estimated from what they read, and nothing half-built is left."""
+    records = make_records(60, seed=54, start_date="2014-01-01", end_date="2017-01-01", **SMALL)
+    clean = {"metadata": tmp_path / "m.feather", "archive": tmp_path / "all.tar"}  # read by the processes only
+    write_hupd_files(records, clean["metadata"], clean["archive"], layout="all")
+    good = load(clean, tmp_path, uniform_split=True, num_proc=2)
+
+    def full_disk(columns):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hupd_split_files, "features_for", full_disk)  # as _write_part starts a split's part
+    with pytest.raises(HupdCacheError) as info:
+        load(clean, tmp_path, uniform_split=True, val_set_balancer=True, num_proc=2)  # another selection: a build
+    assert re.search(r"^The disk is full: .* needs about [1-9]\d* [KMG]?B \(", str(info.value)), str(info.value)
+    assert len(entries(tmp_path / "cache")) == 1  # the good cache only: no scratch, no parts
+    assert load(clean, tmp_path, uniform_split=True, num_proc=2)["train"].to_list() == good["train"].to_list()
 
 
 @pytest.mark.parametrize("num_proc", [1, 2])

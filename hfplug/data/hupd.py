@@ -40,8 +40,9 @@ How it reads the data, and why:
   with the free space of ``hupd_cache_dir``: too little is an error that gives both and writes nothing.
 * ``num_proc`` processes read ``all``'s needed year tarballs at once, each into a scratch
   file of its own; which copy of a path counts is decided from where each copy sat in the
-  archive, so the splits are the same bytes as a one-process build's. The sample is one
-  gzip stream: one process reads it.
+  archive. The same processes then write each split in parts of whole batches, joined in
+  order, so the splits are the same bytes as a one-process build's. The sample is one gzip
+  stream: one process reads it.
 * Decompression runs on a background thread (zlib releases the GIL) while the main thread
   parses JSON and writes Arrow. ``benchmarks/hupd_loader.py`` compares the whole load with
   ``gzip -dc > /dev/null`` and with extracting the archive and opening each file, and checks
@@ -57,6 +58,7 @@ on the Hub, by range requests), :mod:`~hfplug.data.hupd_records` (JSON record ->
 :mod:`~hfplug.data.hupd_cache` (where an Arrow cache lives, its key; finding, reusing and
 opening one), :mod:`~hfplug.data.hupd_build` (building one: merge in archive order, atomic
 publish), :mod:`~hfplug.data.hupd_units` (reading the archive's units in processes),
+:mod:`~hfplug.data.hupd_split_files` (writing the split files in parts),
 :mod:`~hfplug.data.hupd_disk` (the disk-space check, the write errors) and
 :mod:`~hfplug.data.hupd_streaming` (``streaming=True``). This module is the public API: the
 argument checks and the metadata, and the names tests and callers import.
@@ -203,10 +205,10 @@ def load_hupd(
             same selection that holds every asked-for column is opened instead of building
             one. None (default): every field. ``hfplug.data.tasks.task_columns(task,
             text_fields)`` gives what a task reads.
-        num_proc: processes that read the archive while building the cache (the recipe's
-            ``--preprocessing_num_workers``). For ``all`` each needed year tarball
-            (``data/<year>.tar.gz``, local or on the Hub) is read by a process of its own, and
-            the splits are the same bytes as with one process. ``sample`` is one gzip stream,
+        num_proc: processes that read the archive, then write the splits, while building the
+            cache (the recipe's ``--preprocessing_num_workers``). For ``all`` each needed year
+            tarball (``data/<year>.tar.gz``, local or on the Hub) is read by a process of its
+            own, and the splits are the same bytes as with one process. ``sample`` is one gzip stream,
             which cannot be read in parts, so it is read by one process whatever ``num_proc``
             is (decompression already runs on a second thread, so one process keeps about 1.5
             cores busy: expect little from ``num_proc=2`` on a 2-core machine such as Colab's).

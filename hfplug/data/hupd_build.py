@@ -34,7 +34,7 @@ from hfplug.data.hupd_plan import _Plan, _SkipReport
 from hfplug.data.hupd_records import features_for
 from hfplug.data.hupd_remote import RemoteArchive
 from hfplug.data.hupd_split_files import _join, _parts, _write_part
-from hfplug.data.hupd_units import _GONE, _jobs, _processes, _read_unit, _run, _unit_name
+from hfplug.data.hupd_units import _GONE, _jobs, _processes, _read_unit, _run, _unit_name, _UnitResult
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
 
@@ -158,7 +158,7 @@ def _write_splits(
     return {split: len(split_rows[split]) for split in _SPLITS}
 
 
-def _split_rows(plan: _Plan, results: list, report: _SkipReport) -> dict[str, list[tuple[int, int]]]:
+def _split_rows(plan: _Plan, results: list[_UnitResult], report: _SkipReport) -> dict[str, list[tuple[int, int]]]:
     """Each split's rows as ``(records file, row)``, in upstream's order: the copy of each path that counts.
 
     That copy is the last in the archive (year tarballs, rank 1, unpack after loose members). Every

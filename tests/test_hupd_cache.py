@@ -245,6 +245,33 @@ def test_splits_written_in_parts_are_the_bytes_one_process_writes(years, tmp_pat
         assert not re.search(r"records-\d+\.arrow", maps.read_text())  # hupd_units._RECORDS_FILE
 
 
+SPAWNED_BUILD = textwrap.dedent(
+    """
+    import logging, multiprocessing, sys
+    from hfplug.data.hupd import load_hupd
+
+    if __name__ == "__main__":  # the processes start fresh and import this script
+        logging.basicConfig(level=logging.INFO)
+        multiprocessing.set_start_method("spawn")  # macOS's and Windows' default (forkserver: Linux from 3.14)
+        metadata, archive, cache = sys.argv[1:]
+        load_hupd("all", hupd_metadata_path=metadata, hupd_archive_path=archive, hupd_cache_dir=cache,
+                  uniform_split=True, num_proc=2)
+    """
+)
+
+
+def test_a_build_in_spawned_processes_writes_the_same_bytes(years, tmp_path):
+    """Where processes do not fork, what they are sent (jobs, parts) crosses by pickling: same bytes."""
+    load(years, tmp_path, uniform_split=True, num_proc=1, hupd_cache_dir=tmp_path / "one")
+    script = tmp_path / "build.py"
+    script.write_text(SPAWNED_BUILD)
+    args = [str(years["metadata"]), str(years["archive"]), str(tmp_path / "spawned")]
+    spawned = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
+    assert "in 2 processes" in spawned.stderr
+    assert cache_bytes(tmp_path / "one") == cache_bytes(tmp_path / "spawned")
+
+
 def test_a_parallel_build_leaves_the_collector_as_it_found_it(years, tmp_path):
     """The build freezes this process's objects while it forks. A library caller gets them back to the collector;
     a recipe, whose imports hfplug.cli.run froze, keeps them frozen (unfreezing would undo that)."""

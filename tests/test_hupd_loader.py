@@ -247,6 +247,45 @@ def test_all_layout_corrupt_year_is_reported_when_needed(all_years, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", r"EOFError: .*\(truncated\)"),
+        ("bad_crc", "ReadError: zlib error: corrupt gzip data: .*incorrect data check"),
+    ],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_all_layout_corrupt_gzip_inside_a_needed_year(all_years, tmp_path, kind, message, streaming):
+    """A year tarball whose gzip stream is cut short or fails its CRC, inside an intact all-years tar
+    (read in place through a memory map): an error naming the member and what is wrong with it."""
+    import io
+    import tarfile
+
+    bad = tmp_path / "all.tar"
+    with tarfile.open(all_years["archive"]) as good, tarfile.open(bad, "w") as out:
+        for info in good.getmembers():
+            data = good.extractfile(info).read() if info.isreg() else None
+            if info.name == "data/2016.tar.gz":
+                data = {
+                    "truncated": data[: len(data) // 2],
+                    "bad_crc": data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:],
+                }[kind]
+                info.size = len(data)
+            out.addfile(info, io.BytesIO(data) if data is not None else None)
+    dates = dict(
+        train_filing_start_date="2016-01-01",
+        train_filing_end_date="2016-06-01",
+        val_filing_start_date="2016-06-01",
+        val_filing_end_date="2017-01-01",
+    )
+    files = dict(hupd_metadata_path=all_years["metadata"], hupd_archive_path=bad)
+    with pytest.raises(HupdFileError, match=rf"all.tar.*member data/2016.tar.gz: {message}"):
+        result = load_hupd("all", **files, hupd_cache_dir=tmp_path / "c", streaming=streaming, **dates)
+        for split in result.values():
+            list(split)  # a stream is read only when iterated
+    assert not any((tmp_path / "c").rglob("*.arrow"))
+
+
 # --- bad input files ---------------------------------------------------------------------
 
 

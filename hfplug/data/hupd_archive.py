@@ -7,13 +7,16 @@ its headers and needed years fetched by range requests, each year inflated as it
 Member names are routed to the paths extraction gives them (:func:`_normalise`); hard
 links are followed (:func:`_resolve_links`); gzip is inflated on a second thread and its
 trailer checked (:mod:`~hfplug.data.hupd_gunzip`), so a truncated or corrupt file raises
-:class:`HupdFileError` instead of looking like missing records.
+:class:`HupdFileError` instead of looking like missing records. A local archive's gzip streams
+are handed over as native files (:func:`_member_stream`), which that thread inflates without
+holding the GIL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import posixpath
 import re
@@ -22,6 +25,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+import pyarrow as pa
 
 from hfplug.data.hupd_gunzip import _GZIP_MAGIC, _Gunzip
 
@@ -172,9 +177,10 @@ def _iter_outer_tar(
     infos = members if members is not None else _outer_members(path, years, check_years=stream is None)
     with contextlib.ExitStack() as stack:
         if remote:
-            open_member = path.open_member
+            open_member = open_year = path.open_member
         else:  # extractfile reads any member of the table by its offsets
             open_member = stack.enter_context(tarfile.open(path, mode="r:")).extractfile
+            open_year = functools.partial(_member_stream, path)
         # a year tarball stored twice: extraction leaves the last copy, so only that one is read
         last = {_normalise(i.name): i for i in infos if i.isreg()}
         for index, info in enumerate(infos):
@@ -190,7 +196,7 @@ def _iter_outer_tar(
                     continue
                 logger.debug("Reading %s", name)
                 try:
-                    with contextlib.closing(open_member(info)) as source:
+                    with contextlib.closing(open_year(info)) as source:
                         yield from _iter_tar_gz(source, wanted, stream=name, prefix="data/", rank=1, done=done)
                 except (tarfile.TarError, EOFError, zlib.error) as exc:
                     raise tarfile.ReadError(f"member {name}: {type(exc).__name__}: {exc}") from exc
@@ -202,6 +208,13 @@ def _iter_outer_tar(
                 break
     if remote and members is None:
         logger.info("HUPD: fetched %.1f MB of the %.1f MB archive %s", path.fetched / 1e6, path.size / 1e6, path)
+
+
+def _member_stream(path: Path, info: tarfile.TarInfo) -> pa.NativeFile:
+    """A member of the tar at ``path`` as a native stream of its bytes, which is inflated without
+    holding the GIL (:class:`~hfplug.data.hupd_gunzip._Gunzip`). The file stays open while the
+    stream lasts."""
+    return pa.OSFile(str(path)).get_stream(info.offset_data, info.size)
 
 
 def _skip_reason(later_copy: bool, year: str) -> str:
@@ -284,10 +297,11 @@ def _iter_archive(
             yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
             return
         with open(path, "rb") as raw:
-            if raw.read(2) == _GZIP_MAGIC:
-                raw.seek(0)
+            gzipped = raw.read(2) == _GZIP_MAGIC
+        if gzipped:
+            with pa.OSFile(str(path)) as raw:  # a native file: inflated without the GIL
                 yield from _iter_tar_gz(raw, wanted, done=done)
-                return
+            return
         yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
     except HupdFileError:
         raise

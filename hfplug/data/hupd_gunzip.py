@@ -1,10 +1,10 @@
 """Inflating a gzip stream for the HUPD archive reader: on a second thread, bounded, its trailer checked.
 
 :class:`_Gunzip` is the file object :mod:`~hfplug.data.hupd_archive` hands to ``tarfile`` for a
-``.tar.gz`` (the sample archive, and each year tarball of the all-years tar): it reads the compressed
-bytes ``_READ_CHUNK`` at a time, inflates them ahead of the parser on a background thread, and raises
-on a truncated stream or a bad CRC, which tarfile's own ``r|gz`` lets pass. ``_GZIP_MAGIC`` is how the
-archive reader tells a gzip file (the sample layout) from the all-years tar.
+``.tar.gz`` (the sample archive, and each year tarball of the all-years tar): it inflates the stream
+ahead of the parser on a background thread, ``_PIECE`` bytes at a time, and raises on a truncated
+stream or a bad CRC, which tarfile's own ``r|gz`` lets pass. ``_GZIP_MAGIC`` is how the archive
+reader tells a gzip file (the sample layout) from the all-years tar.
 """
 
 from __future__ import annotations
@@ -14,28 +14,37 @@ import threading
 import zlib
 from typing import BinaryIO
 
+import pyarrow as pa
+
 _GZIP_MAGIC = b"\x1f\x8b"
-_READ_CHUNK = 1 << 21  # compressed bytes read per step
-_MAX_INFLATE = 1 << 23  # cap on bytes inflated per step, so a zip bomb cannot balloon memory
-_QUEUE_CHUNKS = 4  # inflated pieces buffered ahead of the parser (<= 32 MB); few, big pieces
+_PIECE = 1 << 20  # bytes inflated per step: the parser starts on a year's first MB, not after all of it
+_QUEUE_CHUNKS = 8  # inflated pieces buffered ahead of the parser (<= 8 MB)
 
 
 class _Gunzip:
     """Decompressed bytes of a gzip stream, inflated ahead on a second core, fully checked.
 
+    ``source``: the compressed bytes, best as a ``pyarrow`` native file (a local file, or a
+    member of the all-years tar: :func:`~hfplug.data.hupd_archive._member_stream`); any binary
+    file object works too (a year streamed from the Hub), read with the GIL held.
+
     tarfile's own ``r|gz`` never checks the gzip trailer, so a truncated download would just
     end the archive early and look like missing records. Here a stream that ends before its
     end-of-stream marker raises EOFError and a bad CRC raises ``zlib.error``.
 
-    A background thread reads and inflates while the caller parses JSON: zlib releases the
-    GIL, so decompression (the largest cost) overlaps with parsing and Arrow writing. The
-    queue holds at most ``_QUEUE_CHUNKS`` pieces of at most ``_MAX_INFLATE`` bytes each, so
-    memory stays bounded. Use as a context manager so the thread is stopped on early exit.
+    A background thread inflates while the caller parses JSON. It inflates with Arrow's gzip
+    stream, which holds the GIL for none of a piece's work when reading a native file: the
+    ``zlib`` module takes the GIL back for every block of output it grows, and each time waits
+    for the parsing thread to yield it (up to ``sys.getswitchinterval()``, 5 ms), so a zlib
+    thread barely overlapped the parser. The queue holds at most ``_QUEUE_CHUNKS`` pieces of at
+    most ``_PIECE`` bytes each, so memory stays bounded (a zip bomb included). Use as a context
+    manager so the thread is stopped on early exit.
     """
 
-    def __init__(self, source: BinaryIO, *, threaded: bool = True):
-        self._source = source
-        self._inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+    def __init__(self, source: BinaryIO | pa.NativeFile, *, threaded: bool = True):
+        self._source = source if isinstance(source, pa.NativeFile) else _Watched(source)
+        raw = self._source if isinstance(source, pa.NativeFile) else pa.PythonFile(self._source, mode="r")
+        self._stream = pa.CompressedInputStream(raw, "gzip")
         self._chunk = b""
         self._pos = 0
         self._queue: queue.Queue | None = None
@@ -65,16 +74,16 @@ class _Gunzip:
             pass
 
     def close(self) -> None:
-        """Stop the inflating thread (it may be blocked on a full queue)."""
-        if self._queue is None:
-            return
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._queue = None
+        """Stop the inflating thread (it may be blocked on a full queue), then close the stream."""
+        if self._queue is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._queue = None
+        self._stream.close()  # the source is the caller's to close
 
     def _next_piece(self) -> bytes:
         if self._queue is None:
@@ -105,20 +114,36 @@ class _Gunzip:
 
     def _inflate(self) -> bytes:
         """The next piece of output; b"" only at a clean end of the last gzip member."""
-        while True:
-            inflater = self._inflater
-            if inflater.unconsumed_tail:
-                data = inflater.unconsumed_tail
-            elif inflater.eof:
-                data = inflater.unused_data or self._source.read(_READ_CHUNK)
-                if not data:
-                    return b""
-                # a gzip file may hold several members back to back; each is checked
-                self._inflater = inflater = zlib.decompressobj(wbits=31)
-            else:
-                data = self._source.read(_READ_CHUNK)
-                if not data:
-                    raise EOFError("the compressed data ends before the gzip end-of-stream marker (truncated)")
-            out = inflater.decompress(data, _MAX_INFLATE)
-            if out:
-                return out
+        try:
+            return self._stream.read(_PIECE)
+        except OSError as exc:
+            if isinstance(self._source, _Watched) and self._source.error is exc:
+                raise  # the source's own error (a dropped connection, say), not the data's
+            if getattr(exc, "errno", None) is not None:
+                raise  # the file could not be read (EIO, ...)
+            if "truncated" in str(exc).lower():  # Arrow: "Truncated compressed stream"
+                raise EOFError("the compressed data ends before the gzip end-of-stream marker (truncated)") from exc
+            raise zlib.error(f"corrupt gzip data: {exc}") from exc
+
+
+class _Watched:
+    """A binary file object that remembers the error its ``read`` raised, for Arrow to read through:
+    Arrow raises it again as it was, so :meth:`_Gunzip._inflate` tells it from corrupt data."""
+
+    def __init__(self, source: BinaryIO):
+        self._source = source
+        self.error: BaseException | None = None
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # Arrow's, when the gzip stream closes: the source stays the caller's
+        self.closed = True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._source.read(size)
+        except BaseException as exc:
+            self.error = exc
+            raise

@@ -210,8 +210,9 @@ def load_hupd(
             tarball (``data/<year>.tar.gz``, local or on the Hub) is read by a process of its
             own, and the splits are the same bytes as with one process. ``sample`` is one gzip stream,
             which cannot be read in parts, so it is read by one process whatever ``num_proc``
-            is (decompression already runs on a second thread, so one process keeps about 1.5
-            cores busy: expect little from ``num_proc=2`` on a 2-core machine such as Colab's).
+            is. Each process inflates on a second thread and keeps about 1.3-1.5 cores busy, so
+            use at most about half the CPUs (``num_proc=2`` on a 2-core machine such as Colab's
+            gains ~1.2x).
             Processes start the platform's default way, as for ``datasets``' ``num_proc`` (fork
             on Linux; on macOS and Windows a script needs the ``if __name__ == "__main__":``
             guard). No effect with ``streaming`` or a cache hit. Default: one process.

@@ -342,6 +342,28 @@ def test_a_disk_that_fills_while_the_processes_write_the_splits(tmp_path, monkey
     assert load(clean, tmp_path, uniform_split=True, num_proc=2)["train"].to_list() == good["train"].to_list()
 
 
+def test_a_disk_that_fills_while_a_split_is_joined(tmp_path, monkeypatch):
+    """A full disk while the parts of a split are joined into one file is the usual error, and leaves no
+    process, no scratch and no part behind."""
+    records = make_records(60, seed=55, start_date="2014-01-01", end_date="2017-01-01", **SMALL)
+    clean = {"metadata": tmp_path / "m.feather", "archive": tmp_path / "all.tar"}
+    write_hupd_files(records, clean["metadata"], clean["archive"], layout="all")
+    good = load(clean, tmp_path, uniform_split=True, num_proc=2)
+    joined = []
+
+    def join_on_a_full_disk(parts):
+        joined.append(parts[0].path.name)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hupd_build, "_join", join_on_a_full_disk)
+    with pytest.raises(HupdCacheError, match=r"^The disk is full: "):
+        load(clean, tmp_path, uniform_split=True, val_set_balancer=True, num_proc=2)
+    assert joined == ["train.arrow"]
+    assert not multiprocessing.active_children()
+    assert len(entries(tmp_path / "cache")) == 1  # the good cache only
+    assert load(clean, tmp_path, uniform_split=True, num_proc=2)["train"].to_list() == good["train"].to_list()
+
+
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_not_enough_disk_is_refused_before_writing(years, tmp_path, monkeypatch, num_proc):
     good = load(years, tmp_path, **YEARS, columns=["title"])  # an earlier cache that must survive

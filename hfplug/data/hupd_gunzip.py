@@ -42,9 +42,9 @@ class _Gunzip:
     """
 
     def __init__(self, source: BinaryIO | pa.NativeFile, *, threaded: bool = True):
-        self._source = source if isinstance(source, pa.NativeFile) else _Watched(source)
-        raw = self._source if isinstance(source, pa.NativeFile) else pa.PythonFile(self._source, mode="r")
-        self._stream = pa.CompressedInputStream(raw, "gzip")
+        native = isinstance(source, pa.NativeFile)
+        self._source = source if native else _Watched(source)
+        self._stream = pa.CompressedInputStream(source if native else pa.PythonFile(self._source, mode="r"), "gzip")
         self._chunk = b""
         self._pos = 0
         self._queue: queue.Queue | None = None

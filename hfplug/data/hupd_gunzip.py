@@ -19,21 +19,22 @@ import pyarrow as pa
 _GZIP_MAGIC = b"\x1f\x8b"
 _PIECE = 1 << 20  # bytes inflated per step: the parser starts on a year's first MB, not after all of it
 _QUEUE_CHUNKS = 8  # inflated pieces buffered ahead of the parser (<= 8 MB)
+_SOURCE_BLOCK = 1 << 22  # compressed bytes read at once from a Python file (a stream from the Hub)
 
 
 class _Gunzip:
     """Decompressed bytes of a gzip stream, inflated ahead on a second core, fully checked.
 
-    ``source``: the compressed bytes, best as a ``pyarrow`` native file (a local file, or a
-    member of the all-years tar: :func:`~hfplug.data.hupd_archive._member_stream`); any binary
-    file object works too (a year streamed from the Hub), read with the GIL held.
+    ``source``: the compressed bytes, a ``pyarrow`` native file (a local file, or a member of
+    the all-years tar: :func:`~hfplug.data.hupd_archive._member_stream`) or any binary file
+    object (a year streamed from the Hub), which is read ``_SOURCE_BLOCK`` bytes at a time.
 
     tarfile's own ``r|gz`` never checks the gzip trailer, so a truncated download would just
     end the archive early and look like missing records. Here a stream that ends before its
     end-of-stream marker raises EOFError and a bad CRC raises ``zlib.error``.
 
     A background thread inflates while the caller parses JSON. It inflates with Arrow's gzip
-    stream, which holds the GIL for none of a piece's work when reading a native file: the
+    stream, which holds the GIL for none of a piece's work (but a read of a Python file): the
     ``zlib`` module takes the GIL back for every block of output it grows, and each time waits
     for the parsing thread to yield it (up to ``sys.getswitchinterval()``, 5 ms), so a zlib
     thread barely overlapped the parser. The queue holds at most ``_QUEUE_CHUNKS`` pieces of at
@@ -44,7 +45,9 @@ class _Gunzip:
     def __init__(self, source: BinaryIO | pa.NativeFile, *, threaded: bool = True):
         native = isinstance(source, pa.NativeFile)
         self._source = source if native else _Watched(source)
-        self._stream = pa.CompressedInputStream(source if native else pa.PythonFile(self._source, mode="r"), "gzip")
+        if not native:  # read in big blocks: Arrow takes the GIL for each read of a Python file
+            source = pa.BufferedInputStream(pa.PythonFile(self._source, mode="r"), _SOURCE_BLOCK)
+        self._stream = pa.CompressedInputStream(source, "gzip")
         self._chunk = b""
         self._pos = 0
         self._queue: queue.Queue | None = None

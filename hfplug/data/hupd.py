@@ -43,8 +43,8 @@ How it reads the data, and why:
   archive. The same processes then write each split in parts of whole batches, joined in
   order, so the splits are the same bytes as a one-process build's. The sample is one gzip
   stream: one process reads it.
-* Decompression runs on a background thread (zlib releases the GIL) while the main thread
-  parses JSON and writes Arrow. ``benchmarks/hupd_loader.py`` compares the whole load with
+* Decompression runs on a background thread (Arrow's gzip stream, which inflates without
+  holding the GIL) while the main thread parses JSON and writes Arrow. ``benchmarks/hupd_loader.py`` compares the whole load with
   ``gzip -dc > /dev/null`` and with extracting the archive and opening each file, and checks
   that peak memory stays flat as the archive grows.
 * ``streaming=True`` cannot reorder without holding the records back, so it yields archive

@@ -296,12 +296,11 @@ def _iter_archive(
         if not isinstance(path, Path):
             yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
             return
-        with open(path, "rb") as raw:
-            gzipped = raw.read(2) == _GZIP_MAGIC
-        if gzipped:
-            with pa.OSFile(str(path)) as raw:  # a native file: inflated without the GIL
+        with pa.OSFile(str(path)) as raw:  # a native file: inflated without the GIL
+            if raw.read(2) == _GZIP_MAGIC:
+                raw.seek(0)
                 yield from _iter_tar_gz(raw, wanted, done=done)
-            return
+                return
         yield from _iter_outer_tar(path, wanted, years, stream=stream, done=done, members=members)
     except HupdFileError:
         raise

@@ -375,7 +375,7 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
                 f" {r['cpu']:.2f} s = {r['cpu'] / r['seconds']:.2f} cores busy on average"
             )
         busy = one["cpu"] / one["seconds"]  # one process inflates on a second thread: more than one core
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         if cpus < 4:
             print(
                 f"   one process keeps {busy:.2f} cores busy (it inflates on a second thread), so on {cpus} CPUs two"
@@ -385,7 +385,7 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
         (b1, b5, b15), (a1, a5, a15) = parallel["load"]
         print(
             f"   load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f};"
-            f" {os.cpu_count()} CPUs"
+            f" {usable_cpus()} CPUs"
         )
         ratio = one["seconds"] / two["seconds"]
         rows.append(
@@ -402,12 +402,17 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
 
     print(
         f"\nsummary ({dt.datetime.now().astimezone().isoformat(timespec='seconds')}, load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs)"
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {usable_cpus()} CPUs)"
     )
     print(f"{'measure':>40} | {'value':>12} | {'target':>8} | result")
     for what, value, target, ok in rows:
         print(f"{what:>40} | {value:>12} | {target:>8} | {verdict(ok)}")
     return all(ok is not False for _, _, _, ok in rows)
+
+
+def usable_cpus() -> int:
+    # The CPUs this process may run on: under `taskset` or a container's CPU set that is fewer than cpu_count().
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:

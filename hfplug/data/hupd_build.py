@@ -34,7 +34,7 @@ from hfplug.data.hupd_plan import _Plan, _SkipReport
 from hfplug.data.hupd_records import features_for
 from hfplug.data.hupd_remote import RemoteArchive
 from hfplug.data.hupd_split_files import _join, _parts, _write_part
-from hfplug.data.hupd_units import _GONE, _jobs, _processes, _read_unit, _run, _unit_name, _UnitResult
+from hfplug.data.hupd_units import _GONE, _jobs, _processes, _read_unit, _run, _start, _unit_name, _UnitResult
 
 logger = logging.getLogger("hfplug.data.hupd")  # one logger for the whole loader: its messages keep their name
 
@@ -150,9 +150,10 @@ def _write_splits(
         sources = [job.records for job in jobs]
         split_rows = _split_rows(plan, results, report)
         parts = {split: _parts(out_dir, split, sources, split_rows[split], workers, columns) for split in _SPLITS}
-        _run(pool, _write_part, [part for split in _SPLITS for part in parts[split]], progress)
-    for split in _SPLITS:
-        _join(parts[split])
+        written = {split: _start(pool, _write_part, parts[split], progress) for split in _SPLITS}
+        for split in _SPLITS:  # a split is joined while the processes still write the next
+            written[split]()
+            _join(parts[split])
     for source in sources:
         source.unlink(missing_ok=True)
     return {split: len(split_rows[split]) for split in _SPLITS}

@@ -5,7 +5,7 @@ year tarball of ``all``; the sample's one ``.tar.gz``), each into a records file
 (:class:`_Records`), by ``num_proc`` processes at once. Each unit reports where each copy of
 a selected path sat in the archive, so that :mod:`~hfplug.data.hupd_build` can decide which
 copy counts, and the splits are the same bytes whatever ``num_proc`` is. The processes
-(:func:`_processes`, tasks given by :func:`_run`) then write the splits too.
+(:func:`_processes`, tasks given by :func:`_run` or :func:`_start`) then write the splits too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +296,17 @@ def _processes(num_proc: int) -> Iterator[concurrent.futures.ProcessPoolExecutor
 def _run(pool: concurrent.futures.ProcessPoolExecutor | None, task, items: list, progress: _Progress) -> list:
     """``task(item)`` for each item, in ``pool``'s processes at once, or here one after the other (with
     ``progress``, which a process of the pool keeps to itself); the results in the items' order."""
+    return _start(pool, task, items, progress)()
+
+
+def _start(
+    pool: concurrent.futures.ProcessPoolExecutor | None, task, items: list, progress: _Progress
+) -> Callable[[], list]:
+    """Start :func:`_run`'s tasks (here: run them); the returned function waits for their results, so
+    that this process can do other work meanwhile."""
     if pool is None:
-        return [task(item, progress) for item in items]
+        results = [task(item, progress) for item in items]
+        return lambda: results
     frozen_before = gc.get_freeze_count() > 0  # a recipe's imports (hfplug.cli.run): they stay frozen
     gc.freeze()  # forked processes share this one's memory until written to: keep the collector off it
     try:
@@ -305,7 +314,7 @@ def _run(pool: concurrent.futures.ProcessPoolExecutor | None, task, items: list,
     finally:
         if not frozen_before:
             gc.unfreeze()
-    return [future.result() for future in futures]
+    return lambda: [future.result() for future in futures]
 
 
 def _unit_name(unit: _Unit) -> str:

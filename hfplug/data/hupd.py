@@ -44,9 +44,10 @@ How it reads the data, and why:
   order, so the splits are the same bytes as a one-process build's. The sample is one gzip
   stream: one process reads it.
 * Decompression runs on a background thread (Arrow's gzip stream, which inflates without
-  holding the GIL) while the main thread parses JSON and writes Arrow. ``benchmarks/hupd_loader.py`` compares the whole load with
-  ``gzip -dc > /dev/null`` and with extracting the archive and opening each file, and checks
-  that peak memory stays flat as the archive grows.
+  holding the GIL) while the main thread parses JSON and writes Arrow.
+  ``benchmarks/hupd_loader.py`` compares the whole load with ``gzip -dc > /dev/null`` and with
+  extracting the archive and opening each file, and checks that peak memory stays flat as the
+  archive grows.
 * ``streaming=True`` cannot reorder without holding the records back, so it yields archive
   order (and the first copy of a repeated path); the row multiset is the same otherwise.
 

@@ -37,9 +37,10 @@ class _Gunzip:
     stream, which holds the GIL for none of a piece's work (but a read of a Python source, made
     ``_SOURCE_BLOCK`` bytes at a time): the ``zlib`` module takes the GIL back for every block
     of output it grows, and each time waits for the parsing thread to yield it (up to
-    ``sys.getswitchinterval()``, 5 ms), so a zlib thread barely overlapped the parser. The queue holds at most ``_QUEUE_CHUNKS`` pieces of at
-    most ``_PIECE`` bytes each, so memory stays bounded (a zip bomb included). Use as a context
-    manager so the thread is stopped on early exit.
+    ``sys.getswitchinterval()``, 5 ms), so a zlib thread barely overlapped the parser. The queue
+    holds at most ``_QUEUE_CHUNKS`` pieces of at most ``_PIECE`` bytes each, so memory stays
+    bounded (a zip bomb included). Use as a context manager so the thread is stopped on early
+    exit.
     """
 
     def __init__(self, source: BinaryIO | pa.NativeFile, *, threaded: bool = True):

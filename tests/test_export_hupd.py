@@ -354,6 +354,9 @@ def test_paper_configs_select_what_their_headers_say(tmp_path, cache):
     _, ipc, *_ = parse_args(FINETUNE_ARGS, ["--config", str(IPC_CONFIG)])
     assert (ipc.hupd_config, ipc.task, ipc.ipcr_label, ipc.cpc_label) == ("all", "ipc", None, None)
     assert ipc.uniform_split and (ipc.train_filing_start_date, ipc.val_filing_end_date) == ("2011-01-01", "2016-12-31")
+    # each header names the paper's table it reproduces (arXiv:2207.04043: Table 4 / 7 acceptance, Table 5 IPC)
+    assert "Table 4" in ACCEPTANCE_CONFIG.read_text().split("\n\n")[0]
+    assert "Table 5" in IPC_CONFIG.read_text().split("\n\n")[0]
 
     # their selections, run on the embedded sample (January 2016 lies inside 2011-2016)
     _, data, *_ = parse_args(FINETUNE_ARGS, ["--config", str(ACCEPTANCE_CONFIG), *local])
@@ -364,3 +367,7 @@ def test_paper_configs_select_what_their_headers_say(tmp_path, cache):
     _, data, *_ = parse_args(FINETUNE_ARGS, ["--config", str(IPC_CONFIG), *local])
     splits = load_hupd(**data.load_hupd_kwargs())
     assert len({r[:4] for r in splits["train"]["ipc_label"]}) > 2
+    # the paper and the official code classify ACCEPTED applications only; the sample holds the other decisions too
+    assert {d for split in splits.values() for d in split["decision"]} == {"ACCEPTED"}
+    everything = load_hupd(**{**data.load_hupd_kwargs(), "query": None})
+    assert len(everything["train"]) > len(splits["train"]) and "REJECTED" in everything["train"]["decision"]

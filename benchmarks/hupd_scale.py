@@ -383,10 +383,7 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
                 f" the target needs >= 4 CPUs"
             )
         (b1, b5, b15), (a1, a5, a15) = parallel["load"]
-        print(
-            f"   load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f};"
-            f" {usable_cpus()} CPUs"
-        )
+        print(f"   load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f}; {cpus} CPUs")
         ratio = one["seconds"] / two["seconds"]
         rows.append(
             (

@@ -297,6 +297,7 @@ def _mb(n: float) -> str:
 
 def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, parallel: dict | None) -> bool:
     year_member = sizes[f"data/{SELECTED_YEAR}.tar.gz"]
+    cpus = usable_cpus()
     archive_size = Path(files["archive"]).stat().st_size
     print()
     print(
@@ -375,7 +376,6 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
                 f" {r['cpu']:.2f} s = {r['cpu'] / r['seconds']:.2f} cores busy on average"
             )
         busy = one["cpu"] / one["seconds"]  # one process inflates on a second thread: more than one core
-        cpus = usable_cpus()
         if cpus < 4:
             print(
                 f"   one process keeps {busy:.2f} cores busy (it inflates on a second thread), so on {cpus} CPUs two"
@@ -399,7 +399,7 @@ def report(files: dict, sizes: dict[str, int], hub: dict, pruning: dict | None, 
 
     print(
         f"\nsummary ({dt.datetime.now().astimezone().isoformat(timespec='seconds')}, load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {usable_cpus()} CPUs)"
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, {cpus} CPUs)"
     )
     print(f"{'measure':>40} | {'value':>12} | {'target':>8} | result")
     for what, value, target, ok in rows:

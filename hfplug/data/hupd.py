@@ -211,7 +211,7 @@ def load_hupd(
             tarball (``data/<year>.tar.gz``, local or on the Hub) is read by a process of its
             own, and the splits are the same bytes as with one process. ``sample`` is one gzip stream,
             which cannot be read in parts, so it is read by one process whatever ``num_proc``
-            is. Each process inflates on a second thread and keeps about 1.3-1.5 cores busy, so
+            is. Each process inflates on a second thread and keeps about 1.2-1.5 cores busy, so
             use at most about half the CPUs (``num_proc=2`` on a 2-core machine such as Colab's
             gains ~1.2x; on 16 CPUs 1.4-1.7x, more for larger builds).
             Processes start the platform's default way, as for ``datasets``' ``num_proc`` (fork
